@@ -1,0 +1,110 @@
+"""Evaluation and inference with the BTCV bundle: metrics in original space, outputs in input geometry."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.conftest import BTCV_DIR, SMALL, btcv_workflow, bundle_on_path, error_text, run_workflow
+
+ORGANS = json.loads((BTCV_DIR / "configs" / "metadata.json").read_text())[
+    "network_data_format"]["outputs"]["pred"]["channel_def"]
+INFER_SMALL = {k: SMALL[k] for k in ("feature_size", "roi_size", "sw_batch_size")}
+
+
+def test_evaluation_writes_per_organ_dice_and_hd95(trained, phantom_dir, tmp_path):
+    workflow = run_workflow(
+        ["train.json", "evaluate.json"], "eval", dataset_dir=str(phantom_dir),
+        datalist=str(phantom_dir / "datalist.json"), bundle_root=str(trained["root"]),
+        ckpt_path=str(trained["model"]), output_dir=str(tmp_path), **SMALL,
+    )
+    summary = json.loads((tmp_path / "metrics_summary.json").read_text())
+    organs = [ORGANS[str(i)] for i in range(1, 14)]
+    assert summary["organs"] == organs
+    assert len(summary["cases"]) == 2
+    for name in ("val_mean_dice", "val_hd95"):
+        metric = summary["metrics"][name]
+        assert list(metric["per_organ"]) == organs
+        with open(tmp_path / f"{name}_per_case.csv") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["case", *organs, "mean"]
+        assert [r[0] for r in rows[1:]] == summary["cases"]
+    dice = [v for v in summary["metrics"]["val_mean_dice"]["per_organ"].values() if v is not None]
+    assert dice and all(0.0 <= v <= 1.0 for v in dice)
+    engine_dice = workflow.parser.get_parsed_content("validate#evaluator").state.metrics["val_mean_dice"]
+    assert math.isclose(np.nanmean(dice), engine_dice, rel_tol=0.05) or math.isnan(engine_dice)
+
+
+def _assert_same_geometry(pred_path: Path, image_path: Path):
+    pred, image = nib.load(pred_path), nib.load(image_path)
+    assert pred.shape == image.shape[:3]
+    np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
+    assert nib.aff2axcodes(pred.affine) == nib.aff2axcodes(image.affine)
+    assert pred.get_data_dtype() == np.uint8
+    labels = np.unique(np.asarray(pred.dataobj))
+    assert labels.min() >= 0 and labels.max() <= 13
+
+
+def test_inference_reproduces_input_geometry(trained, phantom_dir, sample_ct, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(sample_ct["image"], inputs / "sample_ct.nii.gz")
+    phantom = phantom_dir / json.loads((phantom_dir / "datalist.json").read_text())["testing"][0]["image"]
+    shutil.copy(phantom, inputs / "oblique_phantom.nii.gz")
+    affine = nib.load(phantom).affine
+    assert not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3])))  # oblique
+    out = tmp_path / "predictions"
+    # coarser spacing and overlap keep the ~250 windows of the recipe to a few dozen on CPU
+    run_workflow(["inference.json"], "infer", dataset_dir=str(inputs), ckpt_path=str(trained["model"]),
+                 output_dir=str(out), spacing=[2.5, 2.5, 2.5], overlap=0.25, num_workers=0, **INFER_SMALL)
+    assert sorted(p.name for p in out.iterdir()) == ["oblique_phantom_seg.nii.gz", "sample_ct_seg.nii.gz"]
+    _assert_same_geometry(out / "sample_ct_seg.nii.gz", inputs / "sample_ct.nii.gz")
+    _assert_same_geometry(out / "oblique_phantom_seg.nii.gz", inputs / "oblique_phantom.nii.gz")
+
+
+def test_inference_datalist_testing_entries_relative_to_dataset_dir(trained, phantom_dir, tmp_path):
+    run_workflow(["inference.json"], "infer", dataset_dir=str(phantom_dir), datalist=str(phantom_dir / "datalist.json"),
+                 ckpt_path=str(trained["model"]), output_dir=str(tmp_path), num_workers=0, **INFER_SMALL)
+    image = phantom_dir / json.loads((phantom_dir / "datalist.json").read_text())["testing"][0]["image"]
+    expected = image.name.replace(".nii.gz", "_seg.nii.gz")
+    assert [p.name for p in tmp_path.iterdir()] == [expected]
+    _assert_same_geometry(tmp_path / expected, image)
+
+
+def test_inference_workflow_properties_and_monai_label_keys(trained, phantom_dir, tmp_path):
+    with bundle_on_path():
+        workflow = btcv_workflow(["inference.json"], "infer", dataset_dir=str(phantom_dir),
+                                 datalist=str(phantom_dir / "datalist.json"), ckpt_path=str(trained["model"]),
+                                 bundle_root=str(tmp_path), **INFER_SMALL)
+        assert workflow.check_properties() in (None, [])
+        for key in ("run", "network_def", "preprocessing", "postprocessing", "inferer", "device"):
+            assert key in workflow.parser
+        # MONAI Label adds the source path as a string under "image_path"; stock Spacingd breaks on it
+        preprocessing = workflow.parser.get_parsed_content("preprocessing")
+        image = str(phantom_dir / json.loads((phantom_dir / "datalist.json").read_text())["testing"][0]["image"])
+        sample = preprocessing({"image": image, "image_path": image})
+    assert sample["image_path"] == image
+    assert sample["image"].shape[0] == 1
+
+
+def test_truncated_nifti_at_inference_names_the_file(trained, phantom_dir, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image = phantom_dir / json.loads((phantom_dir / "datalist.json").read_text())["testing"][0]["image"]
+    raw = gzip.decompress(image.read_bytes())
+    broken = inputs / "truncated.nii.gz"
+    broken.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    with pytest.raises(Exception) as info:
+        run_workflow(["inference.json"], "infer", dataset_dir=str(inputs), ckpt_path=str(trained["model"]),
+                     output_dir=str(tmp_path / "out"), num_workers=0, **INFER_SMALL)
+    text = error_text(info.value)
+    assert str(broken) in text and "cannot be read" in text
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
