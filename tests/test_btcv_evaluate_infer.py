@@ -108,3 +108,21 @@ def test_truncated_nifti_at_inference_names_the_file(trained, phantom_dir, tmp_p
     text = error_text(info.value)
     assert str(broken) in text and "cannot be read" in text
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_inference_on_a_dicom_series_folder(trained, tmp_path):
+    from tools.make_dicom_series import write_dicom_series
+    from tools.make_phantoms import make_phantom
+
+    image, _, affine = make_phantom(11, shape=(64, 64, 40), spacing=(1.5, 1.5, 2.0))
+    if np.linalg.det(affine[:3, :3]) < 0:  # a DICOM series stacks slices along the right-handed normal
+        affine[:, 2] *= -1
+    write_dicom_series(image, affine, tmp_path / "inputs" / "series_a")
+    out = tmp_path / "predictions"
+    run_workflow(["inference.json"], "infer", dataset_dir=str(tmp_path / "inputs"), ckpt_path=str(trained["model"]),
+                 output_dir=str(out), num_workers=0, **INFER_SMALL)
+    assert [p.name for p in out.iterdir()] == ["series_a_seg.nii.gz"]
+    pred = nib.load(out / "series_a_seg.nii.gz")
+    assert pred.shape == image.shape
+    np.testing.assert_allclose(pred.affine, affine, atol=1e-4)
+    assert pred.get_data_dtype() == np.uint8
