@@ -42,13 +42,13 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoints import atomic_torch_save
 from .patch_merging import AUTO, CURRENT, LEGACY, MERGING_ORDERS, ORDER_DESCRIPTIONS, merging_order_of
 
 __all__ = [
@@ -175,20 +175,7 @@ def save_encoder(network_or_swinvit: nn.Module, path: str, patch_merging: str | 
         "in_channels": in_channels,
     }
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_torch_save(payload, path)
     logger.info(
         "saved %d encoder tensors to %s (format %s, patch merging %s, feature_size %d, in_channels %d)",
         len(state),
