@@ -1,0 +1,150 @@
+"""tools.benchmark_btcv at a tiny size: every field is there and sane (no assertions on speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tools import benchmark_btcv as bb
+from tools.make_phantoms import make_phantom
+
+FEATURE_SIZE = 12
+ROI = 64
+# 40 x 40 x 24 voxels of 2.25 x 2.25 x 3.5 mm: about 60 x 60 x 42 at the 1.5 x 1.5 x 2 mm
+# inference spacing, so one 64^3 window per variant.
+SHAPE = (40, 40, 24)
+SPACING = (2.25, 2.25, 3.5)
+
+
+def _forget_scripts_modules():
+    for name in list(sys.modules):
+        if name == "scripts" or name.startswith("scripts."):
+            del sys.modules[name]
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _non_negative(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One tiny benchmark run (all variants, forward timing, one training step); (result, JSON on disk, image)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    image, _, affine = make_phantom(11, shape=SHAPE, spacing=SPACING)
+    image_path = tmp / "phantom_ct.nii.gz"
+    nifti = nib.Nifti1Image(np.rint(image).astype(np.int16), affine)
+    nifti.set_qform(affine, code=1)
+    nifti.set_sform(affine, code=1)
+    nib.save(nifti, image_path)
+    output_json = tmp / "bench.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "path", list(sys.path))
+        _forget_scripts_modules()
+        result = bb.run_benchmark(str(image_path), ckpt_path=None, feature_size=FEATURE_SIZE, roi_size=ROI,
+                                  device="cpu", train_steps=1, output_json=str(output_json), repeats=1,
+                                  warmup=False, train_warmup_steps=0, train_crops=1, forward_batch=1)
+        report = bb.format_report(result)
+    _forget_scripts_modules()
+    return result, json.loads(output_json.read_text()), image_path, report
+
+
+def test_json_is_the_result(bench):
+    result, on_disk, _, _ = bench
+    assert on_disk == json.loads(json.dumps(result))
+    assert set(on_disk) == {"machine", "settings", "end_to_end", "comparison", "model_forward", "training"}
+
+
+def test_machine_and_settings(bench):
+    _, r, image_path, _ = bench
+    m = r["machine"]
+    for key in ("cpu_model", "cpu_count", "cpu_capability", "native_bf16", "gpu", "torch", "monai", "device"):
+        assert key in m
+    assert m["cpu_count"] >= 1 and isinstance(m["native_bf16"], bool) and m["device"] == "cpu"
+    s = r["settings"]
+    assert s["random_init"] is True and s["ckpt_path"] is None and "RANDOM INIT" in s["weights"]
+    assert s["feature_size"] == FEATURE_SIZE and s["roi_size"] == [ROI] * 3
+    assert s["image"]["shape"] == list(SHAPE)
+    assert s["model_zoo_constants"]["roi_size"] == 96 and s["model_zoo_constants"]["spacing"] == [1.5, 1.5, 2.0]
+
+
+def test_end_to_end_variants(bench):
+    _, r, _, _ = bench
+    assert set(r["end_to_end"]) == {"bundle", "bundle_fp32", "model_zoo"}
+    for name, v in r["end_to_end"].items():
+        stages = v["stages_s"]
+        for stage in ("load", "preprocess", "sliding_window", "postprocess", "save"):
+            assert _non_negative(stages[stage]), (name, stage)
+        assert _positive(stages["sliding_window"]) and _positive(v["total_s"])
+        assert v["total_s"] >= sum(stages.values()) * 0.99
+        assert v["windows"] >= 1 and _positive(v["sliding_window_s_per_window"])
+        assert v["precision"] in ("float32", "bfloat16", "float16")
+        # label maps come back in the input's geometry
+        assert v["label_shape"] == list(SHAPE), name
+        label = np.asarray(nib.load(v["label_path"]).dataobj)
+        assert label.shape == SHAPE
+        assert label.min() >= 0 and label.max() < bb.NUM_CLASSES
+    assert "input_check" in r["end_to_end"]["bundle"]["stages_s"]
+    assert r["end_to_end"]["bundle"]["settings"]["use_flash_attention"] is True
+    assert r["end_to_end"]["bundle_fp32"]["settings"]["amp"] is False
+    assert r["end_to_end"]["bundle_fp32"]["precision"] == "float32"
+    zoo = r["end_to_end"]["model_zoo"]["settings"]
+    assert zoo["use_flash_attention"] is False and zoo["reader"] == "ITKReader" and zoo["foreground_crop"] is False
+
+
+def test_comparison(bench):
+    _, r, _, _ = bench
+    c = r["comparison"]
+    assert _positive(c["speed_ratio_model_zoo_over_bundle"])
+    assert _positive(c["sliding_window_ratio_model_zoo_over_bundle"])
+    for key in ("agreement_bundle_vs_bundle_fp32", "agreement_bundle_vs_model_zoo"):
+        assert 0.0 <= c[key] <= 1.0, key
+    if r["end_to_end"]["bundle"]["precision"] == "float32":  # no autocast here: the same computation
+        assert c["agreement_bundle_vs_bundle_fp32"] == 1.0
+    assert "random weights" in c["note"]
+
+
+def test_model_forward(bench):
+    _, r, _, _ = bench
+    rows = r["model_forward"]
+    timed = [row for row in rows if "skipped" not in row]
+    assert {row["network"] for row in timed} == {"bundle", "model_zoo"}
+    for row in timed:
+        assert row["input_shape"] == [1, 1, ROI, ROI, ROI]
+        assert row["repeats"] == 1 and all(_positive(t) for t in row["times_s"])
+        assert _positive(row["seconds_per_call"]) and _positive(row["seconds_per_window"])
+    flash = {row["network"]: row["use_flash_attention"] for row in timed}
+    assert flash == {"bundle": True, "model_zoo": False}
+    if not r["machine"]["native_bf16"]:
+        assert any("skipped" in row for row in rows)
+
+
+def test_training(bench):
+    _, r, _, _ = bench
+    t = r["training"]
+    assert "error" not in t, t
+    assert t["steps"] == 1 and len(t["step_times_s"]) == 1
+    assert _positive(t["iterations_per_second"]) and _positive(t["seconds_per_iteration"])
+    assert t["use_checkpoint"] is True and t["batch_crops"] == 1 and t["roi_size"] == [ROI] * 3
+    assert all(math.isfinite(x) for x in t["losses"])
+    assert _positive(t["peak_rss_mib"]) and _non_negative(t["peak_rss_delta_training_mib"])
+    assert t["cuda_max_memory_allocated_mib"] is None
+    # a fresh process: its peak RSS is its own (ru_maxrss agrees with the address space's VmHWM)
+    assert t["peak_rss_attributable"] is True
+
+
+def test_report_and_small_helpers(bench):
+    *_, report = bench
+    for text in ("End to end", "speed ratio model_zoo / bundle", "voxel agreement", "Network forward", "Training"):
+        assert text in report
+    assert bb.count_windows([60, 60, 42], [64] * 3, 0.5) == 1
+    assert bb.count_windows([100, 64, 64], [64] * 3, 0.5) == 3  # starts 0, 32, 36
+    assert bb.cube(96) == [96, 96, 96]

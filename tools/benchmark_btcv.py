@@ -1,0 +1,977 @@
+"""Benchmark the swin_unetr_btcv_seg bundle against the model-zoo ``swin_unetr_btcv_segmentation`` 0.5.x settings.
+
+What is measured, for one volume on one device (default: cuda if available, else cpu):
+
+1. End-to-end inference per volume, stage by stage (input check, load, preprocess, sliding window,
+   postprocess = softmax + invert + argmax, save) for three variants:
+
+   * ``bundle``      - the bundle's ``configs/inference.json`` as configured (amp on, flash attention on);
+   * ``bundle_fp32`` - the same with ``amp`` False: the float32 reference for the agreement number;
+   * ``model_zoo``   - the same weights run with the model-zoo 0.5.x pipeline, built here from MONAI
+     transforms (ITKReader, no foreground crop, plain ``SlidingWindowInferer``, no flash attention,
+     evaluator amp = autocast on CUDA only).
+
+   The bundle variants are parsed from the bundle's own configs with ``monai.bundle.ConfigParser``
+   (``preprocessing``, ``inferer``, ``postprocessing``, ``network``, ``handlers``, ``dataset#data``),
+   so this measures the bundle's real pipeline. Reported: the speed ratio model_zoo / bundle and
+   the fraction of equal voxels between the saved label maps.
+2. Network forward time per call of ``sw_batch_size`` windows of ``roi_size`` (after a warm-up),
+   for the bundle and model-zoo network settings, in float32 and, where the bundle would autocast
+   on this device, in its reduced precision.
+3. Training iterations per second of the bundle's ``SupervisedTrainer`` step (train.json's network
+   with its ``use_checkpoint``, DiceCE loss, AdamW, amp rule) on phantom crops, in a fresh
+   subprocess so that its peak memory (CUDA ``max_memory_allocated``; on CPU the process peak RSS)
+   belongs to training alone.
+4. The machine: CPU model, cores, torch CPU capability, native bf16, GPU, library versions.
+
+Command line::
+
+    python -m tools.benchmark_btcv --image /tmp/sample/example_ct.nii.gz --feature_size 48 \\
+        --roi_size 96 --device cpu --train_steps 3 --output_json bench.json
+
+A full-size run (feature size 48, roi 96) of a real CT takes many minutes per variant on a CPU;
+use ``--feature_size 12 --roi_size 64`` and a small image to try the tool out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_btcv_seg"
+CONFIG_DIR = BUNDLE_DIR / "configs"
+
+# The model-zoo bundle swin_unetr_btcv_segmentation 0.5.x, configs/inference.json: the constants
+# of its pipeline, stated once. roi_size and feature_size follow the command line (same network,
+# same windows for both pipelines); the model zoo itself uses 96 and 48.
+MODEL_ZOO = {
+    "name": "swin_unetr_btcv_segmentation",
+    "version": "0.5.x",
+    "reader": "ITKReader",
+    "axcodes": "RAS",
+    "spacing": (1.5, 1.5, 2.0),
+    "spacing_mode": "bilinear",
+    "hu_window": (-175.0, 250.0),
+    "intensity_range": (0.0, 1.0),
+    "roi_size": 96,
+    "feature_size": 48,
+    "sw_batch_size": 4,
+    "overlap": 0.5,
+    "use_flash_attention": False,
+    "evaluator_amp": True,  # SupervisedEvaluator autocasts with torch.autocast("cuda"): a no-op on CPU
+}
+NUM_CLASSES = 14
+IN_CHANNELS = 1
+VARIANTS = ("bundle", "bundle_fp32", "model_zoo")
+MIB = 1024.0 * 1024.0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def say(message: str) -> None:
+    """Print one progress line with the wall-clock time (stages take minutes on a CPU)."""
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work so that a timer reads the real end of a stage."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` as a torch.device; None or "" means cuda if available, else cpu."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cube(size: int | Sequence[int]) -> list[int]:
+    """A 3D size from an int (cube) or a sequence of 3 ints."""
+    if isinstance(size, (int, np.integer)):
+        return [int(size)] * 3
+    size = [int(s) for s in size]
+    if len(size) != 3:
+        raise ValueError(f"expected 3 sizes, got {size}")
+    return size
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """'float32' for None (no autocast), else the dtype's short name."""
+    return "float32" if dtype is None else str(dtype).replace("torch.", "")
+
+
+def flash_attention_of(network: torch.nn.Module) -> bool:
+    """True if the network's Swin attention blocks use PyTorch SDPA (``use_flash_attention``)."""
+    return any(bool(getattr(m, "use_flash_attention", False)) for m in network.modules())
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON-safe number: None stays None, non-finite becomes None."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+# ------------------------------------------------------------------------------------------ machine
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where unavailable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX-512 bf16 / AMX): the bundle's CPU autocast rule."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Describe the machine and software the numbers were taken on."""
+    import monai
+
+    flags = cpu_flags()
+    info = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags_bf16": sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f")),
+        "native_bf16": native_bf16(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda_version": torch.version.cuda,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "platform": platform.platform(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    return info
+
+
+# ------------------------------------------------------------------------------------------ bundle
+
+
+def use_bundle_scripts() -> Any:
+    """Make ``import scripts`` give this bundle's scripts package; return the package.
+
+    Other bundles may also have a ``scripts`` package: cached ``scripts*`` modules from another
+    folder are dropped and the bundle folder is put first on sys.path.
+    """
+    bundle = str(BUNDLE_DIR)
+    cached = sys.modules.get("scripts")
+    cached_file = getattr(cached, "__file__", None) or ""
+    if cached is None or not cached_file.startswith(bundle + os.sep):
+        for name in list(sys.modules):
+            if name == "scripts" or name.startswith("scripts."):
+                del sys.modules[name]
+    if not sys.path or sys.path[0] != bundle:
+        if bundle in sys.path:
+            sys.path.remove(bundle)
+        sys.path.insert(0, bundle)
+    import scripts  # noqa: PLC0415 (the bundle's package, found through sys.path)
+
+    return scripts
+
+
+def bundle_parser(config: str, overrides: dict[str, Any]) -> Any:
+    """A ConfigParser of ``configs/<config>`` with the bundle metadata and ``overrides`` applied."""
+    from monai.bundle import ConfigParser
+
+    use_bundle_scripts()
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG_DIR / config))
+    parser.read_meta(str(CONFIG_DIR / "metadata.json"))
+    parser.update({"bundle_root": str(BUNDLE_DIR), **overrides})
+    return parser
+
+
+def device_expr(device: torch.device) -> str:
+    """The config expression for ``device``."""
+    return f"$torch.device('{device}')"
+
+
+def bundle_autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The precision the bundle's inferer autocasts to on ``device`` with amp on (None = float32)."""
+    inferers = use_bundle_scripts().inferers
+    rule = getattr(inferers, "autocast_dtype", None)
+    if rule is not None:
+        return rule(device.type)
+    return torch.float16 if device.type == "cuda" else torch.bfloat16  # older bundle: always autocast
+
+
+def inference_overrides(device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str,
+                        output_dir: str, amp: bool) -> dict[str, Any]:
+    """Overrides of inference.json for one benchmark variant."""
+    return {
+        "device": device_expr(device),
+        "feature_size": int(feature_size),
+        "roi_size": list(roi_size),
+        "ckpt_path": str(ckpt_path),
+        "output_dir": str(output_dir),
+        "amp": bool(amp),
+    }
+
+
+def write_random_checkpoint(path: Path, feature_size: int, seed: int) -> str:
+    """Write a bundle-format checkpoint of a randomly initialised network (seeded); return its path.
+
+    Format as written by the bundle's training: ``{"model": state dict, "network_record": ...}``,
+    so every variant loads the same weights through its own checkpoint loader.
+    """
+    parser = bundle_parser("inference.json", {"feature_size": int(feature_size), "ckpt_path": "",
+                                              "device": "$torch.device('cpu')"})
+    torch.manual_seed(int(seed))
+    network = parser.get_parsed_content("network_def")
+    record = use_bundle_scripts().encoder_weights.NetworkRecord(network).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": network.state_dict(), "network_record": record}, str(path))
+    return str(path)
+
+
+def load_checkpoint(loader: Any, network: torch.nn.Module) -> None:
+    """Run an ignite ``CheckpointLoader`` handler outside an engine run (a bare Engine holds no state)."""
+    from ignite.engine import Engine
+
+    loader(Engine(lambda engine, batch: None))
+    network.eval()
+
+
+def bundle_pipeline(device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str,
+                    output_dir: str, amp: bool) -> dict[str, Any]:
+    """The bundle's inference pipeline parsed from inference.json, weights loaded by its CheckpointLoader."""
+    from monai.handlers import CheckpointLoader
+
+    parser = bundle_parser("inference.json",
+                           inference_overrides(device, feature_size, roi_size, ckpt_path, output_dir, amp))
+    network = parser.get_parsed_content("network")
+    loaders = [h for h in parser.get_parsed_content("handlers") if isinstance(h, CheckpointLoader)]
+    if len(loaders) != 1:
+        raise RuntimeError(f"expected one CheckpointLoader in inference.json handlers, found {len(loaders)}")
+    load_checkpoint(loaders[0], network)
+
+    def input_check(image_path: str) -> None:
+        parser["datalist_items"] = [{"image": image_path}]
+        parser.parse()
+        parser.get_parsed_content("dataset#data")
+
+    return {
+        "name": "bundle" if amp else "bundle_fp32",
+        "preprocessing": parser.get_parsed_content("preprocessing"),
+        "inferer": parser.get_parsed_content("inferer"),
+        "postprocessing": parser.get_parsed_content("postprocessing"),
+        "network": network,
+        "input_check": input_check if parser["check_inputs"] else None,
+        "forward_context": nullcontext,
+        "precision": dtype_name(bundle_autocast_dtype(device) if amp else None),
+        "settings": {
+            "config": "configs/inference.json",
+            "amp": bool(amp),
+            "use_flash_attention": flash_attention_of(network),
+            "sw_batch_size": int(parser["sw_batch_size"]),
+            "overlap": float(parser["overlap"]),
+            "spacing": list(parser["spacing"]),
+            "hu_window": list(parser["hu_window"]),
+            "patch_merging": type(network.swinViT.layers1[0].downsample).__name__,
+        },
+        "roi_size": list(parser["roi_size"]),
+        "overlap": float(parser["overlap"]),
+        "sw_batch_size": int(parser["sw_batch_size"]),
+    }
+
+
+def model_zoo_network(feature_size: int, downsample: Any) -> torch.nn.Module:
+    """SwinUNETR as the model zoo builds it (no flash attention, no checkpointing in inference).
+
+    ``downsample`` is the bundle's resolved patch-merging layer for the same weights, so both
+    pipelines compute the same function of the same weights (monai 1.6.1 has no ``img_size``).
+    """
+    from monai.networks.nets import SwinUNETR
+
+    return SwinUNETR(in_channels=IN_CHANNELS, out_channels=NUM_CLASSES, feature_size=int(feature_size),
+                     use_checkpoint=False, use_flash_attention=MODEL_ZOO["use_flash_attention"],
+                     downsample=downsample)
+
+
+def model_zoo_pipeline(device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str,
+                       output_dir: str) -> dict[str, Any]:
+    """The model-zoo 0.5.x inference pipeline built from MONAI transforms, same weights as the bundle."""
+    from monai.handlers import CheckpointLoader
+    from monai.inferers import SlidingWindowInferer
+    from monai.transforms import (
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        Invertd,
+        LoadImaged,
+        Orientationd,
+        SaveImaged,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    downsample = bundle_parser("inference.json", {"ckpt_path": str(ckpt_path)}).get_parsed_content(
+        "network_def#downsample")
+    network = model_zoo_network(feature_size, downsample).to(device)
+    load_checkpoint(CheckpointLoader(load_path=str(ckpt_path), load_dict={"model": network}, map_location=device),
+                    network)
+    a_min, a_max = MODEL_ZOO["hu_window"]
+    b_min, b_max = MODEL_ZOO["intensity_range"]
+    preprocessing = Compose([
+        LoadImaged(keys="image", reader=MODEL_ZOO["reader"]),
+        EnsureChannelFirstd(keys="image"),
+        Orientationd(keys="image", axcodes=MODEL_ZOO["axcodes"]),
+        Spacingd(keys="image", pixdim=MODEL_ZOO["spacing"], mode=MODEL_ZOO["spacing_mode"]),
+        ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=True),
+        EnsureTyped(keys="image"),
+    ])
+    postprocessing = Compose([
+        Activationsd(keys="pred", softmax=True),
+        Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
+        AsDiscreted(keys="pred", argmax=True),
+        SaveImaged(keys="pred", output_dir=str(output_dir)),
+    ])
+    roi = list(roi_size)
+    inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=MODEL_ZOO["sw_batch_size"],
+                                   overlap=MODEL_ZOO["overlap"])
+    evaluator_autocast = MODEL_ZOO["evaluator_amp"] and device.type == "cuda"
+
+    def forward_context() -> Any:
+        # SupervisedEvaluator(amp=True) wraps the inferer in torch.autocast("cuda")
+        return torch.autocast("cuda") if evaluator_autocast else nullcontext()
+
+    return {
+        "name": "model_zoo",
+        "preprocessing": preprocessing,
+        "inferer": inferer,
+        "postprocessing": postprocessing,
+        "network": network,
+        "input_check": None,
+        "forward_context": forward_context,
+        "precision": "float16" if evaluator_autocast else "float32",
+        "settings": {
+            "config": f"model zoo {MODEL_ZOO['name']} {MODEL_ZOO['version']} (rebuilt from MONAI transforms)",
+            "evaluator_amp": MODEL_ZOO["evaluator_amp"],
+            "use_flash_attention": flash_attention_of(network),
+            "reader": MODEL_ZOO["reader"],
+            "sw_batch_size": MODEL_ZOO["sw_batch_size"],
+            "overlap": MODEL_ZOO["overlap"],
+            "spacing": list(MODEL_ZOO["spacing"]),
+            "hu_window": list(MODEL_ZOO["hu_window"]),
+            "foreground_crop": False,
+            "patch_merging": type(network.swinViT.layers1[0].downsample).__name__,
+            "patch_merging_note": "the bundle's choice for these weights, so both compute the same function "
+                                  "(the model zoo on monai 1.6.1 would always build 'merging')",
+        },
+        "roi_size": roi,
+        "overlap": float(MODEL_ZOO["overlap"]),
+        "sw_batch_size": int(MODEL_ZOO["sw_batch_size"]),
+    }
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def count_windows(spatial_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """Number of sliding windows MONAI's sliding_window_inference uses for an image of this shape."""
+    total = 1
+    for size, roi in zip(spatial_shape, roi_size):
+        size = max(int(size), int(roi))  # smaller images are padded to the roi
+        interval = max(int(roi * (1 - overlap)), 1) if roi < size else roi
+        total *= 1 if roi >= size else math.ceil((size - roi) / interval) + 1
+    return total
+
+
+def _stage_of(transform: Any, phase: str) -> str:
+    """Stage name of one transform: load / preprocess / postprocess / save."""
+    name = type(transform).__name__
+    if phase == "pre":
+        return "load" if name == "LoadImaged" else "preprocess"
+    return "save" if name == "SaveImaged" else "postprocess"
+
+
+def apply_timed(transforms: Any, data: dict, phase: str, stages: dict[str, float], steps: list[dict],
+                device: torch.device) -> dict:
+    """Apply a Compose's transforms one by one, adding each one's seconds to its stage."""
+    from monai.transforms import apply_transform
+
+    for transform in transforms.transforms:
+        t0 = time.perf_counter()
+        data = apply_transform(transform, data)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        stage = _stage_of(transform, phase)
+        stages[stage] = stages.get(stage, 0.0) + seconds
+        steps.append({"transform": type(transform).__name__, "stage": stage, "seconds": seconds})
+    return data
+
+
+def warm_up(pipeline: dict[str, Any], image_path: str, device: torch.device) -> float:
+    """Untimed: one load of the image (reader imports, page cache) and one forward of sw_batch_size windows.
+
+    Returns the seconds of the warm-up forward.
+    """
+    pipeline["preprocessing"].transforms[0]({"image": image_path})
+    shape = (pipeline["sw_batch_size"], IN_CHANNELS, *pipeline["roi_size"])
+    x = torch.rand(shape, device=device)
+    t0 = time.perf_counter()
+    with torch.no_grad(), pipeline["forward_context"]():
+        pipeline["inferer"](x, pipeline["network"])
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def find_output(output_dir: Path, image_path: str, since: float) -> str | None:
+    """The label map (``<name>_<postfix>.*``) SaveImaged wrote for ``image_path`` under ``output_dir``."""
+    stem = Path(image_path).name
+    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    found = [p for p in output_dir.rglob(f"{stem}_*") if p.is_file() and p.stat().st_mtime >= since - 1]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def run_end_to_end(pipeline: dict[str, Any], image_path: str, device: torch.device, output_dir: Path,
+                   warmup: bool = True) -> dict[str, Any]:
+    """Run one volume through a pipeline; return stage seconds, total, window count and the saved label map."""
+    import nibabel as nib
+    from monai.data import decollate_batch, list_data_collate
+
+    warmup_s = warm_up(pipeline, image_path, device) if warmup else None
+    stages: dict[str, float] = {}
+    steps: list[dict] = []
+    start_wall = time.time()
+    t_start = time.perf_counter()
+    if pipeline["input_check"] is not None:
+        t0 = time.perf_counter()
+        pipeline["input_check"](image_path)
+        stages["input_check"] = time.perf_counter() - t0
+    data = apply_timed(pipeline["preprocessing"], {"image": image_path}, "pre", stages, steps, device)
+    preprocessed_shape = [int(s) for s in data["image"].shape[1:]]
+    batch = list_data_collate([data])
+    t0 = time.perf_counter()
+    inputs = batch["image"].to(device)
+    with torch.no_grad(), pipeline["forward_context"]():
+        pred = pipeline["inferer"](inputs, pipeline["network"])
+    sync(device)
+    stages["sliding_window"] = time.perf_counter() - t0
+    # as an engine does: decollate batch and output, merge, then postprocess item by item
+    item = {**decollate_batch(batch)[0], **decollate_batch({"image": inputs, "pred": pred})[0]}
+    apply_timed(pipeline["postprocessing"], item, "post", stages, steps, device)
+    total = time.perf_counter() - t_start
+    label_path = find_output(output_dir, image_path, start_wall)
+    label_shape = list(nib.load(label_path).shape) if label_path else None
+    windows = count_windows(preprocessed_shape, pipeline["roi_size"], pipeline["overlap"])
+    return {
+        "precision": pipeline["precision"],
+        "settings": pipeline["settings"],
+        "stages_s": {k: stages[k] for k in ("input_check", "load", "preprocess", "sliding_window", "postprocess",
+                                            "save") if k in stages},
+        "transforms_s": steps,
+        "total_s": total,
+        "warmup_forward_s": warmup_s,
+        "preprocessed_shape": preprocessed_shape,
+        "windows": windows,
+        "sliding_window_s_per_window": stages["sliding_window"] / max(windows, 1),
+        "label_path": label_path,
+        "label_shape": label_shape,
+    }
+
+
+def label_agreement(path_a: str | None, path_b: str | None) -> float | None:
+    """Fraction of voxels with the same label in two saved label maps (None if either is missing or shapes differ)."""
+    import nibabel as nib
+
+    if not path_a or not path_b:
+        return None
+    a = np.asarray(nib.load(path_a).dataobj)
+    b = np.asarray(nib.load(path_b).dataobj)
+    if a.shape != b.shape:
+        return None
+    return float(np.mean(np.rint(a) == np.rint(b)))
+
+
+def image_info(image_path: str) -> dict[str, Any]:
+    """Shape and spacing of the input image (nibabel header)."""
+    import nibabel as nib
+
+    img = nib.load(image_path)
+    return {"path": str(image_path), "shape": [int(s) for s in img.shape],
+            "spacing_mm": [round(float(s), 4) for s in img.header.get_zooms()[:3]]}
+
+
+# ------------------------------------------------------------------------------------------ forward
+
+
+def time_forward(network: torch.nn.Module, shape: Sequence[int], device: torch.device,
+                 autocast: torch.dtype | None, repeats: int, seed: int = 0) -> list[float]:
+    """Seconds of ``repeats`` forward calls on a random (seeded) input, after one warm-up call."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(tuple(shape), generator=generator).to(device)
+    context = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast is not None else nullcontext
+    times = []
+    network.eval()
+    with torch.no_grad():
+        for i in range(int(repeats) + 1):
+            t0 = time.perf_counter()
+            with context():
+                network(x)
+            sync(device)
+            if i:  # the first call is the warm-up
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def benchmark_forward(networks: dict[str, torch.nn.Module], roi_size: Sequence[int], windows: int,
+                      device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """Per-call and per-window forward seconds for each network in float32 and in the bundle's autocast dtype.
+
+    One call is a batch of ``windows`` windows of ``roi_size`` (the inferer's sw_batch_size by default).
+    """
+    reduced = bundle_autocast_dtype(device)
+    shape = (int(windows), IN_CHANNELS, *roi_size)
+    rows = []
+    for name, network in networks.items():
+        flash = flash_attention_of(network)
+        for autocast in (None, reduced or "skipped"):
+            row = {"network": name, "use_flash_attention": flash, "input_shape": list(shape),
+                   "precision": dtype_name(None if autocast in (None, "skipped") else autocast)}
+            if autocast == "skipped":
+                row.update(precision="reduced", skipped=(
+                    f"no autocast on {device.type} here: the bundle's inferer stays in float32 "
+                    f"(native bf16: {native_bf16()})"))
+                rows.append(row)
+                continue
+            say(f"forward: {name} {row['precision']} {list(shape)} x {repeats} (+1 warm-up)")
+            times = time_forward(network, shape, device, autocast, repeats)
+            mean = float(np.mean(times))
+            row.update(repeats=len(times), times_s=times, windows_per_call=shape[0], seconds_per_call=mean,
+                       seconds_per_window=mean / shape[0], std_s=float(np.std(times)))
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _status_kib(field: str) -> float | None:
+    """A ``Vm*`` field of /proc/self/status in KiB (None where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def ru_maxrss_mib() -> float:
+    """Peak resident set size of this process in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / MIB if sys.platform == "darwin" else rss / 1024.0
+
+
+def memory_snapshot() -> dict[str, float | None]:
+    """``ru_maxrss`` and, on Linux, ``VmHWM`` (peak RSS of the current address space) in MiB."""
+    hwm = _status_kib("VmHWM")
+    return {"ru_maxrss_mib": ru_maxrss_mib(), "vm_hwm_mib": hwm / 1024.0 if hwm is not None else None}
+
+
+def phantom_batch(n: int, roi_size: Sequence[int], hu_window: Sequence[float], seed: int) -> dict[str, torch.Tensor]:
+    """``n`` phantom crops of ``roi_size`` (image windowed to 0..1, label ids 0-13), as one training batch."""
+    from tools.make_phantoms import make_phantom
+
+    lo, hi = (float(v) for v in hu_window)
+    images, labels = [], []
+    for i in range(int(n)):
+        image, label, _ = make_phantom(seed + i, shape=tuple(roi_size), spacing=(1.5, 1.5, 2.0))
+        images.append(np.clip((image - lo) / (hi - lo), 0.0, 1.0)[None])
+        labels.append(label[None].astype(np.float32))
+    return {"image": torch.from_numpy(np.stack(images)).float(), "label": torch.from_numpy(np.stack(labels))}
+
+
+def measure_training(device: str, feature_size: int, roi_size: Sequence[int], steps: int, seed: int = 0,
+                     warmup_steps: int = 1, crops: int | None = None) -> dict[str, Any]:
+    """Run the bundle's SupervisedTrainer for warm-up + timed steps on phantom crops; return speed and memory.
+
+    Parsed from train.json: the network (with its ``use_checkpoint`` and flash attention), DiceCE
+    loss, AdamW, and the trainer with its amp rule. The data loader is replaced by in-memory
+    phantom batches of ``crops`` crops (default ``batch_size * num_samples``, what
+    RandCropByPosNegLabeld hands one iteration) and the handlers (validation, logging, lr
+    schedule) are left out. Meant to run in a fresh process (see ``benchmark_training``).
+    """
+    from ignite.engine import Events
+    from monai.utils import set_determinism
+
+    dev = resolve_device(device)
+    roi = cube(roi_size)
+    parser = bundle_parser("train.json", {
+        "device": device_expr(dev), "feature_size": int(feature_size), "roi_size": roi,
+        "pretrained_path": "", "resume_from": "", "seed": int(seed), "max_epochs": 1,
+    })
+    set_determinism(seed=int(seed))
+    configured_crops = int(parser["batch_size"]) * int(parser["num_samples"])
+    crops = int(crops) if crops else configured_crops
+    batch = phantom_batch(crops, roi, parser["hu_window"], seed)
+    total_steps = int(warmup_steps) + int(steps)
+    loader = torch.utils.data.DataLoader([batch] * total_steps, batch_size=None, shuffle=False)
+    parser.update({"train#dataloader": loader, "train#handlers": []})
+    trainer = parser.get_parsed_content("train#trainer")
+    times: list[float] = []
+    losses: list[float] = []
+    started: dict[str, float] = {}
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _start(engine: Any) -> None:
+        sync(dev)
+        started["t"] = time.perf_counter()
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _stop(engine: Any) -> None:
+        sync(dev)
+        times.append(time.perf_counter() - started["t"])
+        output = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
+        losses.append(float(output["loss"]))
+        say(f"training step {len(times)}/{total_steps}: {times[-1]:.2f} s, loss {losses[-1]:.4f}")
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    before = memory_snapshot()
+    trainer.run()
+    after = memory_snapshot()
+    timed = times[int(warmup_steps):]
+    peak, peak_before, hwm = after["ru_maxrss_mib"], before["ru_maxrss_mib"], after["vm_hwm_mib"]
+    return {
+        "config": "configs/train.json SupervisedTrainer (phantom crops in memory, no handlers)",
+        "device": str(dev),
+        "feature_size": int(feature_size),
+        "roi_size": roi,
+        "batch_crops": crops,
+        "configured_batch_crops": configured_crops,
+        "use_checkpoint": bool(parser["use_checkpoint"]),
+        "use_flash_attention": flash_attention_of(trainer.network),
+        "amp": bool(trainer.amp),
+        "warmup_steps": int(warmup_steps),
+        "steps": len(timed),
+        "step_times_s": timed,
+        "warmup_times_s": times[: int(warmup_steps)],
+        "seconds_per_iteration": float(np.mean(timed)) if timed else None,
+        "iterations_per_second": float(len(timed) / sum(timed)) if timed and sum(timed) > 0 else None,
+        "losses": losses,
+        "peak_rss_mib": peak,
+        "peak_rss_before_training_mib": peak_before,
+        "peak_rss_delta_training_mib": peak - peak_before,
+        "vm_hwm_mib": hwm,
+        "peak_rss_attributable": hwm is None or abs(peak - hwm) <= max(64.0, 0.05 * hwm),
+        "cuda_max_memory_allocated_mib": torch.cuda.max_memory_allocated(dev) / MIB if dev.type == "cuda" else None,
+        "memory_measure": (
+            ("torch.cuda.max_memory_allocated; " if dev.type == "cuda" else "")
+            + "peak RSS (resource.getrusage ru_maxrss) of a fresh training process, started through a forking "
+            "/bin/sh so it does not inherit the launcher's peak; vm_hwm_mib (/proc VmHWM) cross-checks it"),
+    }
+
+
+def training_child(args_json: str, result_path: str) -> None:
+    """Entry point of the training subprocess: measure and write the result JSON to ``result_path``."""
+    result = measure_training(**json.loads(args_json))
+    Path(result_path).write_text(json.dumps(result, indent=2))
+
+
+def child_command(code: str, *args: str) -> list[str]:
+    """Command line running ``python -c code args`` in a freshly forked process.
+
+    Linux keeps the launching process's peak RSS in ``ru_maxrss`` across fork/vfork + exec; a
+    ``/bin/sh`` that forks the python (it is not the last command, so sh does not exec it) gives
+    the training process an ``ru_maxrss`` of its own.
+    """
+    command = [sys.executable, "-c", code, *args]
+    if os.name == "posix" and os.path.exists("/bin/sh"):
+        return ["/bin/sh", "-c", '"$0" "$@"; exit $?', *command]
+    return command
+
+
+def benchmark_training(device: torch.device, feature_size: int, roi_size: Sequence[int], steps: int,
+                       seed: int = 0, warmup_steps: int = 1, crops: int | None = None,
+                       timeout_s: float | None = None) -> dict[str, Any]:
+    """Measure training in a fresh Python process so that its peak memory belongs to training alone."""
+    args = {"device": str(device), "feature_size": int(feature_size), "roi_size": list(roi_size),
+            "steps": int(steps), "seed": int(seed), "warmup_steps": int(warmup_steps), "crops": crops}
+    with tempfile.TemporaryDirectory(prefix="benchmark_btcv_train_") as tmp:
+        result_path = os.path.join(tmp, "training.json")
+        code = "import sys; from tools.benchmark_btcv import training_child; training_child(sys.argv[1], sys.argv[2])"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                       os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run(child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT), env=env,
+                              timeout=timeout_s)
+        if proc.returncode != 0 or not os.path.exists(result_path):
+            return {"error": f"training subprocess failed with exit code {proc.returncode}", **args}
+        return json.loads(Path(result_path).read_text())
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def comparison(e2e: dict[str, dict]) -> dict[str, Any]:
+    """Speed ratios model_zoo / bundle and voxel agreements of the bundle's label map."""
+    bundle, fp32, zoo = (e2e.get(v) for v in VARIANTS)
+
+    def ratio(key_fn: Callable[[dict], float]) -> float | None:
+        if not bundle or not zoo:
+            return None
+        return finite_or_none(key_fn(zoo) / key_fn(bundle)) if key_fn(bundle) > 0 else None
+
+    return {
+        "speed_ratio_model_zoo_over_bundle": ratio(lambda r: r["total_s"]),
+        "sliding_window_ratio_model_zoo_over_bundle": ratio(lambda r: r["stages_s"]["sliding_window"]),
+        "speed_ratio_bundle_fp32_over_bundle": (finite_or_none(fp32["total_s"] / bundle["total_s"])
+                                                if bundle and fp32 else None),
+        "agreement_bundle_vs_bundle_fp32": label_agreement(bundle and bundle["label_path"],
+                                                           fp32 and fp32["label_path"]),
+        "agreement_bundle_vs_model_zoo": label_agreement(bundle and bundle["label_path"],
+                                                         zoo and zoo["label_path"]),
+    }
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """A readable text table of a benchmark result."""
+    m, s = result["machine"], result["settings"]
+    lines = [
+        f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable cores ({m['torch_threads']} torch threads), "
+        f"CPU capability {m['cpu_capability']}, native bf16 {m['native_bf16']}, GPU {m['gpu'] or 'none'}; "
+        f"torch {m['torch']}, monai {m['monai']}",
+        f"Image {s['image']['path']} {s['image']['shape']} @ {s['image']['spacing_mm']} mm; device {s['device']}; "
+        f"feature_size {s['feature_size']}, roi {s['roi_size']}; weights: {s['weights']}",
+    ]
+    loads = [m.get("load_average_1_5_15"), m.get("load_average_after_inference")]
+    busy = [la[0] for la in loads if la and la[0] > 1.5 * (m["cpus_usable"] or 1)]
+    if busy:
+        lines.append(f"WARNING: 1-minute load average up to {max(busy):.1f} on {m['cpus_usable']} cores: other "
+                     f"processes shared the CPU, so the timings are inflated and noisy")
+    lines += [
+        "",
+        "End to end, seconds per volume",
+        f"{'variant':<12} {'prec':<9} {'check':>7} {'load':>7} {'prep':>7} {'sliding':>9} {'post':>7} "
+        f"{'save':>7} {'total':>8} {'windows':>8} {'s/window':>9}",
+    ]
+    for name, r in result["end_to_end"].items():
+        st = r["stages_s"]
+        lines.append(
+            f"{name:<12} {r['precision']:<9} {st.get('input_check', 0.0):>7.2f} {st.get('load', 0.0):>7.2f} "
+            f"{st.get('preprocess', 0.0):>7.2f} {st['sliding_window']:>9.2f} {st.get('postprocess', 0.0):>7.2f} "
+            f"{st.get('save', 0.0):>7.2f} {r['total_s']:>8.2f} {r['windows']:>8d} "
+            f"{r['sliding_window_s_per_window']:>9.3f}")
+    c = result["comparison"]
+
+    def num(v: float | None, fmt: str = "{:.3f}") -> str:
+        return "n/a" if v is None else fmt.format(v)
+
+    lines += [
+        f"speed ratio model_zoo / bundle: {num(c['speed_ratio_model_zoo_over_bundle'], '{:.2f}x')} "
+        f"(sliding window alone {num(c['sliding_window_ratio_model_zoo_over_bundle'], '{:.2f}x')})",
+        f"voxel agreement bundle vs bundle_fp32: {num(c['agreement_bundle_vs_bundle_fp32'], '{:.4%}')}; "
+        f"bundle vs model_zoo: {num(c['agreement_bundle_vs_model_zoo'], '{:.4%}')}",
+        *([f"({c['note']})"] if c.get("note") else []),
+        "",
+        "Network forward, one call = a batch of windows (the inferer's sw_batch_size unless --forward_batch)",
+        f"{'network':<10} {'flash':<6} {'precision':<10} {'windows':>8} {'s/call':>8} {'s/window':>9} {'std':>7}",
+    ]
+    for r in result["model_forward"]:
+        if "skipped" in r:
+            lines.append(f"{r['network']:<10} {str(r['use_flash_attention']):<6} {r['precision']:<10} "
+                         f"skipped: {r['skipped']}")
+        else:
+            lines.append(f"{r['network']:<10} {str(r['use_flash_attention']):<6} {r['precision']:<10} "
+                         f"{r['windows_per_call']:>8d} {r['seconds_per_call']:>8.3f} {r['seconds_per_window']:>9.3f} "
+                         f"{r['std_s']:>7.3f}")
+    t = result.get("training")
+    lines.append("")
+    if not t:
+        lines.append("Training: skipped")
+    elif "error" in t:
+        lines.append(f"Training: {t['error']}")
+    else:
+        mem = (f"CUDA max allocated {t['cuda_max_memory_allocated_mib']:.0f} MiB"
+               if t["cuda_max_memory_allocated_mib"] is not None else
+               f"peak RSS {t['peak_rss_mib']:.0f} MiB (+{t['peak_rss_delta_training_mib']:.0f} MiB over the "
+               f"{t['peak_rss_before_training_mib']:.0f} MiB peak before the first step)")
+        lines.append(
+            f"Training: {num(t['iterations_per_second'], '{:.3f}')} it/s "
+            f"({num(t['seconds_per_iteration'], '{:.2f}')} s/it over {t['steps']} steps, batch of "
+            f"{t['batch_crops']} crops of {t['roi_size']}, use_checkpoint {t['use_checkpoint']}, amp {t['amp']}); "
+            f"{mem}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 48, roi_size: int = 96,
+                  device: str | None = None, train_steps: int = 3, output_json: str = "bench.json",
+                  skip_model_zoo: bool = False, skip_training: bool = False, repeats: int = 3, seed: int = 0,
+                  work_dir: str | None = None, warmup: bool = True, train_warmup_steps: int = 1,
+                  train_crops: int | None = None, forward_batch: int | None = None) -> dict[str, Any]:
+    """Run all measurements, write ``output_json`` and return the result dictionary."""
+    dev = resolve_device(device)
+    roi = cube(roi_size)
+    if not os.path.isfile(image):
+        raise FileNotFoundError(f"image not found: {image}")
+    out = Path(work_dir) if work_dir else Path(output_json).resolve().with_suffix("").with_name(
+        Path(output_json).stem + "_outputs")
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"device {dev}, feature_size {feature_size}, roi {roi}; outputs under {out}")
+    if ckpt_path:
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+        weights, ckpt = f"checkpoint {ckpt_path}", str(ckpt_path)
+    else:
+        ckpt = write_random_checkpoint(out / f"random_init_fs{feature_size}_seed{seed}.pt", feature_size, seed)
+        weights = f"RANDOM INIT (torch seed {seed}; no --ckpt_path given): speeds are valid, labels are not"
+    say(f"weights: {weights}")
+    result: dict[str, Any] = {
+        "machine": machine_info(dev),
+        "settings": {
+            "image": image_info(image), "device": str(dev), "feature_size": int(feature_size), "roi_size": roi,
+            "ckpt_path": str(ckpt_path) if ckpt_path else None, "weights": weights, "random_init": not ckpt_path,
+            "seed": int(seed), "repeats": int(repeats), "train_steps": int(train_steps),
+            "train_warmup_steps": int(train_warmup_steps), "train_crops": train_crops,
+            "forward_batch": forward_batch,
+            "warmup_forward_before_end_to_end": bool(warmup), "model_zoo_constants": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in MODEL_ZOO.items()},
+            "bundle_autocast_dtype": dtype_name(bundle_autocast_dtype(dev)),
+        },
+    }
+    Path(image).read_bytes()  # page cache warm for every variant alike
+
+    builders = {
+        "bundle": lambda: bundle_pipeline(dev, feature_size, roi, ckpt, str(out / "bundle"), amp=True),
+        "bundle_fp32": lambda: bundle_pipeline(dev, feature_size, roi, ckpt, str(out / "bundle_fp32"), amp=False),
+        "model_zoo": lambda: model_zoo_pipeline(dev, feature_size, roi, ckpt, str(out / "model_zoo")),
+    }
+    e2e: dict[str, dict] = {}
+    networks: dict[str, torch.nn.Module] = {}
+    sw_batch = None
+    for name in VARIANTS:
+        if name == "model_zoo" and skip_model_zoo:
+            say("model_zoo: skipped")
+            continue
+        say(f"{name}: building the pipeline")
+        t0 = time.perf_counter()
+        pipeline = builders[name]()
+        setup_s = time.perf_counter() - t0
+        say(f"{name}: running one volume ({pipeline['precision']}, warm-up forward first)")
+        r = run_end_to_end(pipeline, image, dev, out / name, warmup=warmup)
+        r["setup_s"] = setup_s
+        e2e[name] = r
+        say(f"{name}: total {r['total_s']:.2f} s, sliding window {r['stages_s']['sliding_window']:.2f} s over "
+            f"{r['windows']} windows; label map {r['label_path']}")
+        if name in ("bundle", "model_zoo"):
+            networks[name] = pipeline["network"]
+            sw_batch = sw_batch or pipeline["sw_batch_size"]
+        del pipeline
+    result["machine"]["load_average_after_inference"] = (
+        [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None)
+    result["end_to_end"] = e2e
+    result["comparison"] = comparison(e2e)
+    if not ckpt_path:
+        result["comparison"]["note"] = ("random weights: the agreements compare label maps of random logits "
+                                        "(pipeline and numeric differences), not segmentation quality")
+    result["model_forward"] = benchmark_forward(networks, roi, int(forward_batch or sw_batch), dev, repeats)
+    networks.clear()
+    if skip_training:
+        say("training: skipped")
+        result["training"] = None
+    else:
+        say(f"training: {train_steps} step(s) after {train_warmup_steps} warm-up step(s), in a fresh subprocess")
+        result["training"] = benchmark_training(dev, feature_size, roi, train_steps, seed=seed,
+                                                warmup_steps=train_warmup_steps, crops=train_crops)
+    Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(output_json).write_text(json.dumps(result, indent=2))
+    say(f"wrote {output_json}")
+    return result
+
+
+def main(image: str, ckpt_path: str | None = None, feature_size: int = 48, roi_size: int = 96,
+         device: str | None = None, train_steps: int = 3, output_json: str = "bench.json",
+         skip_model_zoo: bool = False, skip_training: bool = False, repeats: int = 3, seed: int = 0,
+         work_dir: str | None = None, warmup: bool = True, train_warmup_steps: int = 1,
+         train_crops: int | None = None, forward_batch: int | None = None) -> None:
+    """Benchmark the bundle vs the model-zoo settings on one volume; print a table and write ``output_json``.
+
+    Args:
+        image: input CT (NIfTI, HU).
+        ckpt_path: bundle checkpoint (``{"model": ...}`` or a state dict); random init (seeded) if omitted.
+        feature_size: SwinUNETR feature size (48 in the bundle).
+        roi_size: sliding-window / training crop size (96 in the bundle and the model zoo).
+        device: "cpu", "cuda", "cuda:1"...; default cuda if available else cpu.
+        train_steps: timed training steps (after one warm-up step).
+        output_json: where to write the result.
+        skip_model_zoo: leave the model-zoo variant out.
+        skip_training: leave the training measurement out.
+        repeats: timed forward calls per network setting (after one warm-up call).
+        seed: seed of the random initialisation and of the phantom training crops.
+        work_dir: folder for label maps (default: ``<output_json stem>_outputs`` next to it).
+        warmup: one untimed image load and forward before each end-to-end run.
+        train_warmup_steps: untimed training steps before the timed ones.
+        train_crops: crops per training batch (default train.json's batch_size * num_samples).
+        forward_batch: windows per timed forward call (default the inferer's sw_batch_size).
+    """
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = run_benchmark(image, ckpt_path=ckpt_path, feature_size=feature_size, roi_size=roi_size, device=device,
+                           train_steps=train_steps, output_json=output_json, skip_model_zoo=skip_model_zoo,
+                           skip_training=skip_training, repeats=repeats, seed=seed, work_dir=work_dir,
+                           warmup=warmup, train_warmup_steps=train_warmup_steps, train_crops=train_crops,
+                           forward_batch=forward_batch)
+    print()
+    print(format_report(result), flush=True)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
