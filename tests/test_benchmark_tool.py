@@ -51,7 +51,8 @@ def bench(tmp_path_factory):
         _forget_scripts_modules()
         result = bb.run_benchmark(str(image_path), ckpt_path=None, feature_size=FEATURE_SIZE, roi_size=ROI,
                                   device="cpu", train_steps=1, output_json=str(output_json), repeats=1,
-                                  warmup=False, train_warmup_steps=0, train_crops=1, forward_batch=1)
+                                  warmup=False, train_warmup_steps=0, train_crops=1, forward_batch=1,
+                                  skip_identical_fp32=False)
         report = bb.format_report(result)
     _forget_scripts_modules()
     return result, json.loads(output_json.read_text()), image_path, report

@@ -89,8 +89,12 @@ def test_pretrained_path_loads_official_encoder_into_parsed_network(tmp_path, ph
         workflow = btcv_workflow(["train.json"], "train", dataset_dir=str(phantom_dir), bundle_root=str(tmp_path),
                                  pretrained_path=str(path), feature_size=48)
         # the bundle's logging.conf replaces the root handlers, pytest's capture among them
-        logging.getLogger("swin_unetr_btcv_seg").addHandler(caplog.handler)
-        network = workflow.parser.get_parsed_content("network")
+        bundle_logger = logging.getLogger("swin_unetr_btcv_seg")
+        bundle_logger.addHandler(caplog.handler)
+        try:
+            network = workflow.parser.get_parsed_content("network")
+        finally:
+            bundle_logger.removeHandler(caplog.handler)
         from scripts.patch_merging import LegacyPatchMerging
 
     assert all(isinstance(layer[0].downsample, LegacyPatchMerging)

@@ -853,8 +853,13 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
                   device: str | None = None, train_steps: int = 3, output_json: str = "bench.json",
                   skip_model_zoo: bool = False, skip_training: bool = False, repeats: int = 3, seed: int = 0,
                   work_dir: str | None = None, warmup: bool = True, train_warmup_steps: int = 1,
-                  train_crops: int | None = None, forward_batch: int | None = None) -> dict[str, Any]:
-    """Run all measurements, write ``output_json`` and return the result dictionary."""
+                  train_crops: int | None = None, forward_batch: int | None = None,
+                  skip_identical_fp32: bool = True) -> dict[str, Any]:
+    """Run all measurements, write ``output_json`` and return the result dictionary.
+
+    With ``skip_identical_fp32``, the ``bundle_fp32`` run is left out where the bundle uses no reduced
+    precision on the device (it would repeat the same float32 computation).
+    """
     dev = resolve_device(device)
     roi = cube(roi_size)
     if not os.path.isfile(image):
@@ -894,9 +899,13 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
     e2e: dict[str, dict] = {}
     networks: dict[str, torch.nn.Module] = {}
     sw_batch = None
+    fp32_is_bundle = skip_identical_fp32 and bundle_autocast_dtype(dev) is None
     for name in VARIANTS:
         if name == "model_zoo" and skip_model_zoo:
             say("model_zoo: skipped")
+            continue
+        if name == "bundle_fp32" and fp32_is_bundle:
+            say("bundle_fp32: skipped, amp changes nothing on this device so the bundle run is the fp32 run")
             continue
         say(f"{name}: building the pipeline")
         t0 = time.perf_counter()
@@ -916,6 +925,10 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
         [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None)
     result["end_to_end"] = e2e
     result["comparison"] = comparison(e2e)
+    if fp32_is_bundle:
+        result["comparison"]["agreement_bundle_vs_bundle_fp32"] = 1.0
+        result["comparison"]["fp32_note"] = ("no reduced precision is used on this device (no native bf16 kernels), "
+                                             "so the bundle's label map is the fp32 label map")
     if not ckpt_path:
         result["comparison"]["note"] = ("random weights: the agreements compare label maps of random logits "
                                         "(pipeline and numeric differences), not segmentation quality")
@@ -938,7 +951,7 @@ def main(image: str, ckpt_path: str | None = None, feature_size: int = 48, roi_s
          device: str | None = None, train_steps: int = 3, output_json: str = "bench.json",
          skip_model_zoo: bool = False, skip_training: bool = False, repeats: int = 3, seed: int = 0,
          work_dir: str | None = None, warmup: bool = True, train_warmup_steps: int = 1,
-         train_crops: int | None = None, forward_batch: int | None = None) -> None:
+         train_crops: int | None = None, forward_batch: int | None = None, skip_identical_fp32: bool = True) -> None:
     """Benchmark the bundle vs the model-zoo settings on one volume; print a table and write ``output_json``.
 
     Args:
@@ -958,6 +971,7 @@ def main(image: str, ckpt_path: str | None = None, feature_size: int = 48, roi_s
         train_warmup_steps: untimed training steps before the timed ones.
         train_crops: crops per training batch (default train.json's batch_size * num_samples).
         forward_batch: windows per timed forward call (default the inferer's sw_batch_size).
+        skip_identical_fp32: leave out the fp32 run where the bundle uses no reduced precision anyway.
     """
     import logging
 
@@ -966,7 +980,7 @@ def main(image: str, ckpt_path: str | None = None, feature_size: int = 48, roi_s
                            train_steps=train_steps, output_json=output_json, skip_model_zoo=skip_model_zoo,
                            skip_training=skip_training, repeats=repeats, seed=seed, work_dir=work_dir,
                            warmup=warmup, train_warmup_steps=train_warmup_steps, train_crops=train_crops,
-                           forward_batch=forward_batch)
+                           forward_batch=forward_batch, skip_identical_fp32=skip_identical_fp32)
     print()
     print(format_report(result), flush=True)
 
