@@ -126,3 +126,27 @@ def test_inference_on_a_dicom_series_folder(trained, tmp_path):
     assert pred.shape == image.shape
     np.testing.assert_allclose(pred.affine, affine, atol=1e-4)
     assert pred.get_data_dtype() == np.uint8
+
+
+def test_torchscript_export_for_monai_deploy_matches_the_checkpoint(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from monai.networks.nets import SwinUNETR
+
+    ts_path = tmp_path / "model.ts"
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_path),
+           "--ckpt_file", str(trained["model"]), "--key_in_ckpt", "model", "--ckpt_path", str(trained["model"]),
+           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--use_trace", "True",
+           "--input_shape", "[1, 1, 64, 64, 64]", "--feature_size", "12"]
+    result = subprocess.run(cmd, cwd=BTCV_DIR, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(BTCV_DIR)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    traced = torch.jit.load(str(ts_path))
+    eager = SwinUNETR(1, 14, feature_size=12)
+    eager.load_state_dict(torch.load(trained["model"], map_location="cpu", weights_only=True)["model"])
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
