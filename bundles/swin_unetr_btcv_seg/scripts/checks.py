@@ -6,6 +6,7 @@ collected and raised together in one ``InputDataError``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -25,11 +26,16 @@ class InputDataError(ValueError):
     """Raised when input files are missing, unreadable or inconsistent."""
 
 
+@functools.lru_cache(maxsize=1)
+def _loader() -> LoadImage:
+    return LoadImage(image_only=True)
+
+
 def _load(path: str) -> Any:
     """Read a whole image (NIfTI file or DICOM series folder) as a MetaTensor, header and data."""
     if not os.path.exists(path):
         raise FileNotFoundError("file not found")
-    return LoadImage(image_only=True)(path)
+    return _loader()(path)
 
 
 def _spatial_and_channels(array: Any) -> tuple[tuple[int, ...], int]:

@@ -54,10 +54,8 @@ class OrganMetricsReport:
                  include_background: bool = False) -> None:
         self.output_dir = output_dir
         self.metric_names = list(metric_names)
-        ids = sorted(int(k) for k in organ_names)
-        if not include_background:
-            ids = [i for i in ids if i != 0]
-        self.organs = [(i, organ_names[str(i)] if str(i) in organ_names else organ_names[i]) for i in ids]
+        names = {int(k): v for k, v in organ_names.items()}
+        self.organs = [(i, names[i]) for i in sorted(names) if include_background or i != 0]
         self._cases: list[str] = []
 
     def attach(self, engine: Engine) -> None:
