@@ -12,6 +12,7 @@ from monai.bundle import create_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 BTCV_DIR = REPO / "bundles" / "swin_unetr_btcv_seg"
+SSL_DIR = REPO / "bundles" / "swin_unetr_ssl_pretrain"
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 
 # Small settings that keep a CPU run to seconds: 64^3 is the smallest crop that trains
@@ -26,6 +27,20 @@ SMALL = {
 }
 PHANTOM_SHAPE = (64, 64, 40)
 PHANTOM_SPACING = (1.5, 1.5, 2.0)
+
+# Pre-training needs only the encoder's bottleneck to hold 2 tokens (rotation and contrastive heads),
+# so 32 x 64 x 64 crops work (square in the rotation plane) and halve the cost; two volumes per batch
+# give the contrastive loss negatives.
+SSL_SMALL = {
+    "feature_size": 12,
+    "roi_size": [32, 64, 64],
+    "num_samples": 1,
+    "batch_size": 2,
+    "num_workers": 0,
+    "use_checkpoint": False,
+    "warmup_steps": 1,
+}
+SSL_PHANTOM_SHAPE = (40, 72, 68)
 
 
 def forget_scripts_modules() -> None:
@@ -47,18 +62,18 @@ def bundle_on_path(bundle_dir: Path = BTCV_DIR):
         forget_scripts_modules()
 
 
-def btcv_workflow(configs: list[str], workflow_type: str, **overrides):
-    """``create_workflow`` on the BTCV bundle's config files (names under configs/), as a user would."""
-    files = [str(BTCV_DIR / "configs" / c) for c in configs]
+def btcv_workflow(configs: list[str], workflow_type: str, bundle_dir: Path = BTCV_DIR, **overrides):
+    """``create_workflow`` on a bundle's config files (names under configs/; BTCV by default), as a user would."""
+    files = [str(bundle_dir / "configs" / c) for c in configs]
     workflow = create_workflow(config_file=files if len(files) > 1 else files[0], workflow_type=workflow_type,
                                **overrides)
     return workflow
 
 
-def run_workflow(configs: list[str], workflow_type: str, **overrides):
-    """Create, initialise and run a BTCV workflow with the bundle's scripts importable; return it."""
-    with bundle_on_path():
-        workflow = btcv_workflow(configs, workflow_type, **overrides)
+def run_workflow(configs: list[str], workflow_type: str, bundle_dir: Path = BTCV_DIR, **overrides):
+    """Create, initialise and run a workflow (BTCV by default) with the bundle's scripts importable; return it."""
+    with bundle_on_path(bundle_dir):
+        workflow = btcv_workflow(configs, workflow_type, bundle_dir, **overrides)
         workflow.initialize()
         workflow.run()
         workflow.finalize()
@@ -102,6 +117,30 @@ def trained(tmp_path_factory, phantom_dir) -> dict:
     workflow = run_workflow(
         ["train.json"], "train", dataset_dir=str(phantom_dir), datalist=str(phantom_dir / "datalist.json"),
         bundle_root=str(out), max_epochs=1, val_interval=1, **SMALL,
+    )
+    return {"root": out, "workflow": workflow, "model": out / "models" / "model.pt",
+            "last": out / "models" / "checkpoint_last.pt"}
+
+
+@pytest.fixture(scope="session")
+def ssl_corpus(tmp_path_factory) -> Path:
+    """Three unlabelled CT-like volumes and a pre-training datalist: 2 for training, 1 for validation."""
+    from tools.make_phantoms import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("ssl_corpus")
+    pairs = write_phantom_dataset(root, num_cases=3, seed=11, shape=SSL_PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    items = [{"image": str(Path(image).relative_to(root))} for image, _ in pairs]
+    (root / "datalist.json").write_text(json.dumps({"training": items[:2], "validation": items[2:]}, indent=2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def ssl_trained(tmp_path_factory, ssl_corpus) -> dict:
+    """A small pre-training run: 2 optimiser steps, validating after each."""
+    out = tmp_path_factory.mktemp("ssl_trained")
+    workflow = run_workflow(
+        ["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus), bundle_root=str(out),
+        num_steps=2, val_interval=1, **SSL_SMALL,
     )
     return {"root": out, "workflow": workflow, "model": out / "models" / "model.pt",
             "last": out / "models" / "checkpoint_last.pt"}

@@ -38,7 +38,6 @@ A fine-tuning checkpoint of this bundle is ``{"model": <SwinUNETR state dict>, "
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import re
@@ -48,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bundle_logger import logger
 from .checkpoints import atomic_torch_save
 from .patch_merging import AUTO, CURRENT, LEGACY, MERGING_ORDERS, ORDER_DESCRIPTIONS, merging_order_of
 
@@ -63,7 +63,6 @@ __all__ = [
     "load_pretrained_encoder",
 ]
 
-logger = logging.getLogger("swin_unetr_btcv_seg")
 
 SSL_FORMAT = "swin_ssl_encoder"
 SSL_FORMAT_VERSION = 1

@@ -18,12 +18,12 @@ is reported as unsupported rather than guessed.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import BasicLayer, PatchMerging, PatchMergingV2
 from torch import nn
+
+from .bundle_logger import logger
 
 __all__ = [
     "LEGACY",
@@ -36,7 +36,6 @@ __all__ = [
     "resolve_downsample",
 ]
 
-logger = logging.getLogger("swin_unetr_btcv_seg")
 
 LEGACY = "legacy"
 CURRENT = "current"

@@ -1,0 +1,129 @@
+"""The pre-training iteration for MONAI's SupervisedTrainer / SupervisedEvaluator, and its run controls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from ignite.metrics import Average
+
+from .bundle_logger import logger
+from .losses import LOSS_TERMS
+from .proxy_tasks import ProxyTaskViews
+
+__all__ = ["SSLTrainIteration", "SSLValIteration", "loss_terms", "lower_is_better",
+           "validation_metrics", "VALIDATION_METRICS"]
+
+LOGGED = ("loss", *LOSS_TERMS)
+VALIDATION_METRICS = tuple(f"val_{name}" for name in LOGGED)
+
+
+def _images(batchdata: Any, engine: Engine) -> torch.Tensor:
+    images = batchdata["image"] if isinstance(batchdata, dict) else batchdata
+    images = images.as_tensor() if hasattr(images, "as_tensor") else images
+    return images.to(engine.state.device, non_blocking=getattr(engine, "non_blocking", False))
+
+
+def _autocast(device: torch.device, enabled: bool):
+    """fp16 autocast on CUDA when ``enabled``; a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=torch.float16, enabled=bool(enabled) and device.type == "cuda")
+
+
+def _scalars(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: float(losses[name].detach()) for name in LOGGED}
+
+
+class SSLTrainIteration:
+    """One pre-training iteration: proxy tasks on the batch's device, forward, weighted loss, backward.
+
+    Use as ``SupervisedTrainer(iteration_update=...)``. With ``accumulation_steps`` = A, gradients of
+    A iterations are summed (each loss divided by A) before one optimiser step; the learning-rate
+    scheduler and the AMP ``scaler`` step with the optimiser, so schedules count optimiser steps.
+    Returns the total and each loss term as floats (for StatsHandler/TensorBoard), plus ``step``.
+    """
+
+    def __init__(self, proxy_tasks: ProxyTaskViews, loss: torch.nn.Module, accumulation_steps: int = 1,
+                 lr_scheduler: Any = None, scaler: torch.amp.GradScaler | None = None, amp: bool = False,
+                 max_grad_norm: float = 0.0) -> None:
+        if int(accumulation_steps) < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}.")
+        self.proxy_tasks = proxy_tasks
+        self.loss = loss
+        self.accumulation_steps = int(accumulation_steps)
+        self.lr_scheduler = lr_scheduler
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
+        self.amp = amp
+        self.max_grad_norm = float(max_grad_norm)
+
+    def __call__(self, engine: Engine, batchdata: Any) -> dict[str, float]:
+        images = _images(batchdata, engine)
+        views = self.proxy_tasks(images)
+        local = (engine.state.iteration - 1) % self.accumulation_steps
+        engine.network.train()
+        if local == 0:
+            engine.optimizer.zero_grad(set_to_none=True)
+        with _autocast(images.device, self.amp):
+            outputs = engine.network(views["inputs"])
+        losses = self.loss(outputs, views["targets"], views["rotations"])
+        self.scaler.scale(losses["loss"] / self.accumulation_steps).backward()
+        if local == self.accumulation_steps - 1:
+            if self.max_grad_norm > 0:
+                self.scaler.unscale_(engine.optimizer)
+                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_grad_norm)
+            self.scaler.step(engine.optimizer)
+            self.scaler.update()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        out = _scalars(losses)
+        out["lr"] = float(engine.optimizer.param_groups[0]["lr"])
+        out["masked_fraction"] = float(views["masked_fraction"])
+        return out
+
+
+class SSLValIteration:
+    """Validation: the same proxy tasks and losses without gradients, re-seeded at every validation run.
+
+    Re-seeding makes each validation score the same rotations and boxes, so its losses are
+    comparable from one validation to the next. Use as ``SupervisedEvaluator(iteration_update=...)``.
+    """
+
+    def __init__(self, proxy_tasks: ProxyTaskViews, loss: torch.nn.Module, seed: int = 0, amp: bool = False) -> None:
+        self.proxy_tasks = proxy_tasks
+        self.loss = loss
+        self.seed = int(seed)
+        self.amp = amp
+
+    def __call__(self, engine: Engine, batchdata: Any) -> dict[str, float]:
+        if engine.state.iteration == 1:
+            self.proxy_tasks.set_random_state(self.seed)
+        images = _images(batchdata, engine)
+        views = self.proxy_tasks(images)
+        engine.network.eval()
+        with torch.no_grad(), _autocast(images.device, self.amp):
+            outputs = engine.network(views["inputs"])
+            losses = self.loss(outputs, views["targets"], views["rotations"])
+        return _scalars(losses)
+
+
+def loss_terms(output: dict[str, Any]) -> dict[str, float]:
+    """The total loss, each term and the learning rate from a training iteration's output (for logging)."""
+    return {name: output[name] for name in (*LOGGED, "lr")}
+
+
+def validation_metrics(key_metric: str) -> tuple[dict[str, Average], dict[str, Average]]:
+    """Mean validation losses as ignite metrics: ``({key_metric: ...}, {every other: ...})``.
+
+    ``key_metric`` (the checkpoint-selection knob) is one of ``VALIDATION_METRICS``: ``val_loss`` (the
+    weighted total), ``val_inpaint_loss``, ``val_contrast_loss`` or ``val_rotation_loss``; lower is better.
+    """
+    if key_metric not in VALIDATION_METRICS:
+        raise ValueError(f"ckpt_metric must be one of {VALIDATION_METRICS}, got {key_metric!r}.")
+    metrics = {f"val_{name}": Average(output_transform=lambda out, name=name: out[name]) for name in LOGGED}
+    key = {key_metric: metrics.pop(key_metric)}
+    return key, metrics
+
+
+def lower_is_better(current: float, best: float) -> bool:
+    """``metric_cmp_fn`` for loss-valued key metrics (MONAI starts ``best_metric`` at -1)."""
+    return best < 0 or current < best

@@ -1,0 +1,257 @@
+"""The proxy tasks as MONAI transforms: rotation with its class, random-box cutout, two views per crop.
+
+Array transforms work on one channel-first crop (C, D, H, W) on whatever device the tensor lives
+on, so the trainer applies them to a batch already on the GPU; random draws come from each
+transform's ``self.R`` (MONAI's ``Randomizable``), so ``set_random_state(seed)`` makes them
+reproducible. The dictionary forms do the same inside a MONAI ``Compose`` pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable, Transform
+
+__all__ = [
+    "NUM_ROTATIONS",
+    "rotate90",
+    "RandRotate90Class",
+    "RandRotate90Classd",
+    "RandBoxCutout",
+    "RandBoxCutoutd",
+    "ProxyTaskViews",
+    "RandProxyTaskViewsd",
+]
+
+NUM_ROTATIONS = 4  # 0, 90, 180, 270 degrees
+
+
+def rotate90(img: torch.Tensor, k: int, spatial_axes: Sequence[int] = (1, 2)) -> torch.Tensor:
+    """Rotate a channel-first crop by ``k`` x 90 degrees in the plane of ``spatial_axes`` (0-based, no channel)."""
+    return torch.rot90(img, int(k), dims=[a + 1 for a in spatial_axes])
+
+
+class RandRotate90Class(Randomizable, Transform):
+    """Rotate a crop by one of 0/90/180/270 degrees, drawn uniformly; return ``(rotated, class)``.
+
+    The class ``k`` is the number of quarter turns, so ``rotate90(rotated, -k)`` restores the input.
+    The default plane (spatial axes 1, 2) is the one the research code rotates in.
+    """
+
+    def __init__(self, spatial_axes: Sequence[int] = (1, 2)) -> None:
+        self.spatial_axes = tuple(spatial_axes)
+        self._k = 0
+
+    def randomize(self, data: Any = None) -> None:
+        self._k = int(self.R.randint(NUM_ROTATIONS))
+
+    def __call__(self, img: torch.Tensor, randomize: bool = True) -> tuple[torch.Tensor, int]:
+        if randomize:
+            self.randomize()
+        return rotate90(img, self._k, self.spatial_axes), self._k
+
+
+class RandRotate90Classd(Randomizable, MapTransform):
+    """Dictionary form of :class:`RandRotate90Class`: rotates ``keys`` alike and stores the class in ``class_key``."""
+
+    def __init__(self, keys: KeysCollection, class_key: str = "rotation", spatial_axes: Sequence[int] = (1, 2),
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.rotator = RandRotate90Class(spatial_axes)
+        self.class_key = class_key
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.rotator.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        self.rotator.randomize()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        for key in self.key_iterator(d):
+            d[key], k = self.rotator(torch.as_tensor(d[key]), randomize=False)
+        d[self.class_key] = torch.tensor(self.rotator._k, dtype=torch.long)
+        return d
+
+
+class RandBoxCutout(Randomizable, Transform):
+    """Mask random boxes of a crop for the inpainting task; ``fraction`` bounds the masked share of voxels.
+
+    A target share is drawn uniformly from ``fraction = (low, high)``; boxes (each side up to
+    ``max_box_size`` of the crop side) are added until the union reaches it, each box shrunk so
+    that the union never exceeds ``high``. Masked voxels are filled with uniform noise in
+    ``fill_range`` (the crop's normalised intensity range). ``__call__`` returns the masked crop;
+    the boolean mask of the last call (D, H, W) is kept in ``self.mask``.
+    """
+
+    def __init__(self, fraction: Sequence[float] = (0.1, 0.3), max_box_size: float = 0.25,
+                 fill_range: Sequence[float] = (0.0, 1.0), max_boxes: int = 1000) -> None:
+        low, high = (float(f) for f in fraction)
+        if not 0.0 <= low <= high < 1.0:
+            raise ValueError(f"cutout fraction must satisfy 0 <= low <= high < 1, got {tuple(fraction)}.")
+        if not 0.0 < max_box_size <= 1.0:
+            raise ValueError(f"max_box_size must be in (0, 1], got {max_box_size}.")
+        self.fraction = (low, high)
+        self.max_box_size = float(max_box_size)
+        self.fill_range = (float(fill_range[0]), float(fill_range[1]))
+        self.max_boxes = int(max_boxes)
+        self._boxes: list[tuple[slice, ...]] = []
+        self.mask: torch.Tensor | None = None
+
+    def randomize(self, spatial_shape: Sequence[int]) -> None:
+        """Draw the boxes for a crop of ``spatial_shape``; they are kept for the next ``__call__``."""
+        shape = np.asarray(spatial_shape, dtype=int)
+        total = int(shape.prod())
+        target = self.R.uniform(*self.fraction) * total
+        budget = int(np.floor(self.fraction[1] * total))
+        mask = np.zeros(shape, dtype=bool)
+        masked = 0
+        boxes = []
+        max_sides = np.maximum(1, np.floor(self.max_box_size * shape)).astype(int)
+        for _ in range(self.max_boxes):
+            if masked >= target:
+                break
+            sides = np.array([self.R.randint(1, m + 1) for m in max_sides])
+            room = budget - masked
+            if room <= 0:
+                break
+            if sides.prod() > room:  # shrink so the union cannot pass the upper bound
+                sides = np.maximum(1, np.floor(sides * (room / sides.prod()) ** (1.0 / len(sides)))).astype(int)
+                while sides.prod() > room:
+                    sides[int(np.argmax(sides))] -= 1
+            starts = [self.R.randint(0, s - b + 1) for s, b in zip(shape, sides)]
+            box = tuple(slice(int(a), int(a + b)) for a, b in zip(starts, sides))
+            masked += int((~mask[box]).sum())
+            mask[box] = True
+            boxes.append(box)
+        self._boxes = boxes
+
+    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
+        spatial = img.shape[1:]
+        if randomize:
+            self.randomize(spatial)
+        mask = torch.zeros(spatial, dtype=torch.bool, device=img.device)
+        for box in self._boxes:
+            mask[box] = True
+        # noise drawn where the crop lives (the GPU in training), seeded from self.R
+        generator = torch.Generator(device=img.device).manual_seed(int(self.R.randint(2**31)))
+        low, high = self.fill_range
+        noise = torch.rand(img.shape, generator=generator, device=img.device, dtype=torch.float32)
+        noise = (low + (high - low) * noise).to(img.dtype)
+        self.mask = mask
+        return torch.where(mask, noise, img)
+
+
+class RandBoxCutoutd(Randomizable, MapTransform):
+    """Dictionary form of :class:`RandBoxCutout`: the un-masked crop is kept under ``{key}{target_suffix}``.
+
+    With ``mask_key`` set, the boolean mask (1, D, H, W) is stored too.
+    """
+
+    def __init__(self, keys: KeysCollection, fraction: Sequence[float] = (0.1, 0.3), max_box_size: float = 0.25,
+                 fill_range: Sequence[float] = (0.0, 1.0), target_suffix: str = "_target",
+                 mask_key: str | None = None, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.cutout = RandBoxCutout(fraction, max_box_size, fill_range)
+        self.target_suffix = target_suffix
+        self.mask_key = mask_key
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.cutout.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        self.cutout.randomize(data)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            d[f"{key}{self.target_suffix}"] = img
+            d[key] = self.cutout(img)
+            if self.mask_key:
+                d[self.mask_key] = self.cutout.mask[None]
+        return d
+
+
+class ProxyTaskViews(Randomizable):
+    """Two augmented views of every crop in a batch: each rotated (with its class) and cut out.
+
+    ``views(images)`` with ``images`` (B, C, D, H, W) on any device returns a dict of batches of
+    2B: ``"inputs"`` (rotated, masked: what the network sees), ``"targets"`` (rotated, un-masked:
+    what the reconstruction must match), ``"rotations"`` (class of each, long) and
+    ``"masked_fraction"`` (mean share of masked voxels); the first B rows are view 1 of each crop,
+    the last B view 2, which is how ``ContrastiveLoss`` pairs them.
+    """
+
+    def __init__(self, cutout_fraction: Sequence[float] = (0.1, 0.3), max_box_size: float = 0.25,
+                 spatial_axes: Sequence[int] = (1, 2), fill_range: Sequence[float] = (0.0, 1.0)) -> None:
+        self.rotate = RandRotate90Class(spatial_axes)
+        self.cutout = RandBoxCutout(cutout_fraction, max_box_size, fill_range)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.rotate.set_random_state(state=self.R)
+        self.cutout.set_random_state(state=self.R)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        pass  # the sub-transforms draw per crop
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        plane = [images.shape[2 + a] for a in self.rotate.spatial_axes]
+        if plane[0] != plane[1]:
+            raise ValueError(
+                f"crops of spatial shape {tuple(images.shape[2:])} are not square in the rotation plane (spatial axes "
+                f"{self.rotate.spatial_axes}): a 90-degree turn would change their shape. Use a roi_size with equal "
+                "sides there."
+            )
+        inputs, targets, rotations, fractions = [], [], [], []
+        for _view in range(2):
+            for crop in images:
+                rotated, k = self.rotate(crop)
+                inputs.append(self.cutout(rotated))
+                targets.append(rotated)
+                rotations.append(k)
+                fractions.append(float(self.cutout.mask.float().mean()))
+        return {
+            "inputs": torch.stack(inputs),
+            "targets": torch.stack(targets),
+            "rotations": torch.tensor(rotations, dtype=torch.long, device=images.device),
+            "masked_fraction": torch.tensor(float(np.mean(fractions))),
+        }
+
+
+class RandProxyTaskViewsd(Randomizable, MapTransform):
+    """Dictionary form of :class:`ProxyTaskViews` for one crop: adds ``{key}_inputs``, ``{key}_targets``,
+    ``{key}_rotations`` (2 views each, stacked on a new first axis) to the data."""
+
+    def __init__(self, keys: KeysCollection, cutout_fraction: Sequence[float] = (0.1, 0.3),
+                 max_box_size: float = 0.25, spatial_axes: Sequence[int] = (1, 2),
+                 fill_range: Sequence[float] = (0.0, 1.0), allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.views = ProxyTaskViews(cutout_fraction, max_box_size, spatial_axes, fill_range)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.views.set_random_state(state=self.R)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            out = self.views(torch.as_tensor(d[key])[None])
+            for name in ("inputs", "targets", "rotations"):
+                d[f"{key}_{name}"] = out[name]
+        return d
