@@ -1,8 +1,10 @@
 """End-to-end test of tools/demo.py in its --quick form (slow: a few minutes on a 2-core CPU).
 
-Runs ``python -m tools.demo --quick`` as a user would and checks what it leaves behind: label maps
-in the geometry of their inputs, PNG overlays, a metrics table naming the organs, a summary of the
-evaluation. Also checks that a failing bundle step stops the demo with the step named.
+Runs ``python -m tools.demo --quick`` as a user would and checks what it leaves behind: the
+pre-training stage (loss-curve and inpainting PNGs, an exported encoder of 126 tensors that the
+fine-tuning log reports loading), label maps in the geometry of their inputs, PNG overlays, a
+metrics table naming the organs, a summary of the evaluation. Also checks that a failing bundle
+step stops the demo with the step named.
 """
 
 import json
@@ -13,14 +15,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from tools.demo import metrics_markdown, organ_names
+from tools.demo import _ssl_val_interval, metrics_markdown, organ_names, pretraining_markdown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run_demo(out: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run_demo(out: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tools.demo", "--output_dir", str(out), *args],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
@@ -33,10 +36,31 @@ def test_demo_quick(tmp_path):
     proc = _run_demo(out, "--quick")
     assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
     stdout = proc.stdout
-    for i in range(1, 7):
-        assert f"[{i}/6]" in stdout
+    for i in range(1, 10):
+        assert f"[{i}/9]" in stdout
     assert "agreement with TotalSegmentator" in stdout
     assert "Demo finished" in stdout
+
+    # pre-training: datalist of images only (sample CT included), figures, export, loss report
+    ssl_datalist = json.loads((out / "data" / "ssl_datalist.json").read_text())
+    ssl_images = [d["image"] for d in ssl_datalist["training"] + ssl_datalist["validation"]]
+    assert any(d["image"].endswith("example_ct.nii.gz") for d in ssl_datalist["training"])
+    assert len(ssl_images) == 3  # --quick: 2 phantoms + the sample CT
+    assert not any("label" in Path(p).name for p in ssl_images)
+    for name in ("ssl_loss_curves.png", "ssl_inpainting_example.png"):
+        png = out / "figures" / name
+        assert png.is_file(), f"missing {png}"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert png.stat().st_size > 10_000
+    encoder = out / "ssl" / "models" / "model_swinvit.pt"
+    payload = torch.load(encoder, map_location="cpu", weights_only=True)
+    assert len(payload["state_dict"]) == 126
+    assert payload["feature_size"] == 12
+    assert "each loss fell" in stdout or "WARNING: not every pre-training loss fell" in stdout
+    assert "inpaint " in stdout and "contrast " in stdout and "rotation " in stdout
+    train_log = (out / "logs" / "6_train.log").read_text()
+    assert "loaded 126/126 encoder tensors" in train_log
+    assert str(encoder) in train_log
 
     # label maps: one per testing image, with the spatial shape and affine of the input
     datalist = json.loads((out / "data" / "datalist.json").read_text())
@@ -73,8 +97,9 @@ def test_demo_quick(tmp_path):
     assert set(summary["metrics"]) == {"val_mean_dice", "val_hd95"}
     assert len(summary["cases"]) == len(datalist["validation"])
     assert (out / "models" / "model.pt").is_file()
-    for log in ("3_train.log", "4_evaluate.log", "5_inference.log"):
+    for log in ("3_pretrain.log", "4_export.log", "6_train.log", "7_evaluate.log", "8_inference.log"):
         assert (out / "logs" / log).is_file()
+    assert "# Self-supervised pre-training" in md and "figures/ssl_loss_curves.png" in md
 
 
 def test_metrics_markdown(tmp_path):
@@ -108,12 +133,54 @@ def test_metrics_markdown(tmp_path):
     assert "agreement with TotalSegmentator" in md
 
 
+def test_pretraining_markdown():
+    drops = {
+        "inpaint_loss": {"first": 0.3, "last": 0.1, "relative_drop": 2 / 3, "fell": True, "window": 20, "steps": 200},
+        "rotation_loss": {"first": 1.39, "last": 1.38, "relative_drop": 0.007, "fell": False, "window": 20,
+                          "steps": 200},
+    }
+    md = pretraining_markdown({
+        "settings": {"steps": 200, "roi_size": [64, 32, 32]},
+        "drops": drops,
+        "validation": {"val_loss": [(50, 3.0), (100, 2.5)], "val_inpaint_loss": [(50, 0.2), (100, 0.15)]},
+        "figures": {"loss curves": "figures/ssl_loss_curves.png"},
+        "encoder": "ssl/models/model_swinvit.pt",
+        "encoder_tensors": 126,
+    })
+    assert "| inpaint | 0.3000 | 0.1000 | -66.7% | yes |" in md
+    assert "| rotation | 1.3900 | 1.3800 | -0.7% | **no** |" in md
+    assert "| 100 | 2.5000 | 0.1500 |" in md
+    assert "`figures/ssl_loss_curves.png`" in md and "(126 tensors)" in md
+    assert "Skipped: reason" in pretraining_markdown({"skipped": "reason"})
+
+
+def test_ssl_val_interval():
+    """About 4 validations, the last one at the last step (so the best checkpoint can be the last)."""
+    assert _ssl_val_interval(200) == 50
+    assert _ssl_val_interval(30) == 6
+    assert _ssl_val_interval(150) == 30
+    assert _ssl_val_interval(3) == 1
+    for steps in range(1, 400):
+        assert steps % _ssl_val_interval(steps) == 0
+
+
 def test_demo_names_failing_step(tmp_path):
     """A bundle step that fails stops the demo with exit code 1 and names the step and its log."""
     out = tmp_path / "demo"
     # AdamW rejects a negative learning rate when the bundle builds the optimizer, before any training
-    proc = _run_demo(out, "--quick", "--learning_rate", "-1", timeout=600)
+    proc = _run_demo(out, "--quick", "--ssl_steps", "0", "--learning_rate", "-1", timeout=600)
     assert proc.returncode == 1
     assert "DEMO FAILED" in proc.stderr
-    assert "[3/6] fine-tuning" in proc.stderr
-    assert "3_train.log" in proc.stderr
+    assert "[6/9] fine-tuning" in proc.stderr
+    assert "6_train.log" in proc.stderr
+    assert "skipped: --ssl_steps 0" in proc.stdout
+
+
+def test_demo_names_failing_pretraining(tmp_path):
+    """A failing pre-training run stops the demo at step 3, naming its log."""
+    out = tmp_path / "demo"
+    proc = _run_demo(out, "--quick", "--ssl_learning_rate", "-1", timeout=600)
+    assert proc.returncode == 1
+    assert "DEMO FAILED" in proc.stderr
+    assert "[3/9] self-supervised pre-training" in proc.stderr
+    assert "3_pretrain.log" in proc.stderr

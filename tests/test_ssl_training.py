@@ -203,3 +203,26 @@ def test_two_process_ddp_on_cpu_trains_and_checkpoints(ssl_corpus, tmp_path):
     assert last["trainer"]["iteration"] == 1
     assert not any(k.startswith("module.") for k in last["model"])  # DDP's wrapper is not in the saved names
     assert (tmp_path / "models" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_thirty_steps_on_one_fixed_batch_halve_the_total_loss(ssl_corpus, tmp_path):
+    from monai.data import list_data_collate
+    from monai.engines import SupervisedTrainer
+
+    with bundle_on_path(SSL_DIR):
+        workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus),
+                                 bundle_root=str(tmp_path), num_steps=30, learning_rate=2e-3, weight_decay=0.0,
+                                 **SSL_SMALL)
+        workflow.initialize()
+        parse = workflow.parser.get_parsed_content
+        preprocessing, datalist = parse("train#preprocessing"), parse("train#datalist")
+        batch = list_data_collate([preprocessing(item)[0] for item in datalist])  # one crop of each volume
+        losses = []
+        trainer = SupervisedTrainer(device=parse("device"), max_epochs=1, train_data_loader=[batch] * 30,
+                                    network=parse("network"), optimizer=parse("optimizer"), loss_function=parse("loss"),
+                                    iteration_update=parse("train#iteration"))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
+        trainer.run()
+    assert len(losses) == 30
+    assert sum(losses[-3:]) / 3 <= 0.5 * losses[0], losses

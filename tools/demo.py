@@ -50,9 +50,21 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_btcv_seg"
+SSL_BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_ssl_pretrain"
 META_FILE = BUNDLE_DIR / "configs" / "metadata.json"
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "demo_output"
-NUM_STEPS = 6
+NUM_STEPS = 9
+# Pre-training defaults (see the module docstring for the reasons)
+SSL_STEPS, SSL_STEPS_QUICK = 200, 30
+SSL_ROI_SIZE = (64, 32, 32)
+SSL_SPACING = (2.0, 2.0, 2.0)
+SSL_LEARNING_RATE = 4e-4
+SSL_VAL_FRACTION = 0.4
+SSL_MIN_DROP = 0.05  # a loss "fell" when its last-20-step mean is at least 5 % below its first-20-step mean
+SSL_NOTE = (
+    "Pre-training here is a few hundred steps of a feature-size-12 encoder on 5 volumes: it shows the "
+    "three proxy-task losses falling and the export feeding fine-tuning, not a useful pre-trained encoder."
+)
 AGREEMENT_NOTE = (
     "Dice/HD95 on the sample CT (example_ct) measure agreement with TotalSegmentator's predicted labels, "
     "not accuracy against manual ground truth; the sample CT is also in the training list. "
@@ -133,8 +145,10 @@ def _shell_quote(cmd: Sequence[str]) -> str:
     return " ".join(quote(c) for c in cmd)
 
 
-def run_streamed(cmd: Sequence[str], cwd: Path, log_path: Path, step: str) -> None:
+def run_streamed(cmd: Sequence[str], cwd: Path, log_path: Path, step: str, quiet: Sequence[str] = ()) -> None:
     """Run ``cmd`` in ``cwd``, echo its output live (minus known noise) and tee all of it to ``log_path``.
+
+    Lines containing one of ``quiet`` (or of the known noise) are written to the log only.
 
     Raises DemoError naming ``step``, the exit code, the last lines of output and the log file if
     the command fails.
@@ -157,7 +171,7 @@ def run_streamed(cmd: Sequence[str], cwd: Path, log_path: Path, step: str) -> No
                 log.write(line)
                 tail.append(line.rstrip())
                 del tail[:-40]
-                if not any(p in line for p in _QUIET_PATTERNS):
+                if not any(p in line for p in (*_QUIET_PATTERNS, *quiet)):
                     sys.stdout.write("    " + line)
                     sys.stdout.flush()
             rc = proc.wait()
@@ -209,11 +223,58 @@ def _case_label(case: str) -> str:
     return f"{name} (vs TotalSegmentator)" if name == "example_ct" else f"{name} (phantom)"
 
 
-def metrics_markdown(eval_dir: Path, meta_file: Path = META_FILE) -> str:
+def pretraining_markdown(ssl: dict) -> str:
+    """Markdown section on the pre-training stage: settings, loss drops, validation losses, figures.
+
+    ``ssl`` is the demo's pre-training record: ``settings`` (dict), ``drops`` (from
+    ``tools.ssl_figures.loss_drops``), ``validation`` ({tag: [(step, value), ...]}), ``figures``
+    ({caption: relative path}), ``encoder`` (relative path) and ``encoder_tensors`` (int); or
+    ``skipped`` with the reason.
+    """
+    from tools.ssl_figures import LOSS_TERMS, SHORT_NAMES, TOTAL
+
+    lines = ["# Self-supervised pre-training", ""]
+    if ssl.get("skipped"):
+        return "\n".join(lines + [f"Skipped: {ssl['skipped']}", ""]) + "\n"
+    settings = ssl.get("settings", {})
+    lines += [", ".join(f"{k} {v}" for k, v in settings.items()) + ".", "", f"> {SSL_NOTE}", ""]
+    drops = ssl.get("drops", {})
+    if drops:
+        w = next(iter(drops.values()))["window"]
+        lines += ["## Training losses", "",
+                  f"| loss | mean of the first {w} steps | mean of the last {w} steps | change | fell |",
+                  "|---|---|---|---|---|"]
+        for tag in (*LOSS_TERMS, TOTAL):
+            if tag in drops:
+                d = drops[tag]
+                lines.append(f"| {SHORT_NAMES[tag]} | {d['first']:.4f} | {d['last']:.4f} | "
+                             f"{-100 * d['relative_drop']:+.1f}% | {'yes' if d['fell'] else '**no**'} |")
+    validation = ssl.get("validation", {})
+    val_tags = [t for t in (TOTAL, *LOSS_TERMS) if validation.get(f"val_{t}")]
+    if val_tags:
+        steps = sorted({s for t in val_tags for s, _ in validation[f"val_{t}"]})
+        lines += ["", "## Validation losses (fixed views of the validation volumes)", "",
+                  "| step | " + " | ".join(SHORT_NAMES[t] for t in val_tags) + " |",
+                  "|---|" + "---|" * len(val_tags)]
+        for step in steps:
+            vals = [dict(validation[f"val_{t}"]).get(step) for t in val_tags]
+            lines.append(f"| {step} | " + " | ".join(_cell(v, ".4f") for v in vals) + " |")
+    figures = ssl.get("figures", {})
+    if figures:
+        lines += ["", "## Figures", ""] + [f"- {caption}: `{path}`" for caption, path in figures.items()]
+    if ssl.get("encoder"):
+        lines += ["", f"Exported encoder: `{ssl['encoder']}` ({ssl.get('encoder_tensors', '?')} tensors), "
+                      "loaded by the fine-tuning below."]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_markdown(eval_dir: Path, meta_file: Path = META_FILE, pretraining: dict | None = None) -> str:
     """Markdown tables of per-organ Dice and HD95 (mm) from the evaluation outputs.
 
     Columns: organ id and name (from the bundle metadata), one column per validation case
     (from ``val_*_per_case.csv``) and the mean over cases (from ``metrics_summary.json``).
+    With ``pretraining`` (see :func:`pretraining_markdown`), a section on the pre-training stage
+    follows the tables.
     """
     summary = json.loads((eval_dir / "metrics_summary.json").read_text())
     names = organ_names(meta_file)
@@ -226,7 +287,8 @@ def metrics_markdown(eval_dir: Path, meta_file: Path = META_FILE) -> str:
         "",
         f"> {AGREEMENT_NOTE}",
         "",
-        "> A few epochs of a feature-size-12 Swin UNETR from scratch: these numbers show the pipeline "
+        "> A few epochs of fine-tuning a feature-size-12 Swin UNETR (from a few hundred pre-training steps at "
+        "most): these numbers show the pipeline "
         "working, not the model's capability (BTCV reference: mean Dice about 0.82 for the full recipe).",
         "",
         "'n/a': undefined (organ absent from the reference or, for HD95, from the prediction).",
@@ -249,7 +311,10 @@ def metrics_markdown(eval_dir: Path, meta_file: Path = META_FILE) -> str:
             + " | ".join(_cell(case_means.get(c), fmt) for c in cases)
             + f" | **{_cell(metrics[key].get('mean'), fmt)}** |"
         )
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if pretraining:
+        text += "\n" + pretraining_markdown(pretraining)
+    return text
 
 
 def _check_label_map(pred: Path, image: Path) -> tuple[int, ...]:
@@ -265,6 +330,45 @@ def _check_label_map(pred: Path, image: Path) -> tuple[int, ...]:
     return p_shape
 
 
+def _ssl_corpus(data_dir: Path, sample_image: Path, phantom_images: Sequence[Path], seed: int) -> tuple[Path, dict]:
+    """Write the pre-training datalist ``<data_dir>/ssl_datalist.json`` with ``tools.ssl_datalist``.
+
+    Two data sets, images only: the phantoms' image folder and a folder holding a copy of the
+    sample CT (its own folder also holds the label map, which is not CT). Paths are relative to
+    ``data_dir`` (the bundle's ``dataset_dir``). Returns the path and the datalist.
+    """
+    from tools.ssl_datalist import write_datalist
+
+    folders = {Path(p).parent for p in phantom_images}
+    if len(folders) != 1:
+        raise DemoError(f"phantom images are not in one folder: {sorted(map(str, folders))}")
+    ct_dir = data_dir / "ssl_corpus" / "totalseg_sample"
+    shutil.rmtree(ct_dir, ignore_errors=True)
+    ct_dir.mkdir(parents=True)
+    shutil.copy2(sample_image, ct_dir / sample_image.name)
+    # data-set names that are not folder names under data_dir (load_decathlon_datalist would turn them into paths)
+    datasets = {"synthetic_phantoms": folders.pop(), "totalseg_sample": ct_dir}
+    path = data_dir / "ssl_datalist.json"
+    datalist = write_datalist(datasets, path, val_fraction=SSL_VAL_FRACTION, seed=seed, relative_to=data_dir)
+    return path, datalist
+
+
+def _count_encoder_tensors(path: Path) -> int:
+    import torch
+
+    payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else {}
+    return sum(1 for v in state.values() if hasattr(v, "shape"))
+
+
+def _ssl_val_interval(steps: int) -> int:
+    """Validate 4 times (at least every step for tiny runs), the last time at the last step."""
+    interval = max(1, steps // 4)
+    while steps % interval:
+        interval -= 1
+    return interval
+
+
 def demo(
     output_dir: str | None = None,
     epochs: int | None = None,
@@ -275,57 +379,101 @@ def demo(
     learning_rate: float = 1e-3,
     num_phantoms: int | None = None,
     seed: int = 0,
+    ssl_steps: int | None = None,
+    ssl_learning_rate: float = SSL_LEARNING_RATE,
+    ssl_spacing: Sequence[float] = SSL_SPACING,
+    ssl_roi_size: Sequence[int] = SSL_ROI_SIZE,
+    pretrained_path: str | None = None,
 ) -> dict:
-    """Run the six demo steps into ``output_dir``; return {step: seconds, ...} and the output paths.
+    """Run the nine demo steps into ``output_dir``; return {step: seconds, ...} and the output paths.
 
     Args:
         output_dir: where everything goes (default ``<repo>/demo_output``, git-ignored). Reused:
             the sample CT and phantoms are rewritten, earlier results are replaced.
-        epochs: training epochs (default 4; 1 with ``quick``). Validation runs half way and at
+        epochs: fine-tuning epochs (default 4; 1 with ``quick``). Validation runs half way and at
             the end for an even number of epochs, else at the end only: at least once, and always
             after the last epoch, so ``model.pt`` can come from the last epoch.
-        quick: an even smaller run (2 phantoms, 1 epoch, no window overlap) for tests.
-        spacing: resampling spacing in mm for training, evaluation and inference (the recipe's is
+        quick: an even smaller run (2 phantoms, 30 pre-training steps, 1 epoch, no window overlap) for tests.
+        spacing: resampling spacing in mm for fine-tuning, evaluation and inference (the recipe's is
             1.5 x 1.5 x 2; 3 mm isotropic keeps the demo in minutes on a 2-core CPU).
         overlap: sliding-window overlap (default 0.25; 0 with ``quick``).
         sw_batch_size: windows per forward pass in evaluation and inference.
-        learning_rate: AdamW learning rate (the recipe's 1e-4 barely moves in a few epochs).
+        learning_rate: fine-tuning AdamW learning rate (the recipe's 1e-4 barely moves in a few epochs).
         num_phantoms: synthetic cases (default 4; 2 with ``quick``); the last 2 (1 if fewer than
             4) are held out for validation.
-        seed: phantom seed.
+        seed: phantom and datalist seed.
+        ssl_steps: pre-training optimiser steps (default 200; 30 with ``quick``); 0 skips
+            pre-training and fine-tunes from scratch.
+        ssl_learning_rate: pre-training AdamW peak learning rate (warm-up, then cosine decay).
+        ssl_spacing: pre-training resampling spacing in mm (2 mm keeps every phantom >= the ROI).
+        ssl_roi_size: pre-training crop size; square in the rotation plane (axes 1, 2), each side a
+            multiple of 32, and at least 2 bottleneck tokens.
+        pretrained_path: an existing encoder file (e.g. the official ``model_swinvit.pt`` or an
+            earlier export) to fine-tune from: pre-training is skipped.
     """
     t_start = time.perf_counter()
     out = Path(output_dir).resolve() if output_dir else DEFAULT_OUTPUT_DIR
     epochs = int(epochs) if epochs is not None else (1 if quick else 4)
     overlap = float(overlap) if overlap is not None else (0.0 if quick else 0.25)
     num_phantoms = int(num_phantoms) if num_phantoms is not None else (2 if quick else 4)
+    ssl_steps = int(ssl_steps) if ssl_steps is not None else (SSL_STEPS_QUICK if quick else SSL_STEPS)
     spacing = [float(s) for s in (spacing if isinstance(spacing, (list, tuple)) else [spacing] * 3)]
+    ssl_spacing = [float(s) for s in (ssl_spacing if isinstance(ssl_spacing, (list, tuple)) else [ssl_spacing] * 3)]
+    ssl_roi_size = [int(s) for s in ssl_roi_size]
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if num_phantoms < 2:
         raise ValueError(f"num_phantoms must be >= 2 (training and validation), got {num_phantoms}")
+    if ssl_steps < 0:
+        raise ValueError(f"ssl_steps must be >= 0, got {ssl_steps}")
+    if pretrained_path:
+        pretrained_path = str(Path(pretrained_path).resolve())
+        if not Path(pretrained_path).is_file():
+            raise ValueError(f"pretrained_path {pretrained_path} is not a file")
+    pretrain = ssl_steps > 0 and not pretrained_path
     # validate twice (half way and at the end) when the epochs split evenly, else once at the end
     val_interval = epochs // 2 if epochs >= 2 and epochs % 2 == 0 else epochs
+    ssl_val_interval = _ssl_val_interval(ssl_steps) if pretrain else 0
 
     data_dir = out / "data"
+    ssl_dir, figures_dir = out / "ssl", out / "figures"
     models_dir, eval_dir, infer_dir = out / "models", out / "eval", out / "inference"
     overlay_dir, log_dir = out / "overlays", out / "logs"
-    for d in (models_dir, eval_dir, infer_dir, overlay_dir, log_dir, out / "train_logs"):
+    for d in (ssl_dir, figures_dir, models_dir, eval_dir, infer_dir, overlay_dir, log_dir, out / "train_logs"):
         shutil.rmtree(d, ignore_errors=True)  # stale results must not pass for this run's
     (out / "metrics.md").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    _say(f"Swin UNETR BTCV bundle demo{' (quick)' if quick else ''}: output in {out}")
-    _say(f"bundle: {BUNDLE_DIR}")
+    ssl_settings = {
+        "steps": ssl_steps, "feature_size": 12, "roi_size": ssl_roi_size, "spacing_mm": ssl_spacing,
+        "batch": "1 volume x 2 crops x 2 views", "learning_rate": ssl_learning_rate,
+        "warmup_steps": min(10, max(1, ssl_steps // 10)), "val_interval": ssl_val_interval,
+    }
+    _say(f"Swin UNETR demo{' (quick)' if quick else ''}: self-supervised pre-training, then BTCV fine-tuning; "
+         f"output in {out}")
+    _say(f"bundles: {SSL_BUNDLE_DIR}\n         {BUNDLE_DIR}")
+    if pretrain:
+        _say(f"pre-training: feature_size 12, roi {ssl_roi_size}, spacing {ssl_spacing} mm, {ssl_steps} steps of "
+             f"1 volume x 2 crops x 2 views, lr {ssl_learning_rate} (warm-up {ssl_settings['warmup_steps']} steps, "
+             f"cosine decay), validation every {ssl_val_interval} steps")
+    else:
+        _say("pre-training: skipped (" + (f"fine-tuning from {pretrained_path}" if pretrained_path
+                                          else "--ssl_steps 0: fine-tuning from scratch") + ")")
     _say(
-        f"configuration: feature_size 12, roi 64^3, spacing {spacing} mm, {epochs} epoch(s), validation every "
+        f"fine-tuning: feature_size 12, roi 64^3, spacing {spacing} mm, {epochs} epoch(s), validation every "
         f"{val_interval}, lr {learning_rate}, sliding-window overlap {overlap}, sw_batch_size {sw_batch_size}"
     )
     steps = _Steps(NUM_STEPS)
     results: dict = {"output_dir": str(out)}
+    ssl_record: dict = {}
 
     def step_failed(e: Exception) -> DemoError:
         return e if isinstance(e, DemoError) else DemoError(f"{steps.current} failed: {type(e).__name__}: {e}")
+
+    def skipped(index: int, title: str, reason: str) -> None:
+        t0 = steps.start(index, title)
+        _say(f"skipped: {reason}")
+        steps.done(t0)
 
     try:
         # 1. data ---------------------------------------------------------------------------------
@@ -340,8 +488,12 @@ def demo(
         _say(f"{len(phantoms)} synthetic phantoms (seed {seed}) under {data_dir / 'phantoms'}")
         steps.done(t0)
 
-        # 2. datalist -----------------------------------------------------------------------------
-        t0 = steps.start(2, "writing the datalist")
+        # 2. datalists ----------------------------------------------------------------------------
+        t0 = steps.start(2, "writing the datalists: pre-training corpus (images only) and BTCV")
+        ssl_datalist_path, ssl_datalist = _ssl_corpus(data_dir, sample["image"], [p[0] for p in phantoms], seed)
+        for key in ("training", "validation"):
+            _say(f"pre-training {key:>10}: " + ", ".join(Path(d["image"]).name for d in ssl_datalist[key]))
+        _say(f"pre-training datalist (tools.ssl_datalist, val_fraction {SSL_VAL_FRACTION}): {ssl_datalist_path}")
         n_val = 2 if num_phantoms >= 4 else 1
         train_ph, val_ph = phantoms[:-n_val], phantoms[-n_val:]
 
@@ -359,10 +511,108 @@ def demo(
         datalist_path = data_dir / "datalist.json"
         datalist_path.write_text(json.dumps(datalist, indent=2) + "\n")
         for key in ("training", "validation", "testing"):
-            _say(f"{key:>10}: " + ", ".join(Path(d["image"]).name for d in datalist[key]))
-        _say(f"datalist: {datalist_path}")
+            _say(f"fine-tuning  {key:>10}: " + ", ".join(Path(d["image"]).name for d in datalist[key]))
+        _say(f"fine-tuning datalist: {datalist_path}")
         _say(f"NOTE: {AGREEMENT_NOTE}")
         steps.done(t0)
+
+        encoder_path = Path(pretrained_path) if pretrained_path else None
+        if pretrain:
+            # 3. pre-training ---------------------------------------------------------------------
+            t0 = steps.start(3, f"self-supervised pre-training for {ssl_steps} steps with the SSL bundle's configs/train.json")
+            _say("(the bundle counts optimiser steps as ignite 'epochs' of 1 iteration: 'Epoch: k/N' is step k)")
+            ssl_overrides = {
+                "meta_file": "configs/metadata.json",
+                "logging_file": "configs/logging.conf",
+                "dataset_dir": data_dir,
+                "datalist": ssl_datalist_path,
+                "bundle_root": ssl_dir,
+                "feature_size": 12,
+                "roi_size": ssl_roi_size,
+                "spacing": ssl_spacing,
+                "batch_size": 1,
+                "num_samples": 2,  # 2 crops per step: the contrastive loss needs another crop as negative
+                "num_workers": 0,
+                "cache_rate": 1.0,
+                "use_checkpoint": False,
+                "learning_rate": ssl_learning_rate,
+                "warmup_steps": ssl_settings["warmup_steps"],
+                "num_steps": ssl_steps,
+                "val_interval": ssl_val_interval,
+                # score the validation volumes in pairs, so the contrastive loss has a negative there too
+                "validate#dataloader#batch_size": 2,
+            }
+            run_streamed(bundle_command("training", ["configs/train.json"], ssl_overrides), SSL_BUNDLE_DIR,
+                         log_dir / "3_pretrain.log", steps.current, quiet=("Complete. Time taken",))
+            ssl_ckpt = ssl_dir / "models" / "model.pt"
+            if not ssl_ckpt.is_file():
+                raise DemoError(f"{steps.current} failed: training finished but wrote no {ssl_ckpt} (did it validate?)")
+            _say(f"best pre-training checkpoint (lowest val_loss): {ssl_ckpt}")
+            steps.done(t0)
+
+            # 4. export -----------------------------------------------------------------------------
+            t0 = steps.start(4, "exporting the encoder with the SSL bundle's configs/export.json")
+            encoder_path = ssl_dir / "models" / "model_swinvit.pt"
+            export_overrides = {"ckpt_path": ssl_ckpt, "encoder_path": encoder_path}
+            run_streamed(bundle_command(None, ["configs/export.json"], export_overrides), SSL_BUNDLE_DIR,
+                         log_dir / "4_export.log", steps.current)
+            if not encoder_path.is_file():
+                raise DemoError(f"{steps.current} failed: no {encoder_path}")
+            n_tensors = _count_encoder_tensors(encoder_path)
+            _say(f"encoder: {encoder_path} ({n_tensors} tensors, official model_swinvit.pt layout)")
+            steps.done(t0)
+
+            # 5. figures ----------------------------------------------------------------------------
+            t0 = steps.start(5, "pre-training figures: loss curves, an inpainting example, loss drops")
+            from tools.ssl_figures import (format_loss_drops, loss_drops, plot_inpainting_example, plot_loss_curves,
+                                           read_scalars)
+
+            run_dir = ssl_dir / "runs"
+            loss_png = Path(plot_loss_curves(run_dir, figures_dir / "ssl_loss_curves.png"))
+            _say(f"loss curves: {loss_png}")
+            inpaint = plot_inpainting_example(
+                ssl_ckpt, sample["image"], figures_dir / "ssl_inpainting_example.png", roi_size=ssl_roi_size,
+                spacing=ssl_spacing, seed=seed,
+            )
+            inpaint_png = Path(inpaint["png"])
+            _say(f"inpainting example (sample CT, centre crop, view 1): {inpaint_png}\n"
+                 f"  L1 {inpaint['l1']:.3f} over the crop, {inpaint['l1_masked']:.3f} over the "
+                 f"{100 * inpaint['masked_fraction']:.0f}% masked voxels; rotation class {inpaint['rotation']}, "
+                 f"predicted {inpaint['predicted_rotation']}")
+            drops = loss_drops(run_dir, window=20, min_relative_drop=SSL_MIN_DROP)
+            not_fallen = [tag for tag, d in drops.items() if not d["fell"]]
+            w = next(iter(drops.values()))["window"] if drops else 0
+            if not not_fallen:
+                _say(f"each loss fell (mean of the first {w} steps -> last {w}): {format_loss_drops(drops)}")
+            else:
+                bar = "!" * 78
+                _say(f"{bar}\nWARNING: not every pre-training loss fell by {100 * SSL_MIN_DROP:.0f}% or more "
+                     f"(mean of the first {w} steps -> last {w}): {', '.join(not_fallen)}\n"
+                     f"  {format_loss_drops(drops)}\n"
+                     f"  (more steps, --ssl_steps, or another --ssl_learning_rate may help; see {loss_png})\n{bar}")
+            scalars = read_scalars(run_dir)
+            ssl_record = {
+                "settings": ssl_settings,
+                "drops": drops,
+                "validation": {t: v for t, v in scalars.items() if t.startswith("val_")},
+                "figures": {"loss curves": _rel(loss_png, out), "inpainting example": _rel(inpaint_png, out)},
+                "encoder": _rel(encoder_path, out),
+                "encoder_tensors": n_tensors,
+                "inpainting": inpaint,
+            }
+            results["pretraining"] = {
+                "checkpoint": str(ssl_ckpt), "encoder": str(encoder_path), "encoder_tensors": n_tensors,
+                "loss_curves_png": str(loss_png), "inpainting_png": str(inpaint_png), "loss_drops": drops,
+                "all_losses_fell": not not_fallen, "inpainting": inpaint,
+            }
+            steps.done(t0)
+        else:
+            reason = (f"--pretrained_path given: fine-tuning from {pretrained_path}" if pretrained_path
+                      else "--ssl_steps 0: fine-tuning from scratch")
+            skipped(3, "self-supervised pre-training", reason)
+            skipped(4, "exporting the encoder", reason)
+            skipped(5, "pre-training figures", reason)
+            ssl_record = {"skipped": reason}
 
         common = {
             "dataset_dir": data_dir,
@@ -375,8 +625,9 @@ def demo(
             "overlap": overlap,
         }
 
-        # 3. fine-tuning --------------------------------------------------------------------------
-        t0 = steps.start(3, f"fine-tuning a small Swin UNETR for {epochs} epoch(s) with configs/train.json")
+        # 6. fine-tuning --------------------------------------------------------------------------
+        source = f"from the encoder {encoder_path}" if encoder_path else "from scratch"
+        t0 = steps.start(6, f"fine-tuning a small Swin UNETR {source} for {epochs} epoch(s) with configs/train.json")
         train_overrides = {
             **common,
             "bundle_root": out,
@@ -390,8 +641,16 @@ def demo(
             "learning_rate": learning_rate,
             "sw_batch_size": 1,
         }
+        if encoder_path:
+            train_overrides["pretrained_path"] = encoder_path
+        train_log = log_dir / "6_train.log"
         run_streamed(bundle_command("training", ["configs/train.json"], train_overrides), BUNDLE_DIR,
-                     log_dir / "3_train.log", steps.current)
+                     train_log, steps.current)
+        if encoder_path:
+            loaded = [line.strip() for line in train_log.read_text().splitlines() if "encoder tensors from" in line]
+            if not loaded:
+                raise DemoError(f"{steps.current} failed: the log {train_log} does not report loading {encoder_path}")
+            _say(f"encoder loaded: {loaded[-1].split(' - ')[-1]}")
         ckpt = models_dir / "model.pt"
         if not ckpt.is_file():
             raise DemoError(f"{steps.current} failed: training finished but wrote no {ckpt} (did it validate?)")
@@ -399,22 +658,22 @@ def demo(
         results["checkpoint"] = str(ckpt)
         steps.done(t0)
 
-        # 4. evaluation ---------------------------------------------------------------------------
-        t0 = steps.start(4, "evaluating on the validation list with configs/evaluate.json")
+        # 7. evaluation ---------------------------------------------------------------------------
+        t0 = steps.start(7, "evaluating on the validation list with configs/evaluate.json")
         _say(f"NOTE: {AGREEMENT_NOTE}")
         eval_overrides = {**common, "ckpt_path": ckpt, "ckpt_dir": models_dir, "output_dir": eval_dir,
                           "use_checkpoint": False}
         run_streamed(bundle_command(None, ["configs/train.json", "configs/evaluate.json"], eval_overrides),
-                     BUNDLE_DIR, log_dir / "4_evaluate.log", steps.current)
+                     BUNDLE_DIR, log_dir / "7_evaluate.log", steps.current)
         if not (eval_dir / "metrics_summary.json").is_file():
             raise DemoError(f"{steps.current} failed: no {eval_dir / 'metrics_summary.json'}")
         steps.done(t0)
 
-        # 5. inference ----------------------------------------------------------------------------
-        t0 = steps.start(5, "inference on the sample CT and one phantom with configs/inference.json")
+        # 8. inference ----------------------------------------------------------------------------
+        t0 = steps.start(8, "inference on the sample CT and one phantom with configs/inference.json")
         infer_overrides = {**common, "ckpt_path": ckpt, "output_dir": infer_dir}
         run_streamed(bundle_command(None, ["configs/inference.json"], infer_overrides), BUNDLE_DIR,
-                     log_dir / "5_inference.log", steps.current)
+                     log_dir / "8_inference.log", steps.current)
         sample_pred = infer_dir / "example_ct_seg.nii.gz"
         phantom_img = val_ph[0][0]
         phantom_pred = infer_dir / (phantom_img.name[: -len(".nii.gz")] + "_seg.nii.gz")
@@ -423,8 +682,8 @@ def demo(
             _say(f"label map {pred} (shape {shape}, same as its input)")
         steps.done(t0)
 
-        # 6. overlays and metrics -----------------------------------------------------------------
-        t0 = steps.start(6, "writing overlays and the metrics table")
+        # 9. overlays and metrics -----------------------------------------------------------------
+        t0 = steps.start(9, "writing overlays and the metrics table")
         from tools.overlays import render_comparison, render_overlay
 
         names = organ_names()
@@ -442,7 +701,7 @@ def demo(
         entries = render_overlay(phantom_img, phantom_pred, phantom_png, label_names=names,
                                  title=f"Phantom {phantom_img.name}: demo prediction")
         _say(f"phantom prediction: {len(entries)} organ(s): {', '.join(entries) or 'none'}")
-        table = metrics_markdown(eval_dir)
+        table = metrics_markdown(eval_dir, pretraining=ssl_record)
         (out / "metrics.md").write_text(table)
         _say("")
         _say(table)
@@ -455,14 +714,26 @@ def demo(
     total = time.perf_counter() - t_start
     _say(f"\n{'=' * 78}\nDemo finished in {_hms(total)} ({total:.1f} s)\n{'=' * 78}")
     for name, dt in steps.times:
-        _say(f"  {name:<78} {_hms(dt):>7} ({dt:.1f} s)")
+        _say(f"  {name[:90]:<90} {_hms(dt):>7} ({dt:.1f} s)")
     _say(f"\nOutput files under {out}:")
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         _say(f"  {_rel(path, out):<70} {path.stat().st_size / 1024:>10.1f} KiB")
-    _say(f"\nKey outputs:\n  metrics table  {out / 'metrics.md'}\n  overlays       {sample_png}\n"
-         f"                 {phantom_png}\n  label maps     {sample_pred}\n                 {phantom_pred}\n"
-         f"  checkpoint     {ckpt}\n  evaluation     {eval_dir}\n  step logs      {log_dir}")
+    key = "\nKey outputs:\n"
+    if pretrain:
+        pre = results["pretraining"]
+        verdict = "each loss fell" if pre["all_losses_fell"] else "WARNING: not every loss fell"
+        key += (f"  pre-training   {verdict}: {format_loss_drops(pre['loss_drops'])}\n"
+                f"  loss curves    {pre['loss_curves_png']}\n  inpainting     {pre['inpainting_png']}\n"
+                f"  encoder        {pre['encoder']} ({pre['encoder_tensors']} tensors)\n")
+    elif pretrained_path:
+        key += f"  encoder        {pretrained_path} (given, not pre-trained here)\n"
+    key += (f"  metrics table  {out / 'metrics.md'}\n  overlays       {sample_png}\n"
+            f"                 {phantom_png}\n  label maps     {sample_pred}\n                 {phantom_pred}\n"
+            f"  checkpoint     {ckpt}\n  evaluation     {eval_dir}\n  step logs      {log_dir}")
+    _say(key)
     _say(f"\nReminder: {AGREEMENT_NOTE}")
+    if pretrain:
+        _say(f"          {SSL_NOTE}")
     results.update(
         step_seconds={name: dt for name, dt in steps.times},
         total_seconds=total,
@@ -485,27 +756,45 @@ def main(
     learning_rate: float = 1e-3,
     num_phantoms: int | None = None,
     seed: int = 0,
+    ssl_steps: int | None = None,
+    ssl_learning_rate: float = SSL_LEARNING_RATE,
+    ssl_spacing=SSL_SPACING,
+    ssl_roi_size=SSL_ROI_SIZE,
+    pretrained_path: str | None = None,
 ) -> None:
-    """Run the BTCV bundle demo (data, datalist, fine-tuning, evaluation, inference, overlays).
+    """Run the demo: pre-train the Swin encoder (SSL bundle), export it, fine-tune on BTCV-style data, evaluate, infer.
 
-    On failure, prints which step failed (with the command and its log) and exits with code 1.
+    Steps: data, datalists, pre-training, encoder export, pre-training figures (PNG loss curves and
+    an inpainting example under <output_dir>/figures), fine-tuning from the export, evaluation,
+    inference, overlays and metrics table. About 15-20 minutes on an idle 2-core CPU with the
+    defaults; --quick about 5. On failure, prints which step failed (with the command and its log)
+    and exits with code 1.
 
     Args:
         output_dir: where everything goes (default <repo>/demo_output, git-ignored).
-        epochs: training epochs (default 4; 1 with --quick).
-        quick: an even smaller run (2 phantoms, 1 epoch, no window overlap), about 1-4 minutes.
-        spacing: resampling spacing in mm, e.g. "[3,3,3]" (default; the recipe's is "[1.5,1.5,2.0]").
+        epochs: fine-tuning epochs (default 4; 1 with --quick).
+        quick: an even smaller run (2 phantoms, 30 pre-training steps, 1 epoch, no window overlap).
+        spacing: fine-tuning resampling spacing in mm, e.g. "[3,3,3]" (default; the recipe's is "[1.5,1.5,2.0]").
         overlap: sliding-window overlap (default 0.25; 0 with --quick).
         sw_batch_size: windows per forward pass in evaluation and inference.
-        learning_rate: AdamW learning rate (default 1e-3).
+        learning_rate: fine-tuning AdamW learning rate (default 1e-3).
         num_phantoms: synthetic cases (default 4; 2 with --quick); the last 2 (1 if fewer than 4)
-            are validation cases.
-        seed: phantom seed.
+            are fine-tuning validation cases.
+        seed: phantom and datalist seed.
+        ssl_steps: pre-training optimiser steps (default 200, about 3.5 s each on an idle 2-core
+            CPU; 30 with --quick); 0 skips pre-training and fine-tunes from scratch.
+        ssl_learning_rate: pre-training peak learning rate (default 4e-4).
+        ssl_spacing: pre-training resampling spacing in mm (default "[2,2,2]").
+        ssl_roi_size: pre-training crop size (default "[64,32,32]": square in the rotation plane).
+        pretrained_path: fine-tune from this existing encoder file (e.g. model_swinvit.pt)
+            instead of pre-training here; skips pre-training, export and its figures.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         demo(output_dir=output_dir, epochs=epochs, quick=quick, spacing=spacing, overlap=overlap,
-             sw_batch_size=sw_batch_size, learning_rate=learning_rate, num_phantoms=num_phantoms, seed=seed)
+             sw_batch_size=sw_batch_size, learning_rate=learning_rate, num_phantoms=num_phantoms, seed=seed,
+             ssl_steps=ssl_steps, ssl_learning_rate=ssl_learning_rate, ssl_spacing=ssl_spacing,
+             ssl_roi_size=ssl_roi_size, pretrained_path=pretrained_path)
     except DemoError as e:
         print(f"\nDEMO FAILED: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -1,0 +1,180 @@
+"""tools.benchmark_ssl at a tiny size: both modes run in their own processes, every field is sane.
+
+No assertions on speed. The research-way augmentation is checked on its own: rotation labels undo
+the rotation (in the bundle's plane and direction) and the cutout masks stay within 30 %.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tools import benchmark_ssl as bs
+
+FEATURE_SIZE = 12
+ROI = [64, 32, 32]  # square in the rotation plane (spatial axes 1, 2); a 2 x 1 x 1 bottleneck = 2 tokens
+BATCH_SIZE = 1
+NUM_SAMPLES = 2
+
+
+def _forget_scripts_modules():
+    for name in list(sys.modules):
+        if name == "scripts" or name.startswith("scripts."):
+            del sys.modules[name]
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One tiny run of both modes, each in a fresh subprocess; (result, JSON on disk, report)."""
+    output = tmp_path_factory.mktemp("bench_ssl") / "ssl_cpu.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "path", list(sys.path))
+        result = bs.run_benchmark(device="cpu", feature_size=FEATURE_SIZE, roi_size=ROI, batch_size=BATCH_SIZE,
+                                  num_samples=NUM_SAMPLES, warmup=0, steps=1, output=str(output), timeout_s=300)
+        report = bs.format_report(result)
+    _forget_scripts_modules()
+    return result, json.loads(output.read_text()), report
+
+
+def test_json_is_the_result(bench):
+    result, on_disk, _ = bench
+    assert set(on_disk) == {"machine", "settings", "modes", "comparison"}
+    assert on_disk == json.loads(json.dumps({k: v for k, v in result.items() if k != "output"}))
+
+
+def test_machine_and_settings(bench):
+    _, r, _ = bench
+    m = r["machine"]
+    for key in ("cpu_model", "cpu_count", "cpus_usable", "torch_threads", "cpu_capability", "gpu", "torch", "monai",
+                "python", "device", "psutil"):
+        assert key in m, key
+    assert m["cpu_count"] >= 1 and m["device"] == "cpu" and m["gpu"] is None
+    s = r["settings"]
+    assert s["feature_size"] == FEATURE_SIZE and s["roi_size"] == ROI
+    assert s["batch_size"] == BATCH_SIZE and s["num_samples"] == NUM_SAMPLES
+    assert s["crops"] == BATCH_SIZE * NUM_SAMPLES and s["views"] == 2 * s["crops"]
+    assert s["warmup"] == 0 and s["steps"] == 1 and s["precision"] == "float32"
+    assert "fresh Python process" in s["isolation"] and "ru_maxrss" in s["memory_measure"]
+
+
+@pytest.mark.parametrize("mode", bs.MODES)
+def test_mode(bench, mode):
+    _, r, _ = bench
+    m = r["modes"][mode]
+    assert "error" not in m, m
+    assert m["mode"] == mode and m["device"] == "cpu" and m["precision"] == "float32"
+    assert m["steps"] == 1 and m["warmup_steps"] == 0 and len(m["step_times_s"]) == 1 and m["warmup_times_s"] == []
+    assert all(_positive(t) for t in m["step_times_s"])
+    assert _positive(m["seconds_per_iteration"]) and _positive(m["iterations_per_second"])
+    assert math.isclose(m["iterations_per_second"] * m["seconds_per_iteration"], 1.0, rel_tol=1e-6)
+    assert len(m["losses"]) == 1 and all(math.isfinite(x) and x > 0 for x in m["losses"])
+    for terms in m["loss_terms"]:
+        assert set(terms) == {"inpaint_loss", "contrast_loss", "rotation_loss"}
+        assert all(math.isfinite(v) for v in terms.values())
+    assert all(0.0 < f <= bs.MAX_CUTOUT_FRACTION + 1e-9 for f in m["masked_fraction"])
+    # the config's knobs: gradient checkpointing and flash attention on, same network in both modes
+    assert m["use_checkpoint"] is True and m["use_flash_attention"] is True
+    assert m["parameters"] == r["modes"]["bundle"]["parameters"]
+    assert m["settings"]["amp"] is False and m["settings"]["optimizer"] == "AdamW"
+    # memory: peak RSS of the mode's own process
+    assert _positive(m["peak_memory_mib"]) and m["peak_memory_mib"] == m["peak_rss_mib"]
+    assert m["cuda_max_memory_allocated_mib"] is None
+    assert m["peak_rss_mib"] >= m["peak_rss_before_steps_mib"] > 0
+    assert m["peak_rss_attributable"] is True
+    if m["peak_rss_reset_before_steps"]:
+        assert _positive(m["peak_rss_steps_mib"]) and m["peak_rss_steps_mib"] <= m["peak_rss_mib"] + 1
+    assert m["pid"] != os.getpid()
+
+
+def test_modes_ran_in_separate_processes_and_breakdowns(bench):
+    _, r, _ = bench
+    b, res = r["modes"]["bundle"], r["modes"]["research"]
+    assert b["pid"] != res["pid"]
+    assert set(b["breakdown_s"]) == {"proxy_tasks_s"} and _positive(b["breakdown_mean_s"]["proxy_tasks_s"])
+    assert set(res["breakdown_s"]) == {"augment_s", "transfer_s", "compute_s"}
+    assert _positive(res["breakdown_mean_s"]["augment_s"]) and _positive(res["breakdown_mean_s"]["compute_s"])
+    assert sum(res["breakdown_mean_s"].values()) <= res["seconds_per_iteration"] * 1.001
+    assert b["settings"]["lr_scheduler"] == "WarmupCosineSchedule" and res["settings"]["forward"] == "separate"
+
+
+def test_comparison_and_report(bench):
+    _, r, report = bench
+    c = r["comparison"]
+    b, res = r["modes"]["bundle"], r["modes"]["research"]
+    assert math.isclose(c["time_ratio_research_over_bundle"],
+                        res["seconds_per_iteration"] / b["seconds_per_iteration"], rel_tol=1e-9)
+    assert _positive(c["speedup_bundle_iterations_per_second_over_research"])
+    assert _positive(c["peak_memory_ratio_research_over_bundle"])
+    for text in ("bundle", "research", "s/step", "it/s", "peak MiB", "research / bundle"):
+        assert text in report
+
+
+def test_non_square_rotation_plane_is_refused_before_any_run(tmp_path):
+    with pytest.raises(ValueError, match="square"):
+        bs.run_benchmark(device="cpu", roi_size=[32, 64, 32], output=str(tmp_path / "x.json"))
+    assert not (tmp_path / "x.json").exists()
+    with pytest.raises(ValueError, match="square"):
+        bs.research_views(torch.zeros(1, 1, 8, 8, 12), np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------------------------------ research augmentation
+
+
+def test_research_rotation_labels_undo_the_rotation():
+    rng = np.random.default_rng(1)
+    images = torch.rand(3, 1, 8, 12, 12, generator=torch.Generator().manual_seed(0))
+    seen = set()
+    for _ in range(6):
+        v = bs.research_views(images, rng)
+        for view in (1, 2):
+            labels = v[f"rot{view}"]
+            assert labels.dtype == torch.long and labels.shape == (3,)
+            for i, k in enumerate(labels.tolist()):
+                seen.add(k)
+                rotated = v[f"x{view}"][i].numpy()
+                # the label undoes the rotation ...
+                assert np.array_equal(np.rot90(rotated, -k, axes=bs.ROTATION_AXES), images[i].numpy())
+                # ... and means what the bundle's class means: torch.rot90 over dims (2, 3) of (C, D, H, W)
+                assert torch.equal(v[f"x{view}"][i], torch.rot90(images[i], k, dims=(2, 3)))
+    assert seen == {0, 1, 2, 3}
+
+
+def test_research_cutout_masks_within_30_percent_and_only_masked_voxels_change():
+    rng = np.random.default_rng(2)
+    images = torch.rand(2, 1, 16, 24, 24, generator=torch.Generator().manual_seed(1))
+    fractions = []
+    for _ in range(5):
+        v = bs.research_views(images, rng)
+        masks = v["masks"]
+        assert masks.shape == (4, 16, 24, 24) and masks.dtype == bool
+        targets = torch.cat([v["x1"], v["x2"]]).numpy()
+        inputs = torch.cat([v["x1_augment"], v["x2_augment"]]).numpy()
+        for target, augmented, mask in zip(targets, inputs, masks):
+            fraction = float(mask.mean())
+            fractions.append(fraction)
+            assert 0.0 < fraction <= bs.MAX_CUTOUT_FRACTION
+            assert np.array_equal(augmented[:, ~mask], target[:, ~mask])
+            assert augmented[:, mask].min() >= 0.0 and augmented[:, mask].max() <= 1.0
+        assert math.isclose(v["masked_fraction"], float(masks.mean()))
+    # targets are drawn uniformly in [0, 0.3): the masks are not all tiny
+    assert max(fractions) > 0.1
+
+
+def test_cutout_mask_bounds_over_many_draws():
+    rng = np.random.default_rng(3)
+    fractions = [float(bs.draw_cutout_mask((64, 32, 32), rng).mean()) for _ in range(60)]
+    assert max(fractions) <= bs.MAX_CUTOUT_FRACTION
+    assert 0.08 < float(np.mean(fractions)) < 0.22  # about the mean of U(0, 0.3), plus the last box's overshoot
+    # the budget holds even for a tiny crop and a wide box range
+    tiny = [bs.draw_cutout_mask((4, 4, 4), rng, max_box_size=1.0).mean() for _ in range(50)]
+    assert max(tiny) <= bs.MAX_CUTOUT_FRACTION
