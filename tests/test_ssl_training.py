@@ -212,7 +212,7 @@ def test_thirty_steps_on_one_fixed_batch_halve_the_total_loss(ssl_corpus, tmp_pa
 
     with bundle_on_path(SSL_DIR):
         workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus),
-                                 bundle_root=str(tmp_path), num_steps=30, learning_rate=2e-3, weight_decay=0.0,
+                                 bundle_root=str(tmp_path), num_steps=30, learning_rate=1e-3, weight_decay=0.0,
                                  **SSL_SMALL)
         workflow.initialize()
         parse = workflow.parser.get_parsed_content
@@ -222,6 +222,9 @@ def test_thirty_steps_on_one_fixed_batch_halve_the_total_loss(ssl_corpus, tmp_pa
         trainer = SupervisedTrainer(device=parse("device"), max_epochs=1, train_data_loader=[batch] * 30,
                                     network=parse("network"), optimizer=parse("optimizer"), loss_function=parse("loss"),
                                     iteration_update=parse("train#iteration"))
+        # one fixed batch: the same crops, rotations and boxes at every step (the proxy tasks re-seeded)
+        proxy_tasks = parse("proxy_tasks")
+        trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: proxy_tasks.set_random_state(0))
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
         trainer.run()
     assert len(losses) == 30
