@@ -1,38 +1,70 @@
-"""End-to-end demo of the BTCV bundle on a small embedded data set, on CPU, in minutes.
+"""End-to-end demo: self-supervised pre-training, then BTCV fine-tuning, on a small embedded data set, on CPU.
 
-Six steps, each announced with a progress line and timed:
+Nine steps, each announced with a progress line and timed:
 
 1. data: the real sample CT (``tools.fetch_sample_ct``: TotalSegmentator's example abdomen CT with
    BTCV-id labels *predicted by TotalSegmentator*) and a few seeded synthetic phantoms
    (``tools.make_phantoms``, 4 by default) under ``<out>/data``;
-2. a datalist: training = phantoms + the sample CT, validation = 2 held-out phantoms (1 with
-   ``--quick``) + the sample CT, testing = the sample CT + one held-out phantom;
-3. fine-tuning: ``python -m monai.bundle run training --config_file configs/train.json ...`` run in
-   the bundle folder exactly as a user would, with a small configuration (feature size 12,
-   64^3 crops, a few epochs, validating at least once), its output streamed to the console;
-4. evaluation with ``configs/evaluate.json`` on the validation list (Dice, HD95 in mm per organ);
-5. inference with ``configs/inference.json`` on the sample CT and one phantom (label maps in the
+2. datalists: the pre-training corpus ``<out>/data/ssl_datalist.json`` (``tools.ssl_datalist``,
+   images only: the phantoms and a copy of the sample CT; 40 % of the phantoms held out for
+   validation, the sample CT always in training), and the fine-tuning list: training = phantoms +
+   the sample CT, validation = 2 held-out phantoms (1 with ``--quick``) + the sample CT, testing =
+   the sample CT + one held-out phantom;
+3. pre-training: ``python -m monai.bundle run training --config_file configs/train.json ...`` in
+   the ``swin_unetr_ssl_pretrain`` folder exactly as a user would, with a small configuration
+   (feature size 12, 64 x 32 x 32 crops at 2 mm, 2 volumes x 1 crop x 2 views per step, 200 steps,
+   validation every 50) into ``<out>/ssl``;
+4. export of the best checkpoint's encoder with ``configs/export.json`` to
+   ``<out>/ssl/models/model_swinvit.pt`` (official layout, 126 tensors);
+5. figures (``tools.ssl_figures``): ``<out>/figures/ssl_loss_curves.png`` (each loss per step, with
+   the validation losses) and ``<out>/figures/ssl_inpainting_example.png`` (the sample CT's centre
+   crop: input with holes | reconstruction | target), and each loss's mean over the first vs the
+   last 20 steps, with a loud warning if one fell by less than 5 %;
+6. fine-tuning of the BTCV bundle from the exported encoder (``--pretrained_path``; the log must say
+   it loaded the encoder), with a small configuration (feature size 12, 64^3 crops, a few epochs,
+   validating at least once), its output streamed to the console;
+7. evaluation with ``configs/evaluate.json`` on the validation list (Dice, HD95 in mm per organ);
+8. inference with ``configs/inference.json`` on the sample CT and one phantom (label maps in the
    input geometry);
-6. PNG overlays (``tools.overlays``) and a Markdown metrics table ``<out>/metrics.md``.
+9. PNG overlays (``tools.overlays``) and a Markdown metrics table ``<out>/metrics.md`` (with a
+   pre-training section: loss drops, validation losses, figures).
+
+``--pretrained_path FILE`` skips steps 3-5 and fine-tunes from an existing encoder (the official
+``model_swinvit.pt`` or an earlier export); ``--ssl_steps 0`` skips them and fine-tunes from scratch.
 
 A Dice against the sample CT's labels measures agreement with TotalSegmentator, not accuracy;
-phantom Dice measures how well the tiny model learned synthetic shapes. A few epochs of a
-feature-size-12 network from scratch are far from the published numbers: the demo shows the
-pipeline working end to end, not a trained model.
+phantom Dice measures how well the tiny model learned synthetic shapes. A few hundred pre-training
+steps on 5 volumes and a few epochs of fine-tuning of a feature-size-12 network are far from the
+published numbers: the demo shows the pipeline working end to end, not a trained model.
 
-Speed: sized for a 2-core CPU without reduced-precision kernels (AVX2 only), where one forward
-pass of the small network on a 64^3 window takes 3-6 s and one training step on two 64^3 crops
-15-35 s. The recipe's 1.5 x 1.5 x 2 mm spacing makes the sample CT 210 windows at overlap 0.5
-(80 at 0.25), and it is run three times (validation, evaluation, inference); the demo therefore
-resamples to 3 mm isotropic, the sample CT's own voxel size: 12 windows at overlap 0.25, 8 at 0.
-Measured on such a machine (AMD EPYC, 2 cores): the defaults (4 phantoms, 4 epochs of 3 training
-cases, validation at epochs 2 and 4) take about 3 minutes on an idle machine and 9 minutes with the
-cores shared with other jobs; ``--quick`` 1 to 3.5 minutes; ``--epochs 10`` about 5 minutes idle.
-``--spacing "[1.5,1.5,2.0]"`` gives the recipe's geometry at several times the cost.
+Pre-training settings, chosen for a 2-core CPU: one step of the small network on 4 views of
+64 x 32 x 32 takes about 3.4 s (4 x 64^3: 9.5 s). The rotation task turns crops in the plane of
+spatial axes 1 and 2, which must be square, and the rotation and contrastive heads need 2
+bottleneck tokens (crop / 32), so 64 x 32 x 32 is the smallest usable crop. At 2 mm every phantom
+(134 mm wide) is at least 64 voxels along the first axis (at 3 mm it would not be, and the bundle's
+corpus check would refuse it). Each step takes one crop from each of 2 volumes (``drop_last`` keeps
+both): with 2 crops of one volume the contrastive loss stays at log(3) for hundreds of steps, with
+crops of 2 volumes it falls within ~50. Learning rate 4e-4 (the bundle's), warm-up 10 steps, cosine
+decay to 0 at the last step.
+
+Fine-tuning speed: one forward pass of the small network on a 64^3 window takes 3-6 s and one
+training step on two 64^3 crops 15-35 s. The recipe's 1.5 x 1.5 x 2 mm spacing makes the sample CT
+210 windows at overlap 0.5 (80 at 0.25), and it is run three times (validation, evaluation,
+inference); the demo therefore resamples to 3 mm isotropic, the sample CT's own voxel size: 12
+windows at overlap 0.25, 8 at 0. ``--spacing "[1.5,1.5,2.0]"`` gives the recipe's geometry at
+several times the cost.
+
+Measured on an AMD EPYC, 2 cores, AVX2 only, otherwise idle: the defaults take 14 m 48 s: data and
+datalists 1 s, pre-training 11 m 34 s (200 steps, 3.5 s each, 4 validations), export 10 s, figures
+8 s, fine-tuning 2 m 07 s (4 epochs of 3 cases, validation at epochs 2 and 4), evaluation 26 s,
+inference 20 s, overlays 1 s. ``--quick`` (30 pre-training steps, 1 epoch) takes about 3.5 minutes.
+With the cores shared with other jobs everything takes 2-4 times longer (a pre-training step up to
+13 s): use ``--ssl_steps 150`` or fewer there.
 
 Command line (from the repository root)::
 
-    python -m tools.demo [--output_dir demo_output] [--epochs 4] [--quick]
+    python -m tools.demo [--output_dir demo_output] [--ssl_steps 200] [--epochs 4] [--quick]
+        [--pretrained_path model_swinvit.pt]
 """
 
 from __future__ import annotations
@@ -62,7 +94,7 @@ SSL_LEARNING_RATE = 4e-4
 SSL_VAL_FRACTION = 0.4
 SSL_MIN_DROP = 0.05  # a loss "fell" when its last-20-step mean is at least 5 % below its first-20-step mean
 SSL_NOTE = (
-    "Pre-training here is a few hundred steps of a feature-size-12 encoder on 5 volumes: it shows the "
+    "Pre-training here is a few hundred steps of a feature-size-12 encoder on a handful of volumes: it shows the "
     "three proxy-task losses falling and the export feeding fine-tuning, not a useful pre-trained encoder."
 )
 AGREEMENT_NOTE = (
@@ -254,6 +286,8 @@ def pretraining_markdown(ssl: dict) -> str:
     if val_tags:
         steps = sorted({s for t in val_tags for s, _ in validation[f"val_{t}"]})
         lines += ["", "## Validation losses (fixed views of the validation volumes)", "",
+                  "Validation pairs held-out phantoms only, which look alike; most training pairs hold the real "
+                  "CT and a phantom, so the training contrastive loss falls much faster than this one.", "",
                   "| step | " + " | ".join(SHORT_NAMES[t] for t in val_tags) + " |",
                   "|---|" + "---|" * len(val_tags)]
         for step in steps:
@@ -264,7 +298,7 @@ def pretraining_markdown(ssl: dict) -> str:
         lines += ["", "## Figures", ""] + [f"- {caption}: `{path}`" for caption, path in figures.items()]
     if ssl.get("encoder"):
         lines += ["", f"Exported encoder: `{ssl['encoder']}` ({ssl.get('encoder_tensors', '?')} tensors), "
-                      "loaded by the fine-tuning below."]
+                      "loaded by the fine-tuning (tables above)."]
     return "\n".join(lines) + "\n"
 
 
@@ -440,13 +474,15 @@ def demo(
     models_dir, eval_dir, infer_dir = out / "models", out / "eval", out / "inference"
     overlay_dir, log_dir = out / "overlays", out / "logs"
     for d in (ssl_dir, figures_dir, models_dir, eval_dir, infer_dir, overlay_dir, log_dir, out / "train_logs"):
+        if pretrained_path and Path(pretrained_path).is_relative_to(d.resolve()):
+            continue  # the given encoder lives there (e.g. an earlier demo's export): keep it
         shutil.rmtree(d, ignore_errors=True)  # stale results must not pass for this run's
     (out / "metrics.md").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
     ssl_settings = {
         "steps": ssl_steps, "feature_size": 12, "roi_size": ssl_roi_size, "spacing_mm": ssl_spacing,
-        "batch": "1 volume x 2 crops x 2 views", "learning_rate": ssl_learning_rate,
+        "batch": "2 volumes x 1 crop x 2 views", "learning_rate": ssl_learning_rate,
         "warmup_steps": min(10, max(1, ssl_steps // 10)), "val_interval": ssl_val_interval,
     }
     _say(f"Swin UNETR demo{' (quick)' if quick else ''}: self-supervised pre-training, then BTCV fine-tuning; "
@@ -454,7 +490,7 @@ def demo(
     _say(f"bundles: {SSL_BUNDLE_DIR}\n         {BUNDLE_DIR}")
     if pretrain:
         _say(f"pre-training: feature_size 12, roi {ssl_roi_size}, spacing {ssl_spacing} mm, {ssl_steps} steps of "
-             f"1 volume x 2 crops x 2 views, lr {ssl_learning_rate} (warm-up {ssl_settings['warmup_steps']} steps, "
+             f"2 volumes x 1 crop x 2 views, lr {ssl_learning_rate} (warm-up {ssl_settings['warmup_steps']} steps, "
              f"cosine decay), validation every {ssl_val_interval} steps")
     else:
         _say("pre-training: skipped (" + (f"fine-tuning from {pretrained_path}" if pretrained_path
@@ -530,8 +566,12 @@ def demo(
                 "feature_size": 12,
                 "roi_size": ssl_roi_size,
                 "spacing": ssl_spacing,
-                "batch_size": 1,
-                "num_samples": 2,  # 2 crops per step: the contrastive loss needs another crop as negative
+                # 2 volumes x 1 crop per step: the contrastive loss takes the other volume's crop as its
+                # negative (2 crops of one volume barely separate in a few hundred steps); drop_last keeps
+                # every batch at 2 volumes whatever the corpus size
+                "batch_size": 2,
+                "num_samples": 1,
+                "train#dataloader#drop_last": True,
                 "num_workers": 0,
                 "cache_rate": 1.0,
                 "use_checkpoint": False,
@@ -539,8 +579,6 @@ def demo(
                 "warmup_steps": ssl_settings["warmup_steps"],
                 "num_steps": ssl_steps,
                 "val_interval": ssl_val_interval,
-                # score the validation volumes in pairs, so the contrastive loss has a negative there too
-                "validate#dataloader#batch_size": 2,
             }
             run_streamed(bundle_command("training", ["configs/train.json"], ssl_overrides), SSL_BUNDLE_DIR,
                          log_dir / "3_pretrain.log", steps.current, quiet=("Complete. Time taken",))
@@ -626,8 +664,11 @@ def demo(
         }
 
         # 6. fine-tuning --------------------------------------------------------------------------
-        source = f"from the encoder {encoder_path}" if encoder_path else "from scratch"
+        source = ("from the exported encoder" if pretrain else "from the given encoder" if encoder_path
+                  else "from scratch")
         t0 = steps.start(6, f"fine-tuning a small Swin UNETR {source} for {epochs} epoch(s) with configs/train.json")
+        if encoder_path:
+            _say(f"encoder: {encoder_path}")
         train_overrides = {
             **common,
             "bundle_root": out,
@@ -714,7 +755,7 @@ def demo(
     total = time.perf_counter() - t_start
     _say(f"\n{'=' * 78}\nDemo finished in {_hms(total)} ({total:.1f} s)\n{'=' * 78}")
     for name, dt in steps.times:
-        _say(f"  {name[:90]:<90} {_hms(dt):>7} ({dt:.1f} s)")
+        _say(f"  {name:<96} {_hms(dt):>7} ({dt:.1f} s)")
     _say(f"\nOutput files under {out}:")
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         _say(f"  {_rel(path, out):<70} {path.stat().st_size / 1024:>10.1f} KiB")
@@ -766,8 +807,8 @@ def main(
 
     Steps: data, datalists, pre-training, encoder export, pre-training figures (PNG loss curves and
     an inpainting example under <output_dir>/figures), fine-tuning from the export, evaluation,
-    inference, overlays and metrics table. About 15-20 minutes on an idle 2-core CPU with the
-    defaults; --quick about 5. On failure, prints which step failed (with the command and its log)
+    inference, overlays and metrics table. About 15 minutes on an idle 2-core CPU with the
+    defaults (measured 14 m 48 s, 11 m 34 s of it pre-training); --quick about 3.5. On failure, prints which step failed (with the command and its log)
     and exits with code 1.
 
     Args:

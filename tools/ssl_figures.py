@@ -210,7 +210,7 @@ def plot_loss_curves(run_dir: str | os.PathLike, png_path: str | os.PathLike, sm
     for ax in axes[len(tags):]:
         ax.set_axis_off()
     n = len(scalars[tags[0]])
-    fig.suptitle(title or f"Swin UNETR self-supervised pre-training: {n} steps ({Path(run_dir).name})", fontsize=12)
+    fig.suptitle(title or f"Swin UNETR self-supervised pre-training: {n} optimiser steps", fontsize=12)
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ def _bundle_parser(roi_size, spacing, hu_window):
 def plot_inpainting_example(ckpt_path: str | os.PathLike, image_path: str | os.PathLike, png_path: str | os.PathLike,
                             roi_size: Sequence[int] | None = None, spacing: Sequence[float] | None = None,
                             hu_window: Sequence[float] | None = None, seed: int = 0,
-                            display_range: Sequence[float] = (0.0, 1.0), title: str | None = None) -> dict:
+                            display_range: Sequence[float] = (0.3, 0.7), title: str | None = None) -> dict:
     """PNG of an inpainting example: input with holes | reconstruction | target, mid slices; return its numbers.
 
     ``image_path`` is preprocessed with the bundle's own validation pipeline (``validate#preprocessing``
@@ -255,7 +255,8 @@ def plot_inpainting_example(ckpt_path: str | os.PathLike, image_path: str | os.P
     crop of the foreground. The bundle's ``validate#proxy_tasks`` seeded with ``seed`` make two views
     (rotated, cut out); the checkpoint's network (``build_from_checkpoint``) reconstructs them; view 1
     is shown, turned back by its rotation. Intensities are the bundle's (HU window scaled to 0..1),
-    displayed over ``display_range``.
+    displayed over ``display_range`` of that scale (default 0.3..0.7: -400..400 HU for the bundle's
+    -1000..1000 window, so soft tissue shows; the noise in the holes spans 0..1 and saturates).
 
     Returns ``{"png", "l1", "l1_masked", "masked_fraction", "rotation", "predicted_rotation",
     "crop_shape"}`` (L1 over the whole crop and over the masked voxels only, view 1).
@@ -276,6 +277,7 @@ def plot_inpainting_example(ckpt_path: str | os.PathLike, image_path: str | os.P
         preprocess = parser.get_parsed_content("validate#preprocessing")
         views = parser.get_parsed_content("validate#proxy_tasks")
         roi = [int(r) for r in parser.get_parsed_content("roi_size")]
+        hu = [float(h) for h in parser.get_parsed_content("hu_window")]
         network = build_from_checkpoint(str(ckpt_path)).eval()
         data = preprocess({"image": str(image_path)})
         crop = torch.as_tensor(data["image"]).float()
@@ -304,7 +306,7 @@ def plot_inpainting_example(ckpt_path: str | os.PathLike, image_path: str | os.P
     mask_slices = _mid_slices(mask_np.astype(float))
     n_rows = len(slices["input"])
     heights = [s.shape[0] / s.shape[1] for _, s in slices["input"]]
-    fig = Figure(figsize=(10, 1.2 + 3.3 * sum(heights) * 1.0), dpi=100)
+    fig = Figure(figsize=(10, 1.5 + 3.3 * sum(heights)), dpi=100)
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(n_rows, 3, height_ratios=heights)
     vmin, vmax = float(display_range[0]), float(display_range[1])
@@ -325,8 +327,9 @@ def plot_inpainting_example(ckpt_path: str | os.PathLike, image_path: str | os.P
     fig.suptitle(
         title or (
             f"Inpainting example: {name}, centre crop {tuple(roi)}, seed {seed}\n"
-            f"rotation class {k} (predicted {predicted}), masked {100 * masked_fraction:.0f}% of voxels (red outline), "
-            f"L1 {l1:.3f} (masked voxels {l1_masked:.3f}); shown turned back upright"
+            f"view 1: rotation class {k} (predicted {predicted}), {100 * masked_fraction:.0f}% of voxels masked "
+            f"(red outline), L1 {l1:.3f} (masked voxels {l1_masked:.3f})\n"
+            f"shown turned back upright, window {hu[0] + vmin * (hu[1] - hu[0]):.0f}..{hu[0] + vmax * (hu[1] - hu[0]):.0f} HU"
         ),
         fontsize=10,
     )
