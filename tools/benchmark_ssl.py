@@ -69,7 +69,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tools.benchmark_btcv import MIB, child_command, cube, machine_info, memory_snapshot, resolve_device, say, sync
+from tools.benchmark_btcv import (MIB, _status_kib, child_command, cube, machine_info, memory_snapshot,
+                                  resolve_device, say, sync)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_ssl_pretrain"
@@ -144,17 +145,6 @@ def phantom_crops(n: int, roi_size: Sequence[int], hu_window: Sequence[float], s
     crops = [np.clip((make_phantom(seed + i, shape=tuple(roi_size), spacing=(1.5, 1.5, 2.0))[0] - lo) / (hi - lo),
                      0.0, 1.0)[None] for i in range(int(n))]
     return torch.from_numpy(np.stack(crops).astype(np.float32))
-
-
-def _status_kib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def reset_peak_rss() -> bool:
