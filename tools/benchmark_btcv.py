@@ -192,13 +192,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ bundle
 
 
-def use_bundle_scripts() -> Any:
-    """Make ``import scripts`` give this bundle's scripts package; return the package.
+def use_bundle_scripts(bundle_dir: str | os.PathLike | None = None) -> Any:
+    """Make ``import scripts`` give a bundle's scripts package (default: BTCV's); return the package.
 
     Other bundles may also have a ``scripts`` package: cached ``scripts*`` modules from another
     folder are dropped and the bundle folder is put first on sys.path.
     """
-    bundle = str(BUNDLE_DIR)
+    bundle = str(bundle_dir or BUNDLE_DIR)
     cached = sys.modules.get("scripts")
     cached_file = getattr(cached, "__file__", None) or ""
     if cached is None or not cached_file.startswith(bundle + os.sep):

@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tools.benchmark_btcv import use_bundle_scripts as btcv_use_bundle_scripts
 from tools.benchmark_btcv import (MIB, _status_kib, child_command, cube, machine_info, memory_snapshot,
                                   resolve_device, say, sync)
 
@@ -92,19 +93,7 @@ MAX_BOXES = 1000
 
 def use_bundle_scripts() -> Any:
     """Make ``import scripts`` give the SSL bundle's scripts package (dropping another bundle's); return it."""
-    bundle = str(BUNDLE_DIR)
-    cached = sys.modules.get("scripts")
-    if cached is None or not (getattr(cached, "__file__", None) or "").startswith(bundle + os.sep):
-        for name in list(sys.modules):
-            if name == "scripts" or name.startswith("scripts."):
-                del sys.modules[name]
-    if not sys.path or sys.path[0] != bundle:
-        if bundle in sys.path:
-            sys.path.remove(bundle)
-        sys.path.insert(0, bundle)
-    import scripts  # noqa: PLC0415 (the bundle's package, found through sys.path)
-
-    return scripts
+    return btcv_use_bundle_scripts(BUNDLE_DIR)
 
 
 def bundle_parser(overrides: dict[str, Any]) -> Any:

@@ -25,7 +25,7 @@ class CorpusError(ValueError):
     """Volumes of a pre-training corpus that cannot be used; the message names each file and why."""
 
 
-def _problem(path: str, image: Any, roi_size: Sequence[int], spacing: Sequence[float] | None) -> str | None:
+def _problem(image: Any, roi_size: Sequence[int], spacing: Sequence[float] | None) -> str | None:
     array = np.asarray(image)
     if array.ndim == 4 and array.shape[0] != 1:
         return f"has {array.shape[0]} channels; a CT volume has 1"
@@ -77,7 +77,7 @@ def check_corpus(items: Sequence[dict], roi_size: Sequence[int], spacing: Sequen
             what = "does not exist" if not os.path.exists(str(path)) else f"cannot be read ({type(err).__name__}: {err})"
             problems.append(f"{path}: {what}")
             continue
-        problem = _problem(str(path), image, roi_size, spacing)
+        problem = _problem(image, roi_size, spacing)
         if problem:
             problems.append(f"{path}: {problem}")
         else:

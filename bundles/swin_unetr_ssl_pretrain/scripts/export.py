@@ -44,7 +44,7 @@ def build_from_checkpoint(ckpt_path: str) -> SwinSSLNet:
         raise ValueError(f"{ckpt_path} has no {RECORD_KEY!r}: cannot tell which patch-merging order it was trained with.")
     network = SwinSSLNet(in_channels=in_channels, feature_size=feature_size,
                          contrastive_dim=int(state["contrastive_head.weight"].shape[0]),
-                         downsample=resolve_downsample("auto", ckpt_path))
+                         downsample=resolve_downsample(str(checkpoint[RECORD_KEY].get("patch_merging"))))
     result = network.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{ckpt_path} does not match the pre-training network: missing {result.missing_keys[:6]}, "

@@ -76,7 +76,7 @@ class RandRotate90Classd(Randomizable, MapTransform):
         d = dict(data)
         self.randomize()
         for key in self.key_iterator(d):
-            d[key], k = self.rotator(torch.as_tensor(d[key]), randomize=False)
+            d[key], _ = self.rotator(torch.as_tensor(d[key]), randomize=False)
         d[self.class_key] = torch.tensor(self.rotator._k, dtype=torch.long)
         return d
 

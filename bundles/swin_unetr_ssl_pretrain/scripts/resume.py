@@ -28,6 +28,6 @@ def latest_checkpoint(ckpt_dir: str) -> str:
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "checkpoint*.pt")))
     if not paths:
         raise FileNotFoundError(f"resume is set but {ckpt_dir} holds no training checkpoint (checkpoint_*.pt).")
-    latest = max(paths, key=lambda p: (_iteration_of(p), os.path.getmtime(p)))
-    logger.info("resuming from %s (iteration %d)", latest, _iteration_of(latest))
+    iteration, _, latest = max((_iteration_of(p), os.path.getmtime(p), p) for p in paths)
+    logger.info("resuming from %s (iteration %d)", latest, iteration)
     return latest
