@@ -7,7 +7,6 @@ collected and raised together in one ``InputDataError``.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -15,9 +14,10 @@ from typing import Any
 import numpy as np
 from monai.transforms import LoadImage
 
+from .bundle_logger import logger
+
 __all__ = ["InputDataError", "check_datalist", "check_images"]
 
-logger = logging.getLogger("swin_unetr_btcv_seg")
 
 AFFINE_TOLERANCE = 1e-3  # mm; image and label must share their voxel-to-world mapping
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
+
+from .bundle_logger import logger
 
 __all__ = ["inference_items", "IMAGE_SUFFIXES"]
 
-logger = logging.getLogger("swin_unetr_btcv_seg")
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 

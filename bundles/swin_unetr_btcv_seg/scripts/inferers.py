@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from monai.inferers import SlidingWindowInferer
 
-__all__ = ["AutocastSlidingWindowInferer", "autocast_dtype"]
+from .bundle_logger import logger
 
-logger = logging.getLogger("swin_unetr_btcv_seg")
+__all__ = ["AutocastSlidingWindowInferer", "autocast_dtype"]
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -16,9 +15,9 @@ from ignite.engine import Engine, Events
 from monai.handlers import HausdorffDistance
 from monai.utils import ImageMetaKey
 
-__all__ = ["HausdorffDistanceMM", "OrganMetricsReport"]
+from .bundle_logger import logger
 
-logger = logging.getLogger("swin_unetr_btcv_seg")
+__all__ = ["HausdorffDistanceMM", "OrganMetricsReport"]
 
 
 class HausdorffDistanceMM(HausdorffDistance):

@@ -61,6 +61,8 @@ __all__ = [
     "detect_merging_order",
     "encoder_state_dict_from_file",
     "load_pretrained_encoder",
+    "IN_CHANNEL_RULES",
+    "adapt_in_channels",
 ]
 
 
@@ -103,6 +105,11 @@ _FORMAT_LABELS = {
 }
 
 _MAX_LISTED = 6
+
+# How a file's patch embedding meets a network with more input channels (see adapt_in_channels)
+STRICT = "strict"
+REPEAT_SCALED = "repeat_scaled"
+IN_CHANNEL_RULES = (STRICT, REPEAT_SCALED)
 
 
 def _few(items, limit: int = _MAX_LISTED) -> str:
@@ -408,13 +415,36 @@ def _shape_problems(encoder: nn.Module, state: Mapping[str, torch.Tensor], info:
     return "; ".join(parts)
 
 
-def load_pretrained_encoder(network: nn.Module, pretrained_path: str | None, patch_merging: str = AUTO) -> nn.Module:
+def adapt_in_channels(state: dict[str, torch.Tensor], in_channels: int, source: str = "") -> dict[str, torch.Tensor]:
+    """Widen a single-channel patch embedding to ``in_channels`` inputs (the "repeat_scaled" rule).
+
+    The kernel ``patch_embed.proj.weight`` of shape (F, 1, p, p, p) is repeated over the channel
+    axis and divided by ``in_channels``: an input whose channels are all equal to a single-channel
+    image gives exactly that image's embedding. Every other tensor is kept as it is. A file with
+    more than one input channel is returned unchanged (its shape is then checked as usual).
+    """
+    weight = state["patch_embed.proj.weight"]
+    if weight.shape[1] != 1 or in_channels == 1:
+        return state
+    adapted = dict(state)
+    adapted["patch_embed.proj.weight"] = weight.repeat(1, in_channels, 1, 1, 1) / in_channels
+    logger.info(
+        "%s: adapted the single-channel patch embedding to %d input channels (rule %s: kernel repeated "
+        "over the channels and scaled by 1/%d)", source or "encoder weights", in_channels, REPEAT_SCALED, in_channels,
+    )
+    return adapted
+
+
+def load_pretrained_encoder(network: nn.Module, pretrained_path: str | None, patch_merging: str = AUTO,
+                            in_channel_rule: str = STRICT) -> nn.Module:
     """Load all Swin encoder tensors of ``pretrained_path`` into ``network.swinViT``; return ``network``.
 
     Empty/None path: nothing is loaded (training from scratch). Raises FileNotFoundError for a
     missing file and ValueError if any encoder tensor is missing or mis-shaped, or if the
     network's patch-merging order differs from the file's. ``patch_merging`` ("auto", "legacy",
     "current") may only override the order of a MONAI-native file without a record.
+    ``in_channel_rule`` "repeat_scaled" lets single-channel weights initialise a network with
+    more input channels (see :func:`adapt_in_channels`); "strict" (default) requires equal counts.
     """
     if not pretrained_path:
         logger.info("no pretrained_path: training from scratch")
@@ -425,8 +455,12 @@ def load_pretrained_encoder(network: nn.Module, pretrained_path: str | None, pat
     choice = str(patch_merging).strip().lower()
     if choice not in (AUTO, *MERGING_ORDERS):
         raise ValueError(f"patch_merging must be one of 'auto', 'legacy', 'current'; got {patch_merging!r}.")
+    if in_channel_rule not in IN_CHANNEL_RULES:
+        raise ValueError(f"in_channel_rule must be one of {IN_CHANNEL_RULES}; got {in_channel_rule!r}.")
     encoder = _encoder_of(network)
     state, info = encoder_state_dict_from_file(path)
+    if in_channel_rule == REPEAT_SCALED and info["feature_size"] == _encoder_shape(encoder)[0]:
+        state = adapt_in_channels(state, _encoder_shape(encoder)[1], path)
 
     file_order, where = info["patch_merging"], info["patch_merging_source"]
     if where == "assumed":
@@ -458,6 +492,9 @@ def load_pretrained_encoder(network: nn.Module, pretrained_path: str | None, pat
     encoder.load_state_dict(state, strict=True)
     total = len(encoder.state_dict())
     extras = [f"dropped {info['dropped_head_tensors']} head tensors"] if info["dropped_head_tensors"] else []
+    net_in = _encoder_shape(encoder)[1]
+    if net_in != info["in_channels"]:
+        extras.append(f"patch embedding adapted from {info['in_channels']} to {net_in} input channels by {REPEAT_SCALED}")
     if info["ignored_decoder_tensors"]:
         extras.append(f"ignored {info['ignored_decoder_tensors']} decoder tensors")
     logger.info(

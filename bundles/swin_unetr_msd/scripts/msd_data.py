@@ -1,0 +1,114 @@
+"""Datalists from a Decathlon task folder (``imagesTr``, ``labelsTr``, ``imagesTs``, ``dataset.json``).
+
+Cross-validation folds are a seeded shuffle of the ``training`` cases cut into ``num_folds``
+nearly equal parts: fold k validates on part k and trains on the rest, so the folds' validation
+sets are disjoint and together cover every case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .bundle_logger import logger
+from .datalists import inference_items
+
+__all__ = ["training_cases", "fold_indices", "fold_datalist", "split", "test_items", "write_fold_datalists"]
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
+
+
+def _read(path: str, what: str = "dataset.json") -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def training_cases(dataset_json: str, dataset_dir: str | None = None) -> list[dict]:
+    """The ``training`` list of ``dataset_json`` as ``{"image", "label"}`` items with absolute paths.
+
+    Paths are relative to ``dataset_dir`` (default: the folder of ``dataset_json``). macOS
+    ``._*`` resource files that some copies of the Decathlon archives carry are reported, not used.
+    """
+    dataset_dir = dataset_dir or os.path.dirname(os.path.abspath(dataset_json))
+    content = _read(dataset_json)
+    entries = content.get("training")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{dataset_json}: no 'training' list of cases")
+    items = []
+    for n, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise ValueError(f"{dataset_json}: training case {n} needs 'image' and 'label', got {entry!r}")
+        if os.path.basename(entry["image"]).startswith("._"):
+            logger.warning(f"{dataset_json}: ignoring macOS resource file {entry['image']}")
+            continue
+        items.append({"image": _resolve(entry["image"], dataset_dir), "label": _resolve(entry["label"], dataset_dir)})
+    return items
+
+
+def fold_indices(num_cases: int, num_folds: int = 5, seed: int = 12345) -> list[list[int]]:
+    """Validation case indices of each fold: a seeded permutation split into ``num_folds`` parts."""
+    if not 2 <= num_folds <= num_cases:
+        raise ValueError(f"num_folds must be between 2 and the number of cases ({num_cases}), got {num_folds}")
+    order = np.random.default_rng(seed).permutation(num_cases)
+    return [sorted(int(i) for i in part) for part in np.array_split(order, num_folds)]
+
+
+def fold_datalist(dataset_json: str, fold: int, num_folds: int = 5, seed: int = 12345,
+                  dataset_dir: str | None = None) -> dict[str, list[dict]]:
+    """``{"training": [...], "validation": [...]}`` for ``fold`` (0-based) of the seeded split."""
+    cases = training_cases(dataset_json, dataset_dir)
+    folds = fold_indices(len(cases), num_folds, seed)
+    if not 0 <= int(fold) < num_folds:
+        raise ValueError(f"fold must be 0..{num_folds - 1}, got {fold}")
+    validation = set(folds[int(fold)])
+    split = {
+        "training": [c for i, c in enumerate(cases) if i not in validation],
+        "validation": [c for i, c in enumerate(cases) if i in validation],
+    }
+    logger.info(f"fold {fold} of {num_folds} (seed {seed}): {len(split['training'])} training, "
+                f"{len(split['validation'])} validation cases")
+    return split
+
+
+def split(datalist: str, dataset_json: str, fold: int, num_folds: int = 5, seed: int = 12345,
+          dataset_dir: str | None = None) -> dict[str, list[dict]]:
+    """The training/validation split to use: ``datalist``'s own lists when one is given, else ``fold``'s."""
+    if not datalist:
+        return fold_datalist(dataset_json, fold, num_folds, seed, dataset_dir)
+    content = _read(datalist, "datalist")
+    base = dataset_dir or os.path.dirname(os.path.abspath(dataset_json))
+    out = {}
+    for key in ("training", "validation"):
+        if key not in content:
+            raise KeyError(f"{datalist}: no '{key}' list (found: {sorted(content)})")
+        out[key] = [{k: _resolve(v, base) if k in ("image", "label") else v for k, v in e.items()} for e in content[key]]
+    logger.info(f"datalist {datalist}: {len(out['training'])} training, {len(out['validation'])} validation cases")
+    return out
+
+
+def test_items(dataset_json: str, dataset_dir: str | None = None) -> list[dict]:
+    """The test images to predict: ``dataset.json``'s ``test`` list, else every image in ``imagesTs``."""
+    dataset_dir = dataset_dir or os.path.dirname(os.path.abspath(dataset_json))
+    entries = _read(dataset_json).get("test")
+    if entries:
+        items = [{"image": _resolve(e["image"] if isinstance(e, dict) else e, dataset_dir)} for e in entries]
+        return [i for i in items if not os.path.basename(i["image"]).startswith("._")]
+    return inference_items("", os.path.join(dataset_dir, "imagesTs"))
+
+
+def write_fold_datalists(dataset_json: str, output_dir: str, num_folds: int = 5, seed: int = 12345) -> list[str]:
+    """Write ``fold<k>.json`` for every fold (for inspection or other tools); return the paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = []
+    for fold in range(num_folds):
+        path = os.path.join(output_dir, f"fold{fold}.json")
+        with open(path, "w") as f:
+            json.dump(fold_datalist(dataset_json, fold, num_folds, seed), f, indent=2)
+        paths.append(path)
+    return paths

@@ -1,0 +1,143 @@
+"""Per-task settings: the bundle's ``configs/tasks/<task>.json`` joined with the task's ``dataset.json``.
+
+The task file holds what the bundle chooses (intensity normalisation, target spacing, ROI,
+augmentation, NSD tolerances) and what the Decathlon fixes for the task (modality kind, channel
+and label counts), which is used to check the ``dataset.json`` found in the data folder. Channel
+names and label ids and names are read from ``dataset.json`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from monai.transforms import CropForegroundd, NormalizeIntensityd, RandFlipd, RandRotate90d, RandScaleIntensityd
+from monai.transforms import RandShiftIntensityd, ScaleIntensityRanged
+
+from .bundle_logger import logger
+
+__all__ = ["TASKS", "TaskSettingsError", "load_task", "intensity_transforms", "augmentations"]
+
+TASKS = (
+    "Task01_BrainTumour",
+    "Task02_Heart",
+    "Task03_Liver",
+    "Task04_Hippocampus",
+    "Task05_Prostate",
+    "Task06_Lung",
+    "Task07_Pancreas",
+    "Task08_HepaticVessel",
+    "Task09_Spleen",
+    "Task10_Colon",
+)
+CT_WINDOW = "ct_window"
+ZSCORE_NONZERO = "zscore_nonzero"
+TASK_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "tasks"))
+_TASK_KEYS = ("task", "modality", "num_channels", "num_labels", "intensity", "spacing", "roi_size", "augmentation",
+              "nsd_tolerance_mm")
+
+
+class TaskSettingsError(ValueError):
+    """Raised when a task name, task file or ``dataset.json`` is unusable or inconsistent."""
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TaskSettingsError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(content, dict):
+        raise TaskSettingsError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
+def _indexed_names(mapping: Any, path: str, field: str) -> dict[int, str]:
+    """``{"0": "CT"}``-style mappings of dataset.json as ``{0: "CT"}``, checked to be 0..n-1."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise TaskSettingsError(f"{path}: '{field}' must be a non-empty mapping like {{\"0\": ...}}")
+    try:
+        names = {int(k): str(v) for k, v in mapping.items()}
+    except ValueError as e:
+        raise TaskSettingsError(f"{path}: '{field}' keys must be whole numbers, got {sorted(mapping)}") from e
+    if sorted(names) != list(range(len(names))):
+        raise TaskSettingsError(f"{path}: '{field}' ids must be 0..{len(names) - 1} without gaps, got {sorted(names)}")
+    return names
+
+
+def load_task(task: str, dataset_json: str, task_dir: str = TASK_DIR) -> dict[str, Any]:
+    """Settings of ``task`` from ``<task_dir>/<task>.json`` (the bundle's) checked against and joined with ``dataset_json``.
+
+    Returns a dict with the task file's entries plus ``in_channels``, ``channel_names`` (id -> name),
+    ``num_classes`` and ``label_names`` (id -> name, background included), read from ``dataset_json``.
+    Raises ``TaskSettingsError`` naming the file for an unknown task, a malformed file, or a
+    ``dataset.json`` whose channels or labels do not match the task (e.g. the wrong task folder).
+    """
+    if task not in TASKS:
+        raise TaskSettingsError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    task_file = os.path.join(task_dir, f"{task}.json")
+    settings = _read_json(task_file, "task settings file")
+    missing = [k for k in _TASK_KEYS if k not in settings]
+    if missing:
+        raise TaskSettingsError(f"{task_file}: missing entries {missing}")
+    if settings["task"] != task:
+        raise TaskSettingsError(f"{task_file}: says task {settings['task']!r}, expected {task!r}")
+    kind = settings["intensity"].get("type")
+    if kind not in (CT_WINDOW, ZSCORE_NONZERO):
+        raise TaskSettingsError(f"{task_file}: intensity type must be {CT_WINDOW!r} or {ZSCORE_NONZERO!r}, got {kind!r}")
+
+    dataset = _read_json(dataset_json, f"dataset.json of {task}")
+    channels = _indexed_names(dataset.get("modality"), dataset_json, "modality")
+    labels = _indexed_names(dataset.get("labels"), dataset_json, "labels")
+    problems = []
+    if len(channels) != settings["num_channels"]:
+        problems.append(f"{len(channels)} input channel(s) {list(channels.values())}, {task} has {settings['num_channels']}")
+    if len(labels) != settings["num_labels"]:
+        problems.append(f"{len(labels)} labels {list(labels.values())}, {task} has {settings['num_labels']}")
+    if settings["modality"] == "CT" and [c.upper() for c in channels.values()] != ["CT"]:
+        problems.append(f"modality {list(channels.values())}, {task} is CT")
+    if problems:
+        raise TaskSettingsError(f"{dataset_json} does not describe {task}: it lists " + "; ".join(problems)
+                                + ". Is dataset_dir the right task folder?")
+    tolerances = settings["nsd_tolerance_mm"]
+    if len(tolerances) != len(labels) - 1:
+        raise TaskSettingsError(f"{task_file}: nsd_tolerance_mm needs one value per foreground label "
+                                f"({len(labels) - 1}), got {len(tolerances)}")
+    settings = dict(settings, in_channels=len(channels), channel_names=channels, num_classes=len(labels),
+                    label_names=labels)
+    logger.info(f"{task}: {len(channels)} channel(s) {list(channels.values())}, labels {labels}, "
+                f"intensity {settings['intensity']}, spacing {settings['spacing']} mm, ROI {settings['roi_size']}")
+    return settings
+
+
+def intensity_transforms(intensity: dict[str, Any], keys: list[str], image_key: str = "image") -> list:
+    """Normalisation and foreground cropping for the task's modality, in the order that suits it.
+
+    CT: the HU ``window`` is scaled to 0..1 (clipped), then the volume is cropped to voxels above
+    the window's lower end. MRI: the volume is cropped to its non-zero voxels, then each channel is
+    z-scored over its non-zero voxels (zero stays zero, so the background is unchanged).
+    """
+    crop = CropForegroundd(keys=keys, source_key=image_key, allow_smaller=True)
+    if intensity["type"] == CT_WINDOW:
+        low, high = intensity["window"]
+        window = ScaleIntensityRanged(keys=image_key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+        return [window, crop]
+    if intensity["type"] == ZSCORE_NONZERO:
+        return [crop, NormalizeIntensityd(keys=image_key, nonzero=True, channel_wise=True)]
+    raise ValueError(f"intensity type must be {CT_WINDOW!r} or {ZSCORE_NONZERO!r}, got {intensity!r}")
+
+
+def augmentations(augmentation: dict[str, Any], keys: list[str], image_key: str = "image") -> list:
+    """The task's random augmentation after cropping: flips, rot90 in a plane, intensity scale/shift."""
+    out = [RandFlipd(keys=keys, spatial_axis=[axis], prob=augmentation["flip_prob"])
+           for axis in augmentation["flip_axes"]]
+    if augmentation["rot90_prob"] > 0:
+        out.append(RandRotate90d(keys=keys, max_k=3, prob=augmentation["rot90_prob"],
+                                 spatial_axes=tuple(augmentation["rot90_axes"])))
+    if augmentation["intensity_prob"] > 0:
+        out.append(RandScaleIntensityd(keys=image_key, factors=0.1, prob=augmentation["intensity_prob"]))
+        out.append(RandShiftIntensityd(keys=image_key, offsets=0.1, prob=augmentation["intensity_prob"]))
+    return out
