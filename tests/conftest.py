@@ -13,6 +13,7 @@ from monai.bundle import create_workflow
 REPO = Path(__file__).resolve().parents[1]
 BTCV_DIR = REPO / "bundles" / "swin_unetr_btcv_seg"
 SSL_DIR = REPO / "bundles" / "swin_unetr_ssl_pretrain"
+MSD_DIR = REPO / "bundles" / "swin_unetr_msd"
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 
 # Small settings that keep a CPU run to seconds: 64^3 is the smallest crop that trains
@@ -41,6 +42,18 @@ SSL_SMALL = {
     "warmup_steps": 1,
 }
 SSL_PHANTOM_SHAPE = (40, 72, 68)
+
+# The MSD bundle keeps each task's spacing, intensity and augmentation; only size knobs shrink.
+MSD_SMALL = {
+    "feature_size": 12,
+    "roi_size": [64, 64, 64],
+    "num_samples": 1,
+    "num_workers": 0,
+    "sw_batch_size": 1,
+    "use_checkpoint": False,
+}
+MSD_INFER_SMALL = {k: MSD_SMALL[k] for k in ("feature_size", "roi_size", "num_workers", "sw_batch_size")}
+MSD_PHANTOM_SHAPE = (40, 40, 24)
 
 
 def forget_scripts_modules() -> None:
@@ -144,3 +157,21 @@ def ssl_trained(tmp_path_factory, ssl_corpus) -> dict:
     )
     return {"root": out, "workflow": workflow, "model": out / "models" / "model.pt",
             "last": out / "models" / "checkpoint_last.pt"}
+
+
+@pytest.fixture(scope="session")
+def msd_root(tmp_path_factory) -> Path:
+    """All ten Decathlon tasks as synthetic mini-datasets: 3 training and 1 test case each."""
+    from tools.make_msd_tasks import MSD_TASKS, write_msd_task
+
+    root = tmp_path_factory.mktemp("msd")
+    for i, task in enumerate(MSD_TASKS):
+        write_msd_task(root, task, num_training=3, num_test=1, seed=i, shape=MSD_PHANTOM_SHAPE)
+    return root
+
+
+def train_msd_fold(root: Path, bundle_root: Path, task: str, fold: int = 0, **overrides):
+    """Train ``task``'s ``fold`` (3 folds of 3 cases: 2 iterations and a validation); return the workflow."""
+    settings = {**MSD_SMALL, "num_folds": 3, "max_epochs": 1, "val_interval": 1, **overrides}
+    return run_workflow(["train.json"], "train", MSD_DIR, task=task, dataset_dir=str(root / task),
+                        bundle_root=str(bundle_root), fold=fold, **settings)

@@ -1,0 +1,274 @@
+"""The MSD bundle's task settings, fold split, input checks, encoder hand-off, metrics and metadata.
+
+Everything here parses the bundle's configs as a user's tools would (create_workflow) on synthetic
+Decathlon-layout task folders; nothing trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import SwinUNETR
+
+from tests.conftest import (BTCV_DIR, MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, SCHEMA, SSL_DIR, btcv_workflow,
+                            bundle_on_path, error_text)
+from tools.make_msd_tasks import MSD_TASKS, write_msd_task
+
+CONFIGS = MSD_DIR / "configs"
+N_ENCODER = 126
+EXPECTED = {  # task: (input channels, labels incl. background, intensity rule)
+    "Task01_BrainTumour": (4, 4, "zscore_nonzero"), "Task02_Heart": (1, 2, "zscore_nonzero"),
+    "Task03_Liver": (1, 3, "ct_window"), "Task04_Hippocampus": (1, 3, "zscore_nonzero"),
+    "Task05_Prostate": (2, 3, "zscore_nonzero"), "Task06_Lung": (1, 2, "ct_window"),
+    "Task07_Pancreas": (1, 3, "ct_window"), "Task08_HepaticVessel": (1, 3, "ct_window"),
+    "Task09_Spleen": (1, 2, "ct_window"), "Task10_Colon": (1, 2, "ct_window"),
+}
+PUBLIC_KNOBS = ["task", "dataset_dir", "dataset_json", "datalist", "fold", "num_folds", "split_seed", "output_dir",
+                "ckpt_dir", "device", "amp", "spacing", "roi_size", "intensity", "augmentation", "feature_size",
+                "pretrained_path", "patch_merging", "in_channel_rule", "resume_from", "batch_size", "num_samples",
+                "num_workers", "learning_rate", "max_epochs", "val_interval", "sw_batch_size", "overlap"]
+SHARED_MODULES = ("checkpoints.py", "checks.py", "datalists.py", "encoder_weights.py", "inferers.py", "metrics.py",
+                  "patch_merging.py", "transforms.py")
+
+
+@pytest.fixture(scope="module")
+def tasks_root(tmp_path_factory):
+    """Tiny folders of all ten tasks (3 training, 1 test case) for parsing and checks."""
+    root = tmp_path_factory.mktemp("msd_small")
+    for i, task in enumerate(MSD_TASKS):
+        write_msd_task(root, task, num_training=3, num_test=1, seed=i, shape=(24, 24, 16))
+    return root
+
+
+def _workflow(configs, kind, task, root, **overrides):
+    return btcv_workflow(configs, kind, MSD_DIR, task=task, dataset_dir=str(root / task), **overrides)
+
+
+@pytest.mark.parametrize("task", list(MSD_TASKS))
+def test_task_settings_come_from_the_task_file_and_dataset_json(task, tasks_root):
+    channels, labels, rule = EXPECTED[task]
+    dataset = json.loads((tasks_root / task / "dataset.json").read_text())
+    task_file = json.loads((CONFIGS / "tasks" / f"{task}.json").read_text())
+    with bundle_on_path(MSD_DIR):
+        parser = _workflow(["train.json"], "train", task, tasks_root).parser
+        assert parser.get_parsed_content("in_channels") == channels
+        assert parser.get_parsed_content("num_classes") == labels
+        assert parser.get_parsed_content("label_names") == {int(k): v for k, v in dataset["labels"].items()}
+        assert parser.get_parsed_content("intensity")["type"] == rule
+        assert parser.get_parsed_content("spacing") == task_file["spacing"]
+        assert parser.get_parsed_content("roi_size") == task_file["roi_size"]
+        assert all(s % 32 == 0 and s >= 64 for s in task_file["roi_size"])
+        # the augmentation and normalisation of the task are what the preprocessing applies
+        names = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
+    assert ("ScaleIntensityRanged" in names) == (rule == "ct_window")
+    assert ("NormalizeIntensityd" in names) == (rule == "zscore_nonzero")
+    assert names.count("RandFlipd") == len(task_file["augmentation"]["flip_axes"])
+
+
+def test_a_dataset_json_of_another_task_is_refused(tasks_root):
+    with bundle_on_path(MSD_DIR):
+        parser = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task01_BrainTumour",
+                               dataset_dir=str(tasks_root / "Task09_Spleen")).parser
+        with pytest.raises(Exception) as info:
+            parser.get_parsed_content("in_channels")
+    text = error_text(info.value)
+    assert str(tasks_root / "Task09_Spleen" / "dataset.json") in text
+    assert "does not describe Task01_BrainTumour" in text and "1 input channel(s)" in text
+
+
+def test_an_unknown_task_lists_the_ten_tasks(tasks_root):
+    with bundle_on_path(MSD_DIR):
+        parser = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task11_Kidney",
+                               dataset_dir=str(tasks_root / "Task09_Spleen")).parser
+        with pytest.raises(Exception) as info:
+            parser.get_parsed_content("num_classes")
+    text = error_text(info.value)
+    assert "unknown task 'Task11_Kidney'" in text and all(t in text for t in MSD_TASKS)
+
+
+def test_five_fold_split_is_disjoint_covers_all_cases_and_is_seeded(tmp_path):
+    folder = write_msd_task(tmp_path, "Task04_Hippocampus", num_training=13, num_test=0, shape=(8, 8, 8))
+    with bundle_on_path(MSD_DIR):
+        splits = []
+        for fold in range(5):
+            parser = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task04_Hippocampus",
+                                   dataset_dir=str(folder), fold=fold).parser
+            splits.append(parser.get_parsed_content("train#split"))
+        from scripts.msd_data import fold_indices
+    every = sorted(str(folder / "imagesTr" / f"hippocampus_{n:03d}.nii.gz") for n in range(1, 14))
+    validation = [[c["image"] for c in s["validation"]] for s in splits]
+    assert sorted(sum(validation, [])) == every  # disjoint and complete
+    assert sorted(len(v) for v in validation) == [2, 2, 3, 3, 3]
+    for split, val in zip(splits, validation):
+        training = [c["image"] for c in split["training"]]
+        assert not set(training) & set(val) and sorted(training + val) == every
+        assert all(c["label"].replace("labelsTr", "imagesTr") == c["image"] for c in split["training"])
+    assert fold_indices(13, 5, seed=1) == fold_indices(13, 5, seed=1) != fold_indices(13, 5, seed=2)
+    with pytest.raises(ValueError, match="fold must be 0..4"):
+        with bundle_on_path(MSD_DIR):
+            from scripts.msd_data import fold_datalist
+
+            fold_datalist(str(folder / "dataset.json"), 5)
+
+
+def _replace(path, data, affine=None):
+    old = nib.load(str(path))
+    nib.save(nib.Nifti1Image(data, old.affine if affine is None else affine), str(path))
+
+
+BAD_INPUTS = {
+    "wrong channel count": ("imagesTr", lambda a: a[..., :3], "has 3 channel(s), the network expects 4"),
+    "label ids outside the task's labels": ("labelsTr", lambda a: (a > 0).astype(np.uint8) * 7,
+                                            "label ids [7] are outside 0..3"),
+    "non-finite image": ("imagesTr", lambda a: np.where(a > 400, np.nan, a).astype(np.float32), "non-finite"),
+    "missing file": ("imagesTr", None, "file not found"),
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_INPUTS))
+def test_bad_training_input_stops_before_training_naming_the_file(problem, tmp_path):
+    sub, change, message = BAD_INPUTS[problem]
+    folder = write_msd_task(tmp_path, "Task01_BrainTumour", num_training=3, num_test=0, shape=(24, 24, 16))
+    culprit = folder / sub / "BRATS_002.nii.gz"
+    if change is None:
+        culprit.unlink()
+    else:
+        _replace(culprit, change(np.asarray(nib.load(str(culprit)).dataobj)))
+    steps = []
+    with bundle_on_path(MSD_DIR):
+        workflow = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task01_BrainTumour", dataset_dir=str(folder),
+                                 bundle_root=str(tmp_path / "run"), num_folds=3, fold=2, max_epochs=1, **MSD_SMALL)
+        workflow.initialize()
+        with pytest.raises(Exception) as info:
+            workflow.parser.get_parsed_content("train#trainer").add_event_handler(
+                "iteration_started", lambda e: steps.append(e.state.iteration))
+            workflow.run()
+    text = error_text(info.value)
+    assert str(culprit) in text and message in text
+    assert steps == []
+
+
+def _official_encoder_file(path, feature_size):
+    """An official-format (model_swinvit.pt layout) single-channel encoder file from a random encoder."""
+    torch.manual_seed(3)
+    encoder = SwinUNETR(1, 2, feature_size=feature_size).swinViT
+    state = {f"module.{k}".replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v
+             for k, v in encoder.state_dict().items()}
+    torch.save({"state_dict": state}, path)
+    return state["module.patch_embed.proj.weight"]
+
+
+@pytest.mark.parametrize("task", ["Task01_BrainTumour", "Task05_Prostate"])
+def test_multi_channel_task_loads_every_encoder_tensor_with_the_documented_rule(task, tasks_root, tmp_path, caplog):
+    kernel = _official_encoder_file(tmp_path / "model_swinvit.pt", 12)
+    channels = EXPECTED[task][0]
+    with bundle_on_path(MSD_DIR):
+        logging.getLogger("swin_unetr_msd").addHandler(caplog.handler)
+        caplog.set_level(logging.INFO, logger="swin_unetr_msd")
+        parser = _workflow(["train.json"], "train", task, tasks_root, pretrained_path=str(tmp_path / "model_swinvit.pt"),
+                           **MSD_SMALL).parser
+        network = parser.get_parsed_content("network")
+    assert f"loaded {N_ENCODER}/{N_ENCODER} encoder tensors" in caplog.text
+    assert f"adapted the single-channel patch embedding to {channels} input channels" in caplog.text
+    assert f"scaled by 1/{channels}" in caplog.text
+    weight = network.swinViT.patch_embed.proj.weight.detach()
+    torch.testing.assert_close(weight, kernel.repeat(1, channels, 1, 1, 1) / channels)
+    # equal channels give exactly what the single-channel encoder computes (legacy merging: official file)
+    single = SwinUNETR(1, 2, feature_size=12, downsample=network.swinViT.layers1[0].downsample.__class__).swinViT
+    single.load_state_dict({k: v for k, v in network.swinViT.state_dict().items() if k != "patch_embed.proj.weight"}
+                           | {"patch_embed.proj.weight": kernel}, strict=True)
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(network.swinViT(x.repeat(1, channels, 1, 1, 1))[-1], single(x)[-1],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_feature_size_mismatch_is_a_clear_error(tasks_root, tmp_path):
+    _official_encoder_file(tmp_path / "fs24.pt", 24)
+    with bundle_on_path(MSD_DIR):
+        parser = _workflow(["train.json"], "train", "Task01_BrainTumour", tasks_root,
+                           pretrained_path=str(tmp_path / "fs24.pt"), **MSD_SMALL).parser
+        with pytest.raises(Exception) as info:
+            parser.get_parsed_content("network")
+    text = error_text(info.value)
+    assert str(tmp_path / "fs24.pt") in text
+    assert "feature_size 12 network vs file made for feature_size 24" in text
+
+
+def test_nsd_is_measured_in_millimetres():
+    with bundle_on_path(MSD_DIR):
+        from monai.data import MetaTensor
+        from scripts.surface_dice import NormalisedSurfaceDistance
+
+        label = torch.zeros(2, 20, 20, 20)
+        label[1, 5:15, 5:15, 5:15] = 1
+        label[0] = 1 - label[1]
+        shifted = torch.roll(label, 1, dims=1)  # one voxel = 2 mm off along the first axis
+        affine = torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0]))
+        pred = MetaTensor(shifted, affine=affine)
+        results = {}
+        for tolerance in (1.5, 2.5):
+            handler = NormalisedSurfaceDistance([tolerance])
+            handler.reset()
+            handler.update(([pred], [label]))
+            results[tolerance] = float(handler.metric_fn.aggregate())
+    assert results[2.5] == pytest.approx(1.0)
+    assert 0.3 < results[1.5] < 1.0
+
+
+def test_metadata_passes_monai_schema_and_has_a_changelog_entry():
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+         "--filepath", str(SCHEMA)], capture_output=True, text=True, cwd=MSD_DIR)
+    assert result.returncode == 0, result.stdout + result.stderr
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    spleen = json.loads((CONFIGS / "tasks" / "Task09_Spleen.json").read_text())
+    train = json.loads((CONFIGS / "train.json").read_text())
+    assert train["task"] == "Task09_Spleen" and spleen["num_labels"] == meta["network_data_format"]["outputs"]["pred"][
+        "num_channels"]
+
+
+def test_train_and_infer_workflows_pass_check_properties(tasks_root, tmp_path):
+    task = "Task05_Prostate"
+    with bundle_on_path(MSD_DIR):
+        train = _workflow(["train.json"], "train", task, tasks_root, bundle_root=str(tmp_path), num_folds=3, **MSD_SMALL)
+        assert train.check_properties() in (None, [])
+        ckpt = tmp_path / "model.pt"
+        torch.save({"model": SwinUNETR(2, 3, feature_size=12).state_dict()}, ckpt)
+        infer = _workflow(["inference.json"], "infer", task, tasks_root, ckpt_path=str(ckpt), bundle_root=str(tmp_path),
+                          **MSD_INFER_SMALL)
+        assert infer.check_properties() in (None, [])
+        for key in ("run", "network_def", "preprocessing", "postprocessing", "inferer", "device"):
+            assert key in infer.parser
+        sample = infer.parser.get_parsed_content("preprocessing")(
+            {"image": str(tasks_root / task / "imagesTs" / "prostate_004.nii.gz"), "image_path": "x"})
+    assert sample["image"].shape[0] == 2 and sample["image_path"] == "x"
+
+
+def test_public_knobs_are_top_level_and_documented():
+    train = json.loads((CONFIGS / "train.json").read_text())
+    inference = json.loads((CONFIGS / "inference.json").read_text())
+    readme = (MSD_DIR / "docs" / "README.md").read_text()
+    for knob in PUBLIC_KNOBS:
+        assert knob in train, knob
+        assert f"`{knob}`" in readme, knob
+    for knob in ("ckpt_path", "folds_dir", "tta_flips"):
+        assert knob in inference and f"`{knob}`" in readme, knob
+    for task in MSD_TASKS:
+        assert task in readme, task
+
+
+@pytest.mark.parametrize("module", SHARED_MODULES)
+def test_modules_shared_with_the_other_bundles_are_identical(module):
+    text = (MSD_DIR / "scripts" / module).read_text()
+    assert text == (BTCV_DIR / "scripts" / module).read_text()
+    if (SSL_DIR / "scripts" / module).exists():
+        assert text == (SSL_DIR / "scripts" / module).read_text()

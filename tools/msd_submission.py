@@ -1,0 +1,170 @@
+"""Check Medical Segmentation Decathlon predictions and zip them for a leaderboard submission.
+
+Each prediction folder (as written by ``bundles/swin_unetr_msd`` inference into
+``predictions/TaskXX_Name/``) must be named like one of the ten MSD tasks and hold only ``.nii.gz``
+label maps (hidden files such as macOS ``._*`` are ignored). Every file must be a readable 3D NIfTI
+of an integer type. With ``data_root`` (the folder holding ``TaskXX_Name/dataset.json`` and
+``imagesTs/``), each task's predictions must match its test images one to one by file name, with the
+image's spatial shape and affine, and hold only the task's label ids.
+
+All problems are reported together in one ``SubmissionError`` and then nothing is written; otherwise
+the zip (``TaskXX_Name/<name>.nii.gz`` members, deflated) is written atomically.
+
+    python -m tools.msd_submission --prediction_dirs "['a/Task09_Spleen','b/Task01_BrainTumour']" \\
+        --zip_path submission.zip --data_root /data/msd
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import fire
+import nibabel as nib
+import numpy as np
+
+from tools.make_msd_tasks import MSD_TASKS
+
+__all__ = ["SubmissionError", "make_submission"]
+
+AFFINE_ATOL = 1e-3
+"""Largest difference allowed between a prediction's affine and its image's."""
+
+
+class SubmissionError(ValueError):
+    """Every problem found in a submission, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in the submission:\n" + "\n".join(problems))
+
+
+def _prediction_files(folder: Path, problems: list[str]) -> list[Path]:
+    """The ``.nii.gz`` files of ``folder``; anything else (but hidden files) is a problem."""
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_file() and path.name.endswith(".nii.gz"):
+            files.append(path)
+        else:
+            problems.append(f"{path}: not a NIfTI prediction (.nii.gz file)")
+    if not files:
+        problems.append(f"{folder}: no .nii.gz predictions")
+    return files
+
+
+def _test_images(task_dir: Path, problems: list[str]) -> tuple[dict[str, Path], set[int]] | None:
+    """(test image path by file name, label ids) of a task folder, or None (and a problem)."""
+    try:
+        dataset = json.loads((task_dir / "dataset.json").read_text())
+        label_ids = {int(key) for key in dataset["labels"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        problems.append(f"{task_dir / 'dataset.json'}: cannot read the task's labels ({err!r})")
+        return None
+    if dataset.get("test"):
+        images = [task_dir / entry for entry in dataset["test"]]
+    else:
+        images = [p for p in sorted((task_dir / "imagesTs").glob("*.nii.gz")) if not p.name.startswith(".")]
+    return {image.name: image for image in images}, label_ids
+
+
+def _check_prediction(path: Path, image_path: Path | None, label_ids: set[int] | None) -> list[str]:
+    """Problems of one prediction file: readable 3D integer NIfTI, and when given, matching its image."""
+    try:
+        prediction = nib.load(path)
+        data = np.asanyarray(prediction.dataobj)
+    except Exception as err:  # nibabel, gzip and zlib raise many kinds for a damaged file
+        return [f"{path}: unreadable NIfTI ({err!r})"]
+    problems = []
+    if data.ndim != 3:
+        problems.append(f"{path}: not a 3D label map (shape {data.shape})")
+    if not np.issubdtype(data.dtype, np.integer):
+        problems.append(f"{path}: data type {data.dtype} is not an integer type")
+    if problems or image_path is None:
+        return problems
+    try:
+        image = nib.load(image_path)
+    except Exception as err:
+        return [f"{path}: cannot read its test image {image_path} ({err!r})"]
+    if data.shape != image.shape[:3]:
+        problems.append(f"{path}: shape {data.shape} differs from its image's {image.shape[:3]} ({image_path})")
+    elif not np.allclose(prediction.affine, image.affine, atol=AFFINE_ATOL):
+        problems.append(f"{path}: affine differs from its image's ({image_path}) by more than {AFFINE_ATOL}")
+    outside = np.unique(data[~np.isin(data, list(label_ids))])
+    if outside.size:
+        problems.append(f"{path}: label values {outside.tolist()} not among the task's ids {sorted(label_ids)}")
+    return problems
+
+
+def make_submission(prediction_dirs: list[str], zip_path: str, data_root: str | None = None) -> dict:
+    """Check the task prediction folders (against ``data_root`` when given) and zip them into ``zip_path``.
+
+    Raises ``SubmissionError`` listing every problem (and writes nothing); returns a summary:
+    ``{"zip_path": ..., "tasks": {task: number of files}, "num_files": total}``.
+    """
+    problems: list[str] = []
+    folders: dict[str, Path] = {}
+    for given in prediction_dirs or []:
+        folder = Path(os.path.abspath(given))
+        if folder.name not in MSD_TASKS:
+            problems.append(f"{given}: folder is not named like an MSD task (one of {', '.join(MSD_TASKS)})")
+        elif folder.name in folders:
+            problems.append(f"{given}: a second prediction folder for {folder.name} (first: {folders[folder.name]})")
+        elif not folder.is_dir():
+            problems.append(f"{given}: not a folder")
+        else:
+            folders[folder.name] = folder
+    if not prediction_dirs:
+        problems.append("no prediction folders given")
+
+    members: dict[str, Path] = {}
+    file_counts: dict[str, int] = {}
+    for task, folder in folders.items():
+        files = _prediction_files(folder, problems)
+        file_counts[task] = len(files)
+        expected = _test_images(Path(data_root) / task, problems) if data_root is not None else None
+        images, label_ids = expected if expected else ({}, None)
+        for path in files:
+            if expected and path.name not in images:
+                problems.append(f"{path}: no test image of that name in {Path(data_root) / task}")
+                continue
+            problems += _check_prediction(path, images.get(path.name), label_ids)
+            members[f"{task}/{path.name}"] = path
+        missing = sorted(set(images) - {path.name for path in files})
+        problems += [f"{folder / name}: missing prediction for test image {images[name]}" for name in missing]
+    if problems:
+        raise SubmissionError(problems)
+
+    zip_path = Path(zip_path)
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=zip_path.parent, prefix=f".{zip_path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        with zipfile.ZipFile(temp_name, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for member, path in members.items():
+                archive.write(path, member)
+        os.replace(temp_name, zip_path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+    return {"zip_path": str(zip_path), "tasks": file_counts, "num_files": len(members)}
+
+
+def main(prediction_dirs: list[str], zip_path: str, data_root: str | None = None) -> None:
+    """Command line: check and zip the prediction folders, print the summary; exit 1 listing any problems."""
+    if isinstance(prediction_dirs, str):
+        prediction_dirs = [prediction_dirs]
+    try:
+        summary = make_submission(prediction_dirs, zip_path, data_root)
+    except SubmissionError as err:
+        sys.exit(str(err))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
