@@ -12,13 +12,16 @@ import csv
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, bundle_on_path, run_workflow, train_msd_fold
+from tests.conftest import MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, REPO, bundle_on_path, run_workflow, train_msd_fold
 from tools.make_msd_tasks import MSD_TASKS
 
 CHANNELS = {"Task01_BrainTumour": 4, "Task05_Prostate": 2}
@@ -122,3 +125,19 @@ def test_evaluation_reports_dice_and_nsd_per_label(msd_root, runs, tmp_path):
         assert len(rows) == 1 and rows[0]["case"].startswith("BRATS_")
         values = [float(rows[0][label]) for label in summary["organs"] if rows[0][label]]
         assert values and all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_two_process_ddp_training_of_a_multi_channel_task_on_cpu(msd_root, tmp_path):
+    task = "Task05_Prostate"
+    overrides = {**MSD_SMALL, "task": task, "dataset_dir": str(msd_root / task), "bundle_root": str(tmp_path),
+                 "num_folds": 3, "fold": 0, "max_epochs": 1, "val_interval": 1}
+    args = [f"--{k}={v!r}" if isinstance(v, list) else f"--{k}={v}" for k, v in overrides.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29527",
+           "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']", *args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(MSD_DIR)]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=MSD_DIR, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Epoch: 1/1, Iter: 1/1" in result.stdout + result.stderr  # 2 training cases shared by 2 ranks
+    model = torch.load(tmp_path / "models" / task / "fold0" / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in model["model"])
+    assert model["model"]["swinViT.patch_embed.proj.weight"].shape[1] == 2
