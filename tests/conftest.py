@@ -43,15 +43,8 @@ SSL_SMALL = {
 }
 SSL_PHANTOM_SHAPE = (40, 72, 68)
 
-# The MSD bundle keeps each task's spacing, intensity and augmentation; only size knobs shrink.
-MSD_SMALL = {
-    "feature_size": 12,
-    "roi_size": [64, 64, 64],
-    "num_samples": 1,
-    "num_workers": 0,
-    "sw_batch_size": 1,
-    "use_checkpoint": False,
-}
+# The MSD bundle keeps each task's spacing, intensity and augmentation; only the size knobs shrink, as for BTCV.
+MSD_SMALL = dict(SMALL)
 MSD_INFER_SMALL = {k: MSD_SMALL[k] for k in ("feature_size", "roi_size", "num_workers", "sw_batch_size")}
 MSD_PHANTOM_SHAPE = (40, 40, 24)
 
