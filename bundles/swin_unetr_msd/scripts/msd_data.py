@@ -13,9 +13,9 @@ import os
 import numpy as np
 
 from .bundle_logger import logger
-from .datalists import inference_items
+from .datalists import IMAGE_SUFFIXES, inference_items
 
-__all__ = ["training_cases", "fold_indices", "fold_datalist", "split", "test_items", "write_fold_datalists"]
+__all__ = ["training_cases", "fold_indices", "fold_datalist", "split", "test_items"]
 
 
 def _resolve(path: str, base_dir: str) -> str:
@@ -29,17 +29,26 @@ def _read(path: str, what: str = "dataset.json") -> dict:
         return json.load(f)
 
 
+def _paired_files(dataset_dir: str, dataset_json: str) -> list[dict]:
+    """``imagesTr/<name>`` with ``labelsTr/<name>``, for a ``dataset.json`` without a training list."""
+    images_dir = os.path.join(dataset_dir, "imagesTr")
+    names = sorted(n for n in os.listdir(images_dir) if n.endswith(IMAGE_SUFFIXES)) if os.path.isdir(images_dir) else []
+    if not names:
+        raise ValueError(f"{dataset_json}: no 'training' list, and no images in {images_dir}")
+    logger.info(f"{dataset_json} has no 'training' list: pairing {len(names)} image(s) of imagesTr with labelsTr")
+    return [{"image": f"imagesTr/{n}", "label": f"labelsTr/{n}"} for n in names]
+
+
 def training_cases(dataset_json: str, dataset_dir: str | None = None) -> list[dict]:
     """The ``training`` list of ``dataset_json`` as ``{"image", "label"}`` items with absolute paths.
 
-    Paths are relative to ``dataset_dir`` (default: the folder of ``dataset_json``). macOS
-    ``._*`` resource files that some copies of the Decathlon archives carry are reported, not used.
+    Paths are relative to ``dataset_dir`` (default: the folder of ``dataset_json``). Without a
+    ``training`` list, each image of ``imagesTr`` is paired with the same name in ``labelsTr``.
+    macOS ``._*`` resource files that some copies of the Decathlon archives carry are reported, not used.
     """
     dataset_dir = dataset_dir or os.path.dirname(os.path.abspath(dataset_json))
     content = _read(dataset_json)
-    entries = content.get("training")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{dataset_json}: no 'training' list of cases")
+    entries = content.get("training") or _paired_files(dataset_dir, dataset_json)
     items = []
     for n, entry in enumerate(entries, 1):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
@@ -100,15 +109,3 @@ def test_items(dataset_json: str, dataset_dir: str | None = None) -> list[dict]:
         items = [{"image": _resolve(e["image"] if isinstance(e, dict) else e, dataset_dir)} for e in entries]
         return [i for i in items if not os.path.basename(i["image"]).startswith("._")]
     return inference_items("", os.path.join(dataset_dir, "imagesTs"))
-
-
-def write_fold_datalists(dataset_json: str, output_dir: str, num_folds: int = 5, seed: int = 12345) -> list[str]:
-    """Write ``fold<k>.json`` for every fold (for inspection or other tools); return the paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = []
-    for fold in range(num_folds):
-        path = os.path.join(output_dir, f"fold{fold}.json")
-        with open(path, "w") as f:
-            json.dump(fold_datalist(dataset_json, fold, num_folds, seed), f, indent=2)
-        paths.append(path)
-    return paths
