@@ -250,6 +250,24 @@ def test_metadata_passes_monai_schema_and_has_a_changelog_entry():
         "num_channels"]
 
 
+def test_a_metadata_copy_for_another_task_names_its_channels_and_labels(tasks_root, tmp_path):
+    task, out = "Task05_Prostate", tmp_path / "metadata_Task05_Prostate.json"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           "['configs/train.json','configs/task_metadata.json']", "--task", task,
+           "--dataset_dir", str(tasks_root / task), "--task_metadata_file", str(out)]
+    result = subprocess.run(cmd, cwd=MSD_DIR, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    verify = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(out),
+                             "--filepath", str(SCHEMA)], capture_output=True, text=True, cwd=MSD_DIR)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    formats = json.loads(out.read_text())["network_data_format"]
+    dataset = json.loads((tasks_root / task / "dataset.json").read_text())
+    assert formats["inputs"]["image"]["num_channels"] == 2
+    assert formats["inputs"]["image"]["channel_def"] == dataset["modality"]
+    assert formats["outputs"]["pred"]["channel_def"] == dataset["labels"]
+    assert formats["outputs"]["pred"]["num_channels"] == 3
+
+
 def test_train_and_infer_workflows_pass_check_properties(tasks_root, tmp_path):
     task = "Task05_Prostate"
     with bundle_on_path(MSD_DIR):

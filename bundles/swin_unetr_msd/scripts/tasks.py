@@ -17,7 +17,7 @@ from monai.transforms import RandShiftIntensityd, ScaleIntensityRanged
 
 from .bundle_logger import logger
 
-__all__ = ["TASKS", "TaskSettingsError", "load_task", "intensity_transforms", "augmentations"]
+__all__ = ["TASKS", "TaskSettingsError", "load_task", "intensity_transforms", "augmentations", "write_task_metadata"]
 
 TASKS = (
     "Task01_BrainTumour",
@@ -141,3 +141,34 @@ def augmentations(augmentation: dict[str, Any], keys: list[str], image_key: str 
         out.append(RandScaleIntensityd(keys=image_key, factors=0.1, prob=augmentation["intensity_prob"]))
         out.append(RandShiftIntensityd(keys=image_key, offsets=0.1, prob=augmentation["intensity_prob"]))
     return out
+
+
+def write_task_metadata(metadata_file: str, settings: dict[str, Any], output_file: str) -> str:
+    """Write a copy of ``metadata_file`` whose ``network_data_format`` describes ``settings``' task.
+
+    MONAI Label and MONAI Deploy read the input channels and the output ``channel_def`` from the
+    bundle's metadata, which describes the default task; this copy (e.g. ``configs/metadata_<task>.json``,
+    passed with ``--meta_file``) describes another one. Returns ``output_file``.
+    """
+    with open(metadata_file) as f:
+        meta = json.load(f)
+    task = settings["task"]
+    image = meta["network_data_format"]["inputs"]["image"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    ct = settings["intensity"]["type"] == CT_WINDOW
+    image.update(num_channels=settings["in_channels"], modality="CT" if ct else "MR",
+                 format="hounsfield" if ct else "magnitude", value_range=[0, 1] if ct else [],
+                 spatial_shape=list(settings["roi_size"]),
+                 channel_def={str(i): name for i, name in settings["channel_names"].items()})
+    pred.update(num_channels=settings["num_classes"], spatial_shape=list(settings["roi_size"]),
+                channel_def={str(i): name for i, name in settings["label_names"].items()})
+    labels = ", ".join(f"{i} {name}" for i, name in settings["label_names"].items())
+    meta.update(image_classes=f"{task}: {settings['in_channels']} channel(s) "
+                              f"{list(settings['channel_names'].values())}, normalised as {settings['intensity']}",
+                label_classes=f"{task}: {labels}")
+    tmp = f"{output_file}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=4)
+    os.replace(tmp, output_file)
+    logger.info(f"wrote the metadata of {task} to {output_file}")
+    return output_file
