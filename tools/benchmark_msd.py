@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -58,9 +57,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tools.benchmark_btcv import (MIB, child_command, cube, machine_info, memory_snapshot, resolve_device, say, sync,
+from tools.benchmark_btcv import (MIB, cube, machine_info, memory_snapshot, resolve_device, say, sync,
                                   use_bundle_scripts)
-from tools.benchmark_ssl import reset_peak_rss
+from tools.benchmark_ssl import reset_peak_rss, run_child
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_msd"
@@ -294,19 +293,8 @@ def task_child(args_json: str, result_path: str) -> None:
 
 def run_task_subprocess(args: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
     """Run ``measure_task(**args)`` in a fresh Python process (forked through /bin/sh: its own peak RSS)."""
-    with tempfile.TemporaryDirectory(prefix="benchmark_msd_") as tmp:
-        result_path = os.path.join(tmp, "task.json")
-        code = "import sys; from tools.benchmark_msd import task_child; task_child(sys.argv[1], sys.argv[2])"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                                       os.environ.get("PYTHONPATH")]))}
-        try:
-            rc: int | str = subprocess.run(child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT),
-                                           env=env, timeout=timeout_s).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        if rc != 0 or not os.path.exists(result_path):
-            return {"task": args["task"], "error": f"{args['task']} subprocess failed (exit {rc})"}
-        return json.loads(Path(result_path).read_text())
+    result = run_child("tools.benchmark_msd", "task_child", args, args["task"], timeout_s)
+    return {"task": args["task"], **result} if "error" in result else result
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -472,22 +472,31 @@ def mode_child(args_json: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(result, indent=2))
 
 
-def run_mode_subprocess(args: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
-    """Run ``measure_mode(**args)`` in a fresh Python process (its own peak RSS); return its result."""
-    with tempfile.TemporaryDirectory(prefix="benchmark_ssl_") as tmp:
-        result_path = os.path.join(tmp, "mode.json")
-        code = "import sys; from tools.benchmark_ssl import mode_child; mode_child(sys.argv[1], sys.argv[2])"
+def run_child(module: str, entry: str, args: dict[str, Any], label: str,
+              timeout_s: float | None = None) -> dict[str, Any]:
+    """Run ``<module>.<entry>(args_json, result_path)`` in a fresh Python process (its own peak RSS).
+
+    Returns the JSON the child wrote, or ``{"error": ...}`` naming ``label`` if it failed.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"{module.rsplit('.', 1)[-1]}_") as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        code = f"import sys; from {module} import {entry}; {entry}(sys.argv[1], sys.argv[2])"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                                        os.environ.get("PYTHONPATH")]))}
         try:
-            proc = subprocess.run(child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT), env=env,
-                                  timeout=timeout_s)
-            rc = proc.returncode
+            rc: int | str = subprocess.run(child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT),
+                                           env=env, timeout=timeout_s).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         if rc != 0 or not os.path.exists(result_path):
-            return {"mode": args["mode"], "error": f"{args['mode']} subprocess failed (exit {rc})"}
+            return {"error": f"{label} subprocess failed (exit {rc})"}
         return json.loads(Path(result_path).read_text())
+
+
+def run_mode_subprocess(args: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+    """Run ``measure_mode(**args)`` in a fresh Python process (its own peak RSS); return its result."""
+    result = run_child("tools.benchmark_ssl", "mode_child", args, args["mode"], timeout_s)
+    return {"mode": args["mode"], **result} if "error" in result else result
 
 
 def comparison(modes: dict[str, dict]) -> dict[str, Any]:
