@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, REPO, bundle_on_path, run_workflow, train_msd_fold
+from tests.conftest import (MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, REPO, btcv_workflow, bundle_on_path, run_workflow,
+                            train_msd_fold)
 from tools.make_msd_tasks import MSD_TASKS
 
 CHANNELS = {"Task01_BrainTumour": 4, "Task05_Prostate": 2}
@@ -75,11 +76,9 @@ def test_two_fold_ensemble_with_flip_tta_runs(msd_root, runs, tmp_path, caplog):
         train_msd_fold(msd_root, runs, task, fold=0)
     train_msd_fold(msd_root, runs, task, fold=1)
     with bundle_on_path(MSD_DIR):
-        from monai.bundle import create_workflow
-
-        workflow = create_workflow(config_file=str(MSD_DIR / "configs" / "inference.json"), workflow_type="infer",
-                                   task=task, dataset_dir=str(msd_root / task), bundle_root=str(runs),
-                                   output_dir=str(tmp_path / task), tta_flips=[[0], [2]], **MSD_INFER_SMALL)
+        workflow = btcv_workflow(["inference.json"], "infer", MSD_DIR, task=task, dataset_dir=str(msd_root / task),
+                                 bundle_root=str(runs), output_dir=str(tmp_path / task), tta_flips=[[0], [2]],
+                                 **MSD_INFER_SMALL)
         logging.getLogger("swin_unetr_msd").addHandler(caplog.handler)
         caplog.set_level(logging.INFO, logger="swin_unetr_msd")
         workflow.initialize()

@@ -54,7 +54,6 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_btcv_seg"
-CONFIG_DIR = BUNDLE_DIR / "configs"
 
 # The model-zoo bundle swin_unetr_btcv_segmentation 0.5.x, configs/inference.json: the constants
 # of its pipeline, stated once. roi_size and feature_size follow the command line (same network,
@@ -214,15 +213,19 @@ def use_bundle_scripts(bundle_dir: str | os.PathLike | None = None) -> Any:
     return scripts
 
 
-def bundle_parser(config: str, overrides: dict[str, Any]) -> Any:
-    """A ConfigParser of ``configs/<config>`` with the bundle metadata and ``overrides`` applied."""
+def bundle_parser(config: str, overrides: dict[str, Any], bundle_dir: str | os.PathLike | None = None) -> Any:
+    """A ConfigParser of a bundle's ``configs/<config>`` (default: BTCV's) with its metadata and ``overrides``.
+
+    The bundle's scripts are made importable; ``bundle_root`` is the bundle folder unless overridden.
+    """
     from monai.bundle import ConfigParser
 
-    use_bundle_scripts()
+    bundle = Path(bundle_dir or BUNDLE_DIR)
+    use_bundle_scripts(bundle)
     parser = ConfigParser()
-    parser.read_config(str(CONFIG_DIR / config))
-    parser.read_meta(str(CONFIG_DIR / "metadata.json"))
-    parser.update({"bundle_root": str(BUNDLE_DIR), **overrides})
+    parser.read_config(str(bundle / "configs" / config))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(bundle), **overrides})
     return parser
 
 

@@ -54,12 +54,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from tools.benchmark_btcv import (MIB, cube, machine_info, memory_snapshot, resolve_device, say, sync,
-                                  use_bundle_scripts)
-from tools.benchmark_ssl import reset_peak_rss, run_child
+from tools.benchmark_btcv import MIB, cube, device_expr, machine_info, memory_snapshot, resolve_device, say, sync
+from tools.benchmark_btcv import bundle_parser as btcv_bundle_parser
+from tools.benchmark_ssl import _mean, reset_peak_rss, run_child
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_msd"
@@ -74,10 +73,6 @@ DEFAULT_SHAPE = (128, 128, 96)
 def load_average() -> list[float] | None:
     """The 1, 5 and 15 minute system load averages (None where the OS has none)."""
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
 
 
 def _loss_of(output: Any) -> float:
@@ -103,7 +98,7 @@ def train_overrides(task: str, dataset_dir: str, bundle_root: str, device: torch
         "task": task,
         "dataset_dir": str(dataset_dir),
         "bundle_root": str(bundle_root),
-        "device": f"$torch.device('{device}')",
+        "device": device_expr(device),
         "feature_size": int(feature_size),
         "num_samples": int(num_samples),
         "batch_size": int(batch_size),
@@ -128,13 +123,7 @@ def train_overrides(task: str, dataset_dir: str, bundle_root: str, device: torch
 
 def bundle_parser(overrides: dict[str, Any]) -> Any:
     """A ConfigParser of the MSD bundle's ``configs/train.json`` with ``overrides`` applied (scripts importable)."""
-    from monai.bundle import ConfigParser
-
-    use_bundle_scripts(BUNDLE_DIR)
-    parser = ConfigParser()
-    parser.read_config(str(CONFIG_DIR / "train.json"))
-    parser.update(overrides)
-    return parser
+    return btcv_bundle_parser("train.json", overrides, BUNDLE_DIR)
 
 
 # ------------------------------------------------------------------------------------------ one task

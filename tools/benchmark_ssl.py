@@ -58,7 +58,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -69,13 +68,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tools.benchmark_btcv import use_bundle_scripts as btcv_use_bundle_scripts
+from tools.benchmark_btcv import bundle_parser as btcv_bundle_parser
 from tools.benchmark_btcv import (MIB, _status_kib, child_command, cube, machine_info, memory_snapshot,
                                   resolve_device, say, sync)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_ssl_pretrain"
-CONFIG_DIR = BUNDLE_DIR / "configs"
 MODES = ("bundle", "research")
 RESEARCH_FORWARDS = ("separate", "concat")
 
@@ -91,21 +89,9 @@ MAX_BOXES = 1000
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def use_bundle_scripts() -> Any:
-    """Make ``import scripts`` give the SSL bundle's scripts package (dropping another bundle's); return it."""
-    return btcv_use_bundle_scripts(BUNDLE_DIR)
-
-
 def bundle_parser(overrides: dict[str, Any]) -> Any:
     """A ConfigParser of the bundle's ``configs/train.json`` with its metadata and ``overrides`` applied."""
-    from monai.bundle import ConfigParser
-
-    use_bundle_scripts()
-    parser = ConfigParser()
-    parser.read_config(str(CONFIG_DIR / "train.json"))
-    parser.read_meta(str(CONFIG_DIR / "metadata.json"))
-    parser.update({"bundle_root": str(BUNDLE_DIR), **overrides})
-    return parser
+    return btcv_bundle_parser("train.json", overrides, BUNDLE_DIR)
 
 
 def train_overrides(device: torch.device, feature_size: int, roi_size: Sequence[int], batch_size: int,

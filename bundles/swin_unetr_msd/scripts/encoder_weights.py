@@ -458,9 +458,10 @@ def load_pretrained_encoder(network: nn.Module, pretrained_path: str | None, pat
     if in_channel_rule not in IN_CHANNEL_RULES:
         raise ValueError(f"in_channel_rule must be one of {IN_CHANNEL_RULES}; got {in_channel_rule!r}.")
     encoder = _encoder_of(network)
+    net_fs, net_in = _encoder_shape(encoder)
     state, info = encoder_state_dict_from_file(path)
-    if in_channel_rule == REPEAT_SCALED and info["feature_size"] == _encoder_shape(encoder)[0]:
-        state = adapt_in_channels(state, _encoder_shape(encoder)[1], path)
+    if in_channel_rule == REPEAT_SCALED and info["feature_size"] == net_fs:  # else the shape check names the width
+        state = adapt_in_channels(state, net_in, path)
 
     file_order, where = info["patch_merging"], info["patch_merging_source"]
     if where == "assumed":
@@ -492,7 +493,6 @@ def load_pretrained_encoder(network: nn.Module, pretrained_path: str | None, pat
     encoder.load_state_dict(state, strict=True)
     total = len(encoder.state_dict())
     extras = [f"dropped {info['dropped_head_tensors']} head tensors"] if info["dropped_head_tensors"] else []
-    net_in = _encoder_shape(encoder)[1]
     if net_in != info["in_channels"]:
         extras.append(f"patch embedding adapted from {info['in_channels']} to {net_in} input channels by {REPEAT_SCALED}")
     if info["ignored_decoder_tensors"]:

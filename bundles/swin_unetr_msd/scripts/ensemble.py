@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .bundle_logger import logger
-from .encoder_weights import NetworkRecord, _torch_load
+from .encoder_weights import NetworkRecord, _tensor_mapping, _torch_load
 
 __all__ = ["checkpoint_paths", "SoftmaxEnsemble", "build_inference_network"]
 
@@ -31,23 +31,14 @@ def checkpoint_paths(ckpt_path: str | Sequence[str], folds_dir: str) -> list[str
     return paths
 
 
-def _model_state(path: str) -> dict:
-    """The model state dict of a checkpoint of this bundle (``{"model": ...}``) or a bare state dict."""
+def _load_into(network: nn.Module, path: str) -> nn.Module:
+    """Load a checkpoint of this bundle (``{"model": ..., "network_record": ...}``) or a bare state dict, strictly."""
     obj = _torch_load(path)
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    state = _tensor_mapping(obj)
+    if state is None:
         raise ValueError(f"{path}: not a model checkpoint (expected {{'model': state_dict}} or a state dict)")
     if isinstance(obj.get("network_record"), dict):
-        state = dict(state)
-        state["__record__"] = obj["network_record"]
-    return state
-
-
-def _load_into(network: nn.Module, path: str) -> nn.Module:
-    state = _model_state(path)
-    record = state.pop("__record__", None)
-    if record is not None:
-        NetworkRecord(network).load_state_dict(record)  # raises if the patch-merging order differs
+        NetworkRecord(network).load_state_dict(obj["network_record"])  # raises if the patch-merging order differs
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -7,26 +7,15 @@ sets are disjoint and together cover every case.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from .bundle_logger import logger
-from .datalists import IMAGE_SUFFIXES, inference_items
+from .datalists import IMAGE_SUFFIXES, _resolve, inference_items
+from .tasks import _read_json
 
 __all__ = ["training_cases", "fold_indices", "fold_datalist", "split", "test_items"]
-
-
-def _resolve(path: str, base_dir: str) -> str:
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
-
-
-def _read(path: str, what: str = "dataset.json") -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path) as f:
-        return json.load(f)
 
 
 def _paired_files(dataset_dir: str, dataset_json: str) -> list[dict]:
@@ -47,7 +36,7 @@ def training_cases(dataset_json: str, dataset_dir: str | None = None) -> list[di
     macOS ``._*`` resource files that some copies of the Decathlon archives carry are reported, not used.
     """
     dataset_dir = dataset_dir or os.path.dirname(os.path.abspath(dataset_json))
-    content = _read(dataset_json)
+    content = _read_json(dataset_json, "dataset.json")
     entries = content.get("training") or _paired_files(dataset_dir, dataset_json)
     items = []
     for n, entry in enumerate(entries, 1):
@@ -90,7 +79,7 @@ def split(datalist: str, dataset_json: str, fold: int, num_folds: int = 5, seed:
     """The training/validation split to use: ``datalist``'s own lists when one is given, else ``fold``'s."""
     if not datalist:
         return fold_datalist(dataset_json, fold, num_folds, seed, dataset_dir)
-    content = _read(datalist, "datalist")
+    content = _read_json(datalist, "datalist")
     base = dataset_dir or os.path.dirname(os.path.abspath(dataset_json))
     out = {}
     for key in ("training", "validation"):
@@ -104,7 +93,7 @@ def split(datalist: str, dataset_json: str, fold: int, num_folds: int = 5, seed:
 def test_items(dataset_json: str, dataset_dir: str | None = None) -> list[dict]:
     """The test images to predict: ``dataset.json``'s ``test`` list, else every image in ``imagesTs``."""
     dataset_dir = dataset_dir or os.path.dirname(os.path.abspath(dataset_json))
-    entries = _read(dataset_json).get("test")
+    entries = _read_json(dataset_json, "dataset.json").get("test")
     if entries:
         items = [{"image": _resolve(e["image"] if isinstance(e, dict) else e, dataset_dir)} for e in entries]
         return [i for i in items if not os.path.basename(i["image"]).startswith("._")]
