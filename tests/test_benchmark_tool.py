@@ -106,10 +106,15 @@ def test_comparison(bench):
     c = r["comparison"]
     assert _positive(c["speed_ratio_model_zoo_over_bundle"])
     assert _positive(c["sliding_window_ratio_model_zoo_over_bundle"])
-    for key in ("agreement_bundle_vs_bundle_fp32", "agreement_bundle_vs_model_zoo"):
+    for key in ("agreement_bundle_vs_bundle_fp32", "agreement_bundle_vs_model_zoo",
+                "organ_agreement_bundle_vs_bundle_fp32", "organ_agreement_bundle_vs_model_zoo"):
         assert 0.0 <= c[key] <= 1.0, key
-    if r["end_to_end"]["bundle"]["precision"] == "float32":  # no autocast here: the same computation
-        assert c["agreement_bundle_vs_bundle_fp32"] == 1.0
+    bundle, fp32 = r["end_to_end"]["bundle"], r["end_to_end"]["bundle_fp32"]
+    # on CPU the bundle runs channels-last (GroupNorm for InstanceNorm), the reference plain NCDHW float32
+    assert bundle["settings"]["channels_last"] is True and fp32["settings"]["channels_last"] is False
+    if bundle["precision"] == "float32":
+        # the same float32 function up to summation order: even random logits' argmax barely moves
+        assert c["agreement_bundle_vs_bundle_fp32"] >= 0.99
     assert "random weights" in c["note"]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import BTCV_DIR, SMALL, btcv_workflow, bundle_on_path, error_text, run_workflow
 
@@ -150,3 +151,59 @@ def test_torchscript_export_for_monai_deploy_matches_the_checkpoint(trained, tmp
     x = torch.rand(1, 1, 64, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_cpu_inference_agrees_with_the_float32_reference(trained, phantom_dir, tmp_path):
+    """The CPU speed path (channels-last, InstanceNorm as GroupNorm) labels like the plain float32 run."""
+    labels = {}
+    for channels_last in (True, False):
+        out = tmp_path / f"channels_last_{channels_last}"
+        workflow = run_workflow(["inference.json"], "infer", dataset_dir=str(phantom_dir),
+                                datalist=str(phantom_dir / "datalist.json"), ckpt_path=str(trained["model"]),
+                                output_dir=str(out), num_workers=0, channels_last=channels_last, **INFER_SMALL)
+        network = workflow.parser.get_parsed_content("network")
+        norms = {type(m).__name__ for m in network.modules() if "Norm" in type(m).__name__}
+        conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))
+        if channels_last:
+            assert "InstanceNorm3d" not in norms and "GroupNorm" in norms
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        else:
+            assert "InstanceNorm3d" in norms and "GroupNorm" not in norms
+            assert conv.weight.is_contiguous()
+        (path,) = out.iterdir()
+        labels[channels_last] = np.asarray(nib.load(path).dataobj)
+    assert np.mean(labels[True] == labels[False]) >= 0.999
+
+
+def test_to_channels_last_is_the_same_function_with_the_same_state_dict():
+    from monai.networks.nets import SwinUNETR
+
+    with bundle_on_path():
+        from scripts.inferers import to_channels_last
+
+        torch.manual_seed(0)
+        reference = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, use_flash_attention=True).eval()
+        converted = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, use_flash_attention=True).eval()
+        converted.load_state_dict(reference.state_dict())
+        instance_norms = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in reference.modules())
+        assert to_channels_last(converted) == instance_norms > 0
+        assert to_channels_last(converted) == instance_norms  # idempotent
+        assert sum(isinstance(m, torch.nn.GroupNorm) for m in converted.modules()) == instance_norms
+        assert converted.state_dict().keys() == reference.state_dict().keys()
+        converted.load_state_dict(reference.state_dict(), strict=True)  # checkpoints still load strictly
+        x = torch.rand(2, 1, 64, 64, 64)
+        with torch.inference_mode():
+            expected, got = reference(x), converted(x)
+        assert got.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(got.contiguous(), expected, atol=5e-3, rtol=0)
+
+        # an affine InstanceNorm keeps its own weight and bias as the GroupNorm's
+        affine = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3), torch.nn.InstanceNorm3d(4, affine=True))
+        with torch.no_grad():
+            affine[1].weight.uniform_(0.5, 2.0)
+            affine[1].bias.uniform_(-1.0, 1.0)
+        y = torch.rand(1, 2, 8, 8, 8)
+        with torch.inference_mode():
+            before = affine(y)
+            assert to_channels_last(affine) == 1
+            torch.testing.assert_close(affine(y).contiguous(), before, atol=1e-4, rtol=0)

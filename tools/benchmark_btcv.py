@@ -5,8 +5,10 @@ What is measured, for one volume on one device (default: cuda if available, else
 1. End-to-end inference per volume, stage by stage (input check, load, preprocess, sliding window,
    postprocess = softmax + invert + argmax, save) for three variants:
 
-   * ``bundle``      - the bundle's ``configs/inference.json`` as configured (amp on, flash attention on);
-   * ``bundle_fp32`` - the same with ``amp`` False: the float32 reference for the agreement number;
+   * ``bundle``      - the bundle's ``configs/inference.json`` as configured (amp on, flash attention on,
+     channels-last on CPU);
+   * ``bundle_fp32`` - the same with ``amp`` and ``channels_last`` False: the float32 NCDHW reference
+     for the agreement numbers;
    * ``model_zoo``   - the same weights run with the model-zoo 0.5.x pipeline, built here from MONAI
      transforms (ITKReader, no foreground crop, plain ``SlidingWindowInferer``, no flash attention,
      evaluator amp = autocast on CUDA only).
@@ -14,7 +16,8 @@ What is measured, for one volume on one device (default: cuda if available, else
    The bundle variants are parsed from the bundle's own configs with ``monai.bundle.ConfigParser``
    (``preprocessing``, ``inferer``, ``postprocessing``, ``network``, ``handlers``, ``dataset#data``),
    so this measures the bundle's real pipeline. Reported: the speed ratio model_zoo / bundle and
-   the fraction of equal voxels between the saved label maps.
+   the fraction of equal voxels between the saved label maps, over all voxels and over the voxels
+   that either map labels as an organ.
 2. Network forward time per call of ``sw_batch_size`` windows of ``roi_size`` (after a warm-up),
    for the bundle and model-zoo network settings, in float32 and, where the bundle would autocast
    on this device, in its reduced precision.
@@ -245,8 +248,11 @@ def bundle_autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 def inference_overrides(device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str,
                         output_dir: str, amp: bool) -> dict[str, Any]:
-    """Overrides of inference.json for one benchmark variant."""
-    return {
+    """Overrides of inference.json for one benchmark variant.
+
+    ``amp`` false gives the float32 reference: no autocast and the plain NCDHW layout (no channels-last).
+    """
+    overrides = {
         "device": device_expr(device),
         "feature_size": int(feature_size),
         "roi_size": list(roi_size),
@@ -254,6 +260,15 @@ def inference_overrides(device: torch.device, feature_size: int, roi_size: Seque
         "output_dir": str(output_dir),
         "amp": bool(amp),
     }
+    if not amp:
+        overrides["channels_last"] = False
+    return overrides
+
+
+def bundle_channels_last(device: torch.device) -> bool:
+    """Whether the bundle's inference (as configured in inference.json) runs channels-last on ``device``."""
+    parser = bundle_parser("inference.json", {})
+    return device.type == "cpu" and bool(parser.get("channels_last", False))
 
 
 def write_random_checkpoint(path: Path, feature_size: int, seed: int) -> str:
@@ -313,6 +328,7 @@ def bundle_pipeline(device: torch.device, feature_size: int, roi_size: Sequence[
             "use_flash_attention": flash_attention_of(network),
             "sw_batch_size": int(parser["sw_batch_size"]),
             "overlap": float(parser["overlap"]),
+            "channels_last": bool(parser.get("channels_last", False)) and device.type == "cpu",
             "spacing": list(parser["spacing"]),
             "hu_window": list(parser["hu_window"]),
             "patch_merging": type(network.swinViT.layers1[0].downsample).__name__,
@@ -524,17 +540,24 @@ def run_end_to_end(pipeline: dict[str, Any], image_path: str, device: torch.devi
     }
 
 
-def label_agreement(path_a: str | None, path_b: str | None) -> float | None:
-    """Fraction of voxels with the same label in two saved label maps (None if either is missing or shapes differ)."""
+def label_agreement(path_a: str | None, path_b: str | None, foreground: bool = False) -> float | None:
+    """Fraction of voxels with the same label in two saved label maps (None if either is missing or shapes differ).
+
+    With ``foreground``, only voxels that either map labels as an organ count (None if there are none),
+    so a mostly-background volume cannot hide disagreement on the organs.
+    """
     import nibabel as nib
 
     if not path_a or not path_b:
         return None
-    a = np.asarray(nib.load(path_a).dataobj)
-    b = np.asarray(nib.load(path_b).dataobj)
+    a = np.rint(np.asarray(nib.load(path_a).dataobj))
+    b = np.rint(np.asarray(nib.load(path_b).dataobj))
     if a.shape != b.shape:
         return None
-    return float(np.mean(np.rint(a) == np.rint(b)))
+    if foreground:
+        organs = (a > 0) | (b > 0)
+        return float(np.mean(a[organs] == b[organs])) if organs.any() else None
+    return float(np.mean(a == b))
 
 
 def image_info(image_path: str) -> dict[str, Any]:
@@ -776,6 +799,10 @@ def comparison(e2e: dict[str, dict]) -> dict[str, Any]:
                                                            fp32 and fp32["label_path"]),
         "agreement_bundle_vs_model_zoo": label_agreement(bundle and bundle["label_path"],
                                                          zoo and zoo["label_path"]),
+        "organ_agreement_bundle_vs_bundle_fp32": label_agreement(bundle and bundle["label_path"],
+                                                                 fp32 and fp32["label_path"], foreground=True),
+        "organ_agreement_bundle_vs_model_zoo": label_agreement(bundle and bundle["label_path"],
+                                                               zoo and zoo["label_path"], foreground=True),
     }
 
 
@@ -817,6 +844,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"(sliding window alone {num(c['sliding_window_ratio_model_zoo_over_bundle'], '{:.2f}x')})",
         f"voxel agreement bundle vs bundle_fp32: {num(c['agreement_bundle_vs_bundle_fp32'], '{:.4%}')}; "
         f"bundle vs model_zoo: {num(c['agreement_bundle_vs_model_zoo'], '{:.4%}')}",
+        f"organ-voxel agreement (voxels either map labels as an organ) bundle vs bundle_fp32: "
+        f"{num(c.get('organ_agreement_bundle_vs_bundle_fp32'), '{:.4%}')}; "
+        f"bundle vs model_zoo: {num(c.get('organ_agreement_bundle_vs_model_zoo'), '{:.4%}')}",
         *([f"({c['note']})"] if c.get("note") else []),
         "",
         "Network forward, one call = a batch of windows (the inferer's sw_batch_size unless --forward_batch)",
@@ -902,13 +932,13 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
     e2e: dict[str, dict] = {}
     networks: dict[str, torch.nn.Module] = {}
     sw_batch = None
-    fp32_is_bundle = skip_identical_fp32 and bundle_autocast_dtype(dev) is None
+    fp32_is_bundle = skip_identical_fp32 and bundle_autocast_dtype(dev) is None and not bundle_channels_last(dev)
     for name in VARIANTS:
         if name == "model_zoo" and skip_model_zoo:
             say("model_zoo: skipped")
             continue
         if name == "bundle_fp32" and fp32_is_bundle:
-            say("bundle_fp32: skipped, amp changes nothing on this device so the bundle run is the fp32 run")
+            say("bundle_fp32: skipped, the bundle runs float32 in the plain layout here, so its run is the fp32 run")
             continue
         say(f"{name}: building the pipeline")
         t0 = time.perf_counter()
@@ -930,7 +960,8 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
     result["comparison"] = comparison(e2e)
     if fp32_is_bundle:
         result["comparison"]["agreement_bundle_vs_bundle_fp32"] = 1.0
-        result["comparison"]["fp32_note"] = ("no reduced precision is used on this device (no native bf16 kernels), "
+        result["comparison"]["organ_agreement_bundle_vs_bundle_fp32"] = 1.0
+        result["comparison"]["fp32_note"] = ("neither reduced precision nor channels-last is used on this device, "
                                              "so the bundle's label map is the fp32 label map")
     if not ckpt_path:
         result["comparison"]["note"] = ("random weights: the agreements compare label maps of random logits "
