@@ -207,3 +207,27 @@ def test_to_channels_last_is_the_same_function_with_the_same_state_dict():
             before = affine(y)
             assert to_channels_last(affine) == 1
             torch.testing.assert_close(affine(y).contiguous(), before, atol=1e-4, rtol=0)
+
+
+def test_reuse_freed_memory_stops_page_faulting_tensors_in_again():
+    """After the allocator setting, a freed 256 MiB tensor's memory is reused, not faulted in afresh."""
+    import resource
+    import sys as _sys
+
+    if not _sys.platform.startswith("linux"):
+        pytest.skip("glibc allocator setting: Linux only")
+    with bundle_on_path():
+        from scripts.allocator import reuse_freed_memory
+
+        applied = reuse_freed_memory(True)
+        assert applied is True and reuse_freed_memory(True) is True  # idempotent
+        assert reuse_freed_memory(False) is False
+
+    def faults_of_one_fill():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(64 * 1024 * 1024).sum()  # 256 MiB, freed at once
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_of_one_fill()
+    # 256 MiB in 4 KiB pages would be 65536 faults if the block were mapped afresh
+    assert faults_of_one_fill() < 2000

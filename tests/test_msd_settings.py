@@ -34,7 +34,7 @@ PUBLIC_KNOBS = ["task", "dataset_dir", "dataset_json", "datalist", "fold", "num_
                 "ckpt_dir", "device", "amp", "spacing", "roi_size", "intensity", "augmentation", "feature_size",
                 "pretrained_path", "patch_merging", "in_channel_rule", "resume_from", "batch_size", "num_samples",
                 "num_workers", "learning_rate", "max_epochs", "val_interval", "sw_batch_size", "overlap"]
-SHARED_MODULES = ("checkpoints.py", "checks.py", "datalists.py", "encoder_weights.py", "inferers.py", "metrics.py",
+SHARED_MODULES = ("allocator.py", "checkpoints.py", "checks.py", "datalists.py", "encoder_weights.py", "inferers.py", "metrics.py",
                   "patch_merging.py", "transforms.py")
 
 

@@ -17,7 +17,7 @@ PUBLIC_KNOBS = ["dataset_dir", "datalist", "output_dir", "ckpt_dir", "device", "
                 "inpaint_weight", "contrast_weight", "rotation_weight", "learning_rate", "warmup_steps", "num_steps",
                 "accumulation_steps", "val_interval", "ckpt_metric"]
 # Each bundle is self-contained, so these modules are copied into each one; they must stay identical.
-SHARED_MODULES = ("checkpoints.py", "encoder_weights.py", "patch_merging.py")
+SHARED_MODULES = ("allocator.py", "checkpoints.py", "encoder_weights.py", "patch_merging.py")
 
 
 def _load(name):

@@ -2,8 +2,8 @@
 
 What is measured, for one volume on one device (default: cuda if available, else cpu):
 
-1. End-to-end inference per volume, stage by stage (input check, load, preprocess, sliding window,
-   postprocess = softmax + invert + argmax, save) for three variants:
+1. End-to-end inference per volume, each variant in a fresh process, stage by stage (input check, load,
+   preprocess, sliding window, postprocess = softmax + invert + argmax, save) for three variants:
 
    * ``bundle``      - the bundle's ``configs/inference.json`` as configured (amp on, flash attention on,
      channels-last on CPU);
@@ -329,6 +329,7 @@ def bundle_pipeline(device: torch.device, feature_size: int, roi_size: Sequence[
             "sw_batch_size": int(parser["sw_batch_size"]),
             "overlap": float(parser["overlap"]),
             "channels_last": bool(parser.get("channels_last", False)) and device.type == "cpu",
+            "reuse_cpu_memory": bool(parser.get("reuse_cpu_memory", False)) and device.type == "cpu",
             "spacing": list(parser["spacing"]),
             "hu_window": list(parser["hu_window"]),
             "patch_merging": type(network.swinViT.layers1[0].downsample).__name__,
@@ -618,6 +619,39 @@ def benchmark_forward(networks: dict[str, torch.nn.Module], roi_size: Sequence[i
                        seconds_per_window=mean / shape[0], std_s=float(np.std(times)))
             rows.append(row)
     return rows
+
+
+def build_variant(name: str, device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str,
+                  output_dir: str) -> dict[str, Any]:
+    """The pipeline of one benchmark variant (see ``VARIANTS``)."""
+    if name == "model_zoo":
+        return model_zoo_pipeline(device, feature_size, roi_size, ckpt_path, output_dir)
+    return bundle_pipeline(device, feature_size, roi_size, ckpt_path, output_dir, amp=(name == "bundle"))
+
+
+def variant_child(args_json: str, result_path: str) -> None:
+    """Subprocess entry: build one variant, run the volume end to end, optionally time its forward; write JSON.
+
+    Each variant runs in a fresh process so that process-wide settings one pipeline makes (the
+    bundle's allocator setting, thread pools, the allocator's state) cannot speed up or slow down
+    another.
+    """
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    a = json.loads(args_json)
+    dev = resolve_device(a["device"])
+    t0 = time.perf_counter()
+    pipeline = build_variant(a["name"], dev, a["feature_size"], a["roi_size"], a["ckpt_path"], a["output_dir"])
+    setup_s = time.perf_counter() - t0
+    say(f"{a['name']}: running one volume ({pipeline['precision']}, warm-up forward first)")
+    result = run_end_to_end(pipeline, a["image"], dev, Path(a["output_dir"]), warmup=a["warmup"])
+    result["setup_s"] = setup_s
+    forward = []
+    if a["time_forward"]:
+        batch = int(a["forward_batch"] or pipeline["sw_batch_size"])
+        forward = benchmark_forward({a["name"]: pipeline["network"]}, a["roi_size"], batch, dev, a["repeats"])
+    Path(result_path).write_text(json.dumps({"end_to_end": result, "model_forward": forward}))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -924,15 +958,11 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
     }
     Path(image).read_bytes()  # page cache warm for every variant alike
 
-    builders = {
-        "bundle": lambda: bundle_pipeline(dev, feature_size, roi, ckpt, str(out / "bundle"), amp=True),
-        "bundle_fp32": lambda: bundle_pipeline(dev, feature_size, roi, ckpt, str(out / "bundle_fp32"), amp=False),
-        "model_zoo": lambda: model_zoo_pipeline(dev, feature_size, roi, ckpt, str(out / "model_zoo")),
-    }
     e2e: dict[str, dict] = {}
-    networks: dict[str, torch.nn.Module] = {}
-    sw_batch = None
+    forward_rows: list[dict] = []
     fp32_is_bundle = skip_identical_fp32 and bundle_autocast_dtype(dev) is None and not bundle_channels_last(dev)
+    from tools.benchmark_ssl import run_child
+
     for name in VARIANTS:
         if name == "model_zoo" and skip_model_zoo:
             say("model_zoo: skipped")
@@ -940,20 +970,18 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
         if name == "bundle_fp32" and fp32_is_bundle:
             say("bundle_fp32: skipped, the bundle runs float32 in the plain layout here, so its run is the fp32 run")
             continue
-        say(f"{name}: building the pipeline")
-        t0 = time.perf_counter()
-        pipeline = builders[name]()
-        setup_s = time.perf_counter() - t0
-        say(f"{name}: running one volume ({pipeline['precision']}, warm-up forward first)")
-        r = run_end_to_end(pipeline, image, dev, out / name, warmup=warmup)
-        r["setup_s"] = setup_s
-        e2e[name] = r
+        say(f"{name}: building the pipeline and running one volume in a fresh process")
+        args = {"name": name, "device": str(dev), "feature_size": int(feature_size), "roi_size": roi,
+                "ckpt_path": ckpt, "output_dir": str(out / name), "image": str(image), "warmup": bool(warmup),
+                "time_forward": name in ("bundle", "model_zoo"), "forward_batch": forward_batch,
+                "repeats": int(repeats)}
+        child = run_child("tools.benchmark_btcv", "variant_child", args, name)
+        if "error" in child:
+            raise RuntimeError(f"benchmark variant {name}: {child['error']}")
+        r = e2e[name] = child["end_to_end"]
+        forward_rows += child["model_forward"]
         say(f"{name}: total {r['total_s']:.2f} s, sliding window {r['stages_s']['sliding_window']:.2f} s over "
             f"{r['windows']} windows; label map {r['label_path']}")
-        if name in ("bundle", "model_zoo"):
-            networks[name] = pipeline["network"]
-            sw_batch = sw_batch or pipeline["sw_batch_size"]
-        del pipeline
     result["machine"]["load_average_after_inference"] = (
         [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None)
     result["end_to_end"] = e2e
@@ -966,8 +994,7 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
     if not ckpt_path:
         result["comparison"]["note"] = ("random weights: the agreements compare label maps of random logits "
                                         "(pipeline and numeric differences), not segmentation quality")
-    result["model_forward"] = benchmark_forward(networks, roi, int(forward_batch or sw_batch), dev, repeats)
-    networks.clear()
+    result["model_forward"] = forward_rows
     if skip_training:
         say("training: skipped")
         result["training"] = None

@@ -8,6 +8,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
+from .allocator import reuse_freed_memory
 from .bundle_logger import logger
 
 __all__ = ["AutocastSlidingWindowInferer", "autocast_dtype", "to_channels_last"]
@@ -61,13 +62,16 @@ class AutocastSlidingWindowInferer(SlidingWindowInferer):
     full precision. It works wherever a bundle's ``inferer`` is used (MONAI Label, MONAI Deploy).
 
     With ``channels_last`` true, a network given for CPU inference is first converted in place by
-    ``to_channels_last`` (meant for inference-only configs; CUDA is left as it is).
+    ``to_channels_last`` (meant for inference-only configs; CUDA is left as it is). With
+    ``reuse_cpu_memory`` true, the first CPU call applies ``allocator.reuse_freed_memory``.
     """
 
-    def __init__(self, *args: Any, autocast: bool = False, channels_last: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, autocast: bool = False, channels_last: bool = False,
+                 reuse_cpu_memory: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.autocast = autocast
         self.channels_last = channels_last
+        self.reuse_cpu_memory = reuse_cpu_memory
         self._told: set[str] = set()
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
@@ -78,6 +82,8 @@ class AutocastSlidingWindowInferer(SlidingWindowInferer):
             layout = f", channels-last 3D ({to_channels_last(network)} InstanceNorm3d as GroupNorm)"
         if device_type not in self._told:
             self._told.add(device_type)
+            if device_type == "cpu":
+                reuse_freed_memory(self.reuse_cpu_memory)
             logger.info(f"sliding-window inference on {device_type} in {dtype or torch.float32}{layout}"
                         + ("" if dtype or not self.autocast else " (no native reduced-precision kernels here)"))
         if dtype is None:
