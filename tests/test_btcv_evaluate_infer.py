@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -212,9 +213,8 @@ def test_to_channels_last_is_the_same_function_with_the_same_state_dict():
 def test_reuse_freed_memory_stops_page_faulting_tensors_in_again():
     """After the allocator setting, a freed 256 MiB tensor's memory is reused, not faulted in afresh."""
     import resource
-    import sys as _sys
 
-    if not _sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         pytest.skip("glibc allocator setting: Linux only")
     with bundle_on_path():
         from scripts.allocator import reuse_freed_memory

@@ -265,12 +265,6 @@ def inference_overrides(device: torch.device, feature_size: int, roi_size: Seque
     return overrides
 
 
-def bundle_channels_last(device: torch.device) -> bool:
-    """Whether the bundle's inference (as configured in inference.json) runs channels-last on ``device``."""
-    parser = bundle_parser("inference.json", {})
-    return device.type == "cpu" and bool(parser.get("channels_last", False))
-
-
 def write_random_checkpoint(path: Path, feature_size: int, seed: int) -> str:
     """Write a bundle-format checkpoint of a randomly initialised network (seeded); return its path.
 
@@ -794,22 +788,35 @@ def child_command(code: str, *args: str) -> list[str]:
     return command
 
 
+def run_child(module: str, entry: str, args: dict[str, Any], label: str,
+              timeout_s: float | None = None) -> dict[str, Any]:
+    """Run ``<module>.<entry>(args_json, result_path)`` in a fresh Python process (its own peak RSS).
+
+    Returns the JSON the child wrote, or ``{"error": ...}`` naming ``label`` if it failed.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"{module.rsplit('.', 1)[-1]}_") as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        code = f"import sys; from {module} import {entry}; {entry}(sys.argv[1], sys.argv[2])"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                       os.environ.get("PYTHONPATH")]))}
+        try:
+            rc: int | str = subprocess.run(child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT),
+                                           env=env, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        if rc != 0 or not os.path.exists(result_path):
+            return {"error": f"{label} subprocess failed (exit {rc})"}
+        return json.loads(Path(result_path).read_text())
+
+
 def benchmark_training(device: torch.device, feature_size: int, roi_size: Sequence[int], steps: int,
                        seed: int = 0, warmup_steps: int = 1, crops: int | None = None,
                        timeout_s: float | None = None) -> dict[str, Any]:
     """Measure training in a fresh Python process so that its peak memory belongs to training alone."""
     args = {"device": str(device), "feature_size": int(feature_size), "roi_size": list(roi_size),
             "steps": int(steps), "seed": int(seed), "warmup_steps": int(warmup_steps), "crops": crops}
-    with tempfile.TemporaryDirectory(prefix="benchmark_btcv_train_") as tmp:
-        result_path = os.path.join(tmp, "training.json")
-        code = "import sys; from tools.benchmark_btcv import training_child; training_child(sys.argv[1], sys.argv[2])"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                                       os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run(child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT), env=env,
-                              timeout=timeout_s)
-        if proc.returncode != 0 or not os.path.exists(result_path):
-            return {"error": f"training subprocess failed with exit code {proc.returncode}", **args}
-        return json.loads(Path(result_path).read_text())
+    result = run_child("tools.benchmark_btcv", "training_child", args, "training", timeout_s)
+    return {**result, **args} if "error" in result else result
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -960,9 +967,7 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
 
     e2e: dict[str, dict] = {}
     forward_rows: list[dict] = []
-    fp32_is_bundle = skip_identical_fp32 and bundle_autocast_dtype(dev) is None and not bundle_channels_last(dev)
-    from tools.benchmark_ssl import run_child
-
+    fp32_is_bundle = False
     for name in VARIANTS:
         if name == "model_zoo" and skip_model_zoo:
             say("model_zoo: skipped")
@@ -980,6 +985,9 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
             raise RuntimeError(f"benchmark variant {name}: {child['error']}")
         r = e2e[name] = child["end_to_end"]
         forward_rows += child["model_forward"]
+        if name == "bundle":  # the fp32 run would repeat it: float32 and the plain layout here
+            fp32_is_bundle = (skip_identical_fp32 and r["precision"] == "float32"
+                              and not r["settings"]["channels_last"])
         say(f"{name}: total {r['total_s']:.2f} s, sliding window {r['stages_s']['sliding_window']:.2f} s over "
             f"{r['windows']} windows; label map {r['label_path']}")
     result["machine"]["load_average_after_inference"] = (

@@ -58,7 +58,8 @@ import torch
 
 from tools.benchmark_btcv import MIB, cube, device_expr, machine_info, memory_snapshot, resolve_device, say, sync
 from tools.benchmark_btcv import bundle_parser as btcv_bundle_parser
-from tools.benchmark_ssl import _mean, reset_peak_rss, run_child
+from tools.benchmark_btcv import run_child
+from tools.benchmark_ssl import _mean, reset_peak_rss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_msd"

@@ -57,8 +57,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,8 +67,8 @@ import numpy as np
 import torch
 
 from tools.benchmark_btcv import bundle_parser as btcv_bundle_parser
-from tools.benchmark_btcv import (MIB, _status_kib, child_command, cube, machine_info, memory_snapshot,
-                                  resolve_device, say, sync)
+from tools.benchmark_btcv import (MIB, _status_kib, cube, machine_info, memory_snapshot,
+                                  resolve_device, run_child, say, sync)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_ssl_pretrain"
@@ -456,27 +454,6 @@ def mode_child(args_json: str, result_path: str) -> None:
     """Entry point of a mode's subprocess: measure and write the result JSON to ``result_path``."""
     result = measure_mode(**json.loads(args_json))
     Path(result_path).write_text(json.dumps(result, indent=2))
-
-
-def run_child(module: str, entry: str, args: dict[str, Any], label: str,
-              timeout_s: float | None = None) -> dict[str, Any]:
-    """Run ``<module>.<entry>(args_json, result_path)`` in a fresh Python process (its own peak RSS).
-
-    Returns the JSON the child wrote, or ``{"error": ...}`` naming ``label`` if it failed.
-    """
-    with tempfile.TemporaryDirectory(prefix=f"{module.rsplit('.', 1)[-1]}_") as tmp:
-        result_path = os.path.join(tmp, "result.json")
-        code = f"import sys; from {module} import {entry}; {entry}(sys.argv[1], sys.argv[2])"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                                       os.environ.get("PYTHONPATH")]))}
-        try:
-            rc: int | str = subprocess.run(child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT),
-                                           env=env, timeout=timeout_s).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        if rc != 0 or not os.path.exists(result_path):
-            return {"error": f"{label} subprocess failed (exit {rc})"}
-        return json.loads(Path(result_path).read_text())
 
 
 def run_mode_subprocess(args: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
