@@ -155,13 +155,18 @@ def test_torchscript_export_for_monai_deploy_matches_the_checkpoint(trained, tmp
 
 
 def test_channels_last_cpu_inference_agrees_with_the_float32_reference(trained, phantom_dir, tmp_path):
-    """The CPU speed path (channels-last, InstanceNorm as GroupNorm) labels like the plain float32 run."""
+    """The CPU speed path (channels-last, InstanceNorm as GroupNorm) labels like the plain float32 run.
+
+    Both runs are float32 (``amp`` off): on a CPU with native bf16 the bundle would otherwise autocast
+    both, and this test is about the layout change alone.
+    """
     labels = {}
     for channels_last in (True, False):
         out = tmp_path / f"channels_last_{channels_last}"
         workflow = run_workflow(["inference.json"], "infer", dataset_dir=str(phantom_dir),
                                 datalist=str(phantom_dir / "datalist.json"), ckpt_path=str(trained["model"]),
-                                output_dir=str(out), num_workers=0, channels_last=channels_last, **INFER_SMALL)
+                                output_dir=str(out), num_workers=0, channels_last=channels_last, amp=False,
+                                **INFER_SMALL)
         network = workflow.parser.get_parsed_content("network")
         norms = {type(m).__name__ for m in network.modules() if "Norm" in type(m).__name__}
         conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))
@@ -174,6 +179,25 @@ def test_channels_last_cpu_inference_agrees_with_the_float32_reference(trained, 
         (path,) = out.iterdir()
         labels[channels_last] = np.asarray(nib.load(path).dataobj)
     assert np.mean(labels[True] == labels[False]) >= 0.999
+
+
+NATIVE_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="bf16 autocast runs only on CPUs with native bf16 (AVX-512 bf16/AMX)")
+def test_bf16_cpu_inference_agrees_with_float32_on_a_trained_model(trained, phantom_dir, tmp_path):
+    """On a CPU with native bf16, the default (autocast) path labels like float32 for the trained model."""
+    labels = {}
+    for amp in (True, False):
+        out = tmp_path / f"amp_{amp}"
+        run_workflow(["inference.json"], "infer", dataset_dir=str(phantom_dir),
+                     datalist=str(phantom_dir / "datalist.json"), ckpt_path=str(trained["model"]),
+                     output_dir=str(out), num_workers=0, amp=amp, **INFER_SMALL)
+        (path,) = out.iterdir()
+        labels[amp] = np.asarray(nib.load(path).dataobj)
+    agreement = np.mean(labels[True] == labels[False])
+    print(f"bf16 vs float32 label agreement: {agreement:.5f}")
+    assert agreement >= 0.99
 
 
 def test_to_channels_last_is_the_same_function_with_the_same_state_dict():
