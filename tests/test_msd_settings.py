@@ -17,7 +17,7 @@ import pytest
 import torch
 from monai.networks.nets import SwinUNETR
 
-from tests.conftest import (BTCV_DIR, MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, SCHEMA, SSL_DIR, btcv_workflow,
+from tests.conftest import (MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, SCHEMA, btcv_workflow,
                             bundle_on_path, error_text)
 from tools.make_msd_tasks import MSD_TASKS, write_msd_task
 
@@ -34,8 +34,6 @@ PUBLIC_KNOBS = ["task", "dataset_dir", "dataset_json", "datalist", "fold", "num_
                 "ckpt_dir", "device", "amp", "spacing", "roi_size", "intensity", "augmentation", "feature_size",
                 "pretrained_path", "patch_merging", "in_channel_rule", "resume_from", "batch_size", "num_samples",
                 "num_workers", "learning_rate", "max_epochs", "val_interval", "sw_batch_size", "overlap"]
-SHARED_MODULES = ("allocator.py", "checkpoints.py", "checks.py", "datalists.py", "encoder_weights.py", "inferers.py", "metrics.py",
-                  "patch_merging.py", "transforms.py")
 
 
 @pytest.fixture(scope="module")
@@ -297,10 +295,3 @@ def test_public_knobs_are_top_level_and_documented():
     for task in MSD_TASKS:
         assert task in readme, task
 
-
-@pytest.mark.parametrize("module", SHARED_MODULES)
-def test_modules_shared_with_the_other_bundles_are_identical(module):
-    text = (MSD_DIR / "scripts" / module).read_text()
-    assert text == (BTCV_DIR / "scripts" / module).read_text()
-    if (SSL_DIR / "scripts" / module).exists():
-        assert text == (SSL_DIR / "scripts" / module).read_text()

@@ -1,4 +1,4 @@
-"""The pre-training bundle's metadata, documented knobs, and the modules it shares with the fine-tuning bundles."""
+"""The pre-training bundle's metadata and documented knobs (its shared modules: tests/test_bundle_code_sync.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import json
 import subprocess
 import sys
 
-import pytest
 
-from tests.conftest import BTCV_DIR, SCHEMA, SSL_DIR
+from tests.conftest import SCHEMA, SSL_DIR
 
 CONFIGS = SSL_DIR / "configs"
 PUBLIC_KNOBS = ["dataset_dir", "datalist", "output_dir", "ckpt_dir", "device", "amp", "roi_size", "spacing",
@@ -16,8 +15,6 @@ PUBLIC_KNOBS = ["dataset_dir", "datalist", "output_dir", "ckpt_dir", "device", "
                 "dataset_type", "cache_dir", "batch_size", "num_samples", "cutout_fraction", "temperature",
                 "inpaint_weight", "contrast_weight", "rotation_weight", "learning_rate", "warmup_steps", "num_steps",
                 "accumulation_steps", "val_interval", "ckpt_metric"]
-# Each bundle is self-contained, so these modules are copied into each one; they must stay identical.
-SHARED_MODULES = ("allocator.py", "checkpoints.py", "encoder_weights.py", "patch_merging.py")
 
 
 def _load(name):
@@ -43,7 +40,3 @@ def test_public_knobs_are_top_level_and_documented():
     for knob in ("ckpt_path", "encoder_path"):
         assert knob in _load("export.json") and f"`{knob}`" in readme, knob
 
-
-@pytest.mark.parametrize("module", SHARED_MODULES)
-def test_modules_shared_with_the_fine_tuning_bundle_are_identical(module):
-    assert (SSL_DIR / "scripts" / module).read_text() == (BTCV_DIR / "scripts" / module).read_text()
