@@ -225,3 +225,32 @@ def test_no_function_of_the_bundle_scripts_is_longer_than_120_lines(bundle):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 120:
                 long.append(f"{path.name}:{node.name}")
     assert long == []
+
+
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_bundle_scripts_import_one_way_and_at_module_level(bundle):
+    """No import inside a function (e.g. to dodge a cycle), and the package's own imports form no cycle."""
+    import ast
+
+    graph, hidden = {}, []
+    for path in sorted((BUNDLES[bundle] / "scripts").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for func in ast.walk(tree):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                hidden += [f"{path.name}:{func.name}" for node in ast.walk(func)
+                           if isinstance(node, (ast.Import, ast.ImportFrom))]
+        if path.stem != "__init__":
+            graph[path.stem] = {node.module.split(".")[0] for node in tree.body
+                                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    assert hidden == []
+    done: set[str] = set()
+
+    def visit(module: str, stack: tuple[str, ...]) -> None:
+        assert module not in stack, f"import cycle: {' -> '.join(stack + (module,))}"
+        if module not in done:
+            for dep in graph.get(module, ()):
+                visit(dep, stack + (module,))
+            done.add(module)
+
+    for module in graph:
+        visit(module, ())

@@ -41,6 +41,7 @@ ORDER_DESCRIPTIONS = {
     CURRENT: "current = monai>=1.5 'merging' order",
 }
 
+# Weights file formats (described in encoder_weights) and the checkpoint key of a network record
 SSL_FORMAT = "swin_ssl_encoder"
 SSL_FORMAT_VERSION = 1
 OFFICIAL = "official"
@@ -55,12 +56,12 @@ _FORMAT_LABELS = {
 
 _MAX_LISTED = 6
 
+
 def _few(items, limit: int = _MAX_LISTED) -> str:
     """Comma-separated first ``limit`` items, with a count of the rest."""
     items = list(items)
     text = ", ".join(str(i) for i in items[:limit])
     return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
 
 
 def _torch_load(path: str) -> Any:
