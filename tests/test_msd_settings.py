@@ -30,10 +30,6 @@ EXPECTED = {  # task: (input channels, labels incl. background, intensity rule)
     "Task07_Pancreas": (1, 3, "ct_window"), "Task08_HepaticVessel": (1, 3, "ct_window"),
     "Task09_Spleen": (1, 2, "ct_window"), "Task10_Colon": (1, 2, "ct_window"),
 }
-PUBLIC_KNOBS = ["task", "dataset_dir", "dataset_json", "datalist", "fold", "num_folds", "split_seed", "output_dir",
-                "ckpt_dir", "device", "amp", "spacing", "roi_size", "intensity", "augmentation", "feature_size",
-                "pretrained_path", "patch_merging", "in_channel_rule", "resume_from", "batch_size", "num_samples",
-                "num_workers", "learning_rate", "max_epochs", "val_interval", "sw_batch_size", "overlap"]
 
 
 @pytest.fixture(scope="module")
