@@ -37,14 +37,6 @@ def test_training_two_iterations_and_validation_leave_checkpoints(trained):
     assert [f for f in os.listdir(trained["root"] / "eval") if f.startswith("events.out.tfevents")]
 
 
-def test_training_workflow_properties(phantom_dir, tmp_path):
-    with bundle_on_path():
-        workflow = btcv_workflow(["train.json"], "train", dataset_dir=str(phantom_dir), bundle_root=str(tmp_path))
-        assert workflow.check_properties() in (None, [])
-        for run_id in ("run", "training"):
-            assert run_id in workflow.parser
-
-
 def test_resume_continues_from_the_saved_step(trained, phantom_dir, tmp_path):
     before = torch.load(trained["last"], map_location="cpu", weights_only=False)
     steps_run = []

@@ -1,3 +1,8 @@
-"""Python parts of the swin_unetr_btcv_seg bundle that its configs cannot express."""
+"""Python parts of the swin_unetr_btcv_seg bundle that its configs cannot express.
 
-from . import checkpoints, checks, datalists, encoder_weights, inferers, metrics, patch_merging, transforms
+Every module except ``bundle_logger`` is generated from ``bundles/common/scripts`` (see the header of
+each file): edit it there, then run ``python tools/sync_bundle_code.py``.
+"""
+
+from . import (checkpoints, checks, datalists, distributed, encoder_weights, inferers, metrics, patch_merging, transforms,
+               weights_format)

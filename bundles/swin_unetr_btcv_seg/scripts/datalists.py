@@ -1,3 +1,4 @@
+# Generated from bundles/common/scripts/datalists.py by tools/sync_bundle_code.py: edit that file, then run it.
 """Inference inputs: a datalist's ``testing`` list, or every image in a folder."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Generated from bundles/common/scripts/inferers.py by tools/sync_bundle_code.py: edit that file, then run it.
 """Sliding-window inference with mixed precision and a memory layout chosen for the hardware."""
 
 from __future__ import annotations

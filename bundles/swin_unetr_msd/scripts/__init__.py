@@ -1,4 +1,8 @@
-"""Python parts of the swin_unetr_msd bundle that its configs cannot express."""
+"""Python parts of the swin_unetr_msd bundle that its configs cannot express.
 
-from . import (checkpoints, checks, datalists, encoder_weights, ensemble, inferers, metrics, msd_data, patch_merging,
-               surface_dice, tasks, transforms)
+Modules with a "Generated from bundles/common/scripts/..." header are copies: edit the source there,
+then run ``python tools/sync_bundle_code.py``; the others belong to this bundle.
+"""
+
+from . import (checkpoints, checks, datalists, distributed, encoder_weights, ensemble, inferers, metrics, msd_data,
+               patch_merging, surface_dice, tasks, transforms, weights_format)

@@ -1,6 +1,7 @@
+# Generated from bundles/common/scripts/encoder_weights.py by tools/sync_bundle_code.py: edit that file, then run it.
 """Reading, checking and writing pre-trained Swin encoder weights (the ``swinViT`` of a SwinUNETR).
 
-Formats read (see :func:`detect_weights_format`):
+Formats read (recognised by ``weights_format.detect_weights_format``, re-exported here):
 
 * ``"official"``: the official ``model_swinvit.pt`` (Tang et al. 2022): ``{"state_dict": {...}}``,
   keys ``module.patch_embed.*``, ``module.layers{1..4}.0.blocks.{0,1}.*``,
@@ -39,7 +40,6 @@ A fine-tuning checkpoint of this bundle is ``{"model": <SwinUNETR state dict>, "
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -49,7 +49,10 @@ from torch import nn
 
 from .bundle_logger import logger
 from .checkpoints import atomic_torch_save
-from .patch_merging import AUTO, CURRENT, LEGACY, MERGING_ORDERS, ORDER_DESCRIPTIONS, merging_order_of
+from .patch_merging import merging_order_of
+from .weights_format import (_FORMAT_LABELS, AUTO, MERGING_ORDERS, MONAI, OFFICIAL, ORDER_DESCRIPTIONS, RECORD_KEY,
+                             SSL_FORMAT, SSL_FORMAT_VERSION, _few, _log_assumed, _order_from_file,
+                             _tensor_mapping, _torch_load, detect_merging_order, detect_weights_format)
 
 __all__ = [
     "SSL_FORMAT",
@@ -65,12 +68,6 @@ __all__ = [
     "adapt_in_channels",
 ]
 
-
-SSL_FORMAT = "swin_ssl_encoder"
-SSL_FORMAT_VERSION = 1
-OFFICIAL = "official"
-MONAI = "monai"
-RECORD_KEY = "network_record"
 
 # SSL heads stored next to the encoder in model_swinvit.pt (names after removing "module.")
 OFFICIAL_HEAD_KEYS = (
@@ -98,25 +95,10 @@ _ENCODER_KEY = re.compile(
     r"|layers[1-4]\.0\.downsample\.(reduction\.weight|norm\.(weight|bias)))$"
 )
 
-_FORMAT_LABELS = {
-    OFFICIAL: "official model_swinvit.pt",
-    SSL_FORMAT: f"{SSL_FORMAT} v{SSL_FORMAT_VERSION} export",
-    MONAI: "MONAI-native",
-}
-
-_MAX_LISTED = 6
-
 # How a file's patch embedding meets a network with more input channels (see adapt_in_channels)
 STRICT = "strict"
 REPEAT_SCALED = "repeat_scaled"
 IN_CHANNEL_RULES = (STRICT, REPEAT_SCALED)
-
-
-def _few(items, limit: int = _MAX_LISTED) -> str:
-    """Comma-separated first ``limit`` items, with a count of the rest."""
-    items = list(items)
-    text = ", ".join(str(i) for i in items[:limit])
-    return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _strip(key: str, prefix: str) -> str:
@@ -195,117 +177,6 @@ def save_encoder(network_or_swinvit: nn.Module, path: str, patch_merging: str | 
 
 
 # ------------------------------------------------------------------------------------------- read
-
-
-def _torch_load(path: str) -> Any:
-    """``torch.load`` on CPU, tensors-and-plain-types only where the file allows it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        logger.warning(
-            "%s holds Python objects that weights_only loading refuses (%s); loading it with full "
-            "unpickling: only do this with files you trust.",
-            path,
-            str(err).splitlines()[0] if str(err) else type(err).__name__,
-        )
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _is_tensor_mapping(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _tensor_mapping(obj: Any) -> Mapping[str, torch.Tensor] | None:
-    """The mapping of tensors inside ``obj`` (bare, or under "state_dict" / "model"), or None."""
-    if not isinstance(obj, Mapping):
-        return None
-    for wrapper in ("state_dict", "model"):
-        inner = obj.get(wrapper)
-        if _is_tensor_mapping(inner):
-            return inner
-    return obj if _is_tensor_mapping(obj) else None
-
-
-def _key_style(keys: list[str]) -> str | None:
-    """"official", "monai" or None from the key names of a tensor mapping."""
-    if all(k.startswith("module.") for k in keys):
-        keys = [k[len("module.") :] for k in keys]
-    if any(k.startswith("swinViT.") for k in keys):
-        return MONAI
-    if any(".mlp.fc1." in k for k in keys) and not any(".mlp.linear1." in k for k in keys):
-        return OFFICIAL
-    if "patch_embed.proj.weight" in keys and any(".mlp.linear1." in k for k in keys):
-        return MONAI  # a bare network.swinViT state dict
-    return None
-
-
-def detect_weights_format(obj: Any, source: str = "<in-memory object>") -> str:
-    """Return "swin_ssl_encoder", "official" or "monai" for a loaded weights object.
-
-    ``source`` (the file name) is used in the ValueError raised for anything else.
-    """
-    if isinstance(obj, Mapping) and obj.get("format") == SSL_FORMAT:
-        version = obj.get("format_version")
-        if not isinstance(version, int) or version > SSL_FORMAT_VERSION:
-            raise ValueError(
-                f"{source}: {SSL_FORMAT} format_version {version!r} is not supported by this code "
-                f"(reads up to {SSL_FORMAT_VERSION})."
-            )
-        if not _is_tensor_mapping(obj.get("state_dict")):
-            raise ValueError(f"{source}: {SSL_FORMAT} file without a 'state_dict' of tensors.")
-        return SSL_FORMAT
-    mapping = _tensor_mapping(obj)
-    style = _key_style(list(mapping)) if mapping is not None else None
-    if style is None:
-        if mapping is None:
-            what = f"a {type(obj).__name__}" + (f" with keys {_few(obj)}" if isinstance(obj, Mapping) else "")
-        else:
-            what = f"a state dict with keys {_few(mapping)}"
-        raise ValueError(
-            f"{source} is not Swin encoder weights (expected the official model_swinvit.pt, a "
-            f"{SSL_FORMAT} export or a MONAI SwinUNETR/swinViT state dict); it holds {what}."
-        )
-    return style
-
-
-def _order_from_file(obj: Any, fmt: str, source: str) -> tuple[str, str]:
-    """(order, where it comes from: "record" | "official" | "assumed") for a loaded file."""
-    if fmt == SSL_FORMAT:
-        order, where = obj.get("patch_merging"), "record"
-    elif fmt == OFFICIAL:
-        return LEGACY, "official"
-    elif isinstance(obj, Mapping) and isinstance(obj.get(RECORD_KEY), Mapping):
-        order, where = obj[RECORD_KEY].get("patch_merging"), "record"
-    else:
-        return CURRENT, "assumed"
-    if order not in MERGING_ORDERS:
-        raise ValueError(f"{source}: recorded patch_merging {order!r} is not one of {MERGING_ORDERS}.")
-    return order, where
-
-
-def _log_assumed(path: str) -> None:
-    logger.info(
-        "%s is a MONAI-native state dict without a patch-merging record: assuming the %s; if it "
-        "was trained with monai<=1.4, set patch_merging to 'legacy'.",
-        path,
-        ORDER_DESCRIPTIONS[CURRENT],
-    )
-
-
-def detect_merging_order(path: str) -> str:
-    """Return the patch-merging order ("legacy" | "current") that the weights at ``path`` were trained with.
-
-    Official file -> "legacy"; ``swin_ssl_encoder`` export or a checkpoint with a "network_record"
-    -> the recorded order; other MONAI-native state dicts -> "current" (assumed, logged).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    obj = _torch_load(path)
-    order, where = _order_from_file(obj, detect_weights_format(obj, path), path)
-    if where == "assumed":
-        _log_assumed(path)
-    return order
 
 
 def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

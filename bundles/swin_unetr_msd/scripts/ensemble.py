@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .bundle_logger import logger
-from .encoder_weights import NetworkRecord, _tensor_mapping, _torch_load
+from .encoder_weights import NetworkRecord
+from .weights_format import _tensor_mapping, _torch_load
 
 __all__ = ["checkpoint_paths", "SoftmaxEnsemble", "build_inference_network"]
 

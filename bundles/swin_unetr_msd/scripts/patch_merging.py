@@ -1,3 +1,4 @@
+# Generated from bundles/common/scripts/patch_merging.py by tools/sync_bundle_code.py: edit that file, then run it.
 """Patch-merging orders of the Swin encoder, and the choice of ``SwinUNETR(downsample=...)``.
 
 A Swin "patch merging" layer gathers the 8 sub-voxels of every 2x2x2 neighbourhood, concatenates
@@ -14,6 +15,9 @@ and the encoder silently computes a different function. Two orders are handled h
 
 ``"mergingv2"`` (``PatchMergingV2``) is a third order; no weights of this project use it, so it
 is reported as unsupported rather than guessed.
+
+The order names are defined in ``weights_format`` (re-exported here); ``resolve_downsample`` reads a
+file's order through it, so this module never imports ``encoder_weights``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from monai.networks.nets.swin_unetr import BasicLayer, PatchMerging, PatchMergin
 from torch import nn
 
 from .bundle_logger import logger
+from .weights_format import AUTO, CURRENT, LEGACY, MERGING_ORDERS, ORDER_DESCRIPTIONS, detect_merging_order
 
 __all__ = [
     "LEGACY",
@@ -36,15 +41,6 @@ __all__ = [
     "resolve_downsample",
 ]
 
-
-LEGACY = "legacy"
-CURRENT = "current"
-AUTO = "auto"
-MERGING_ORDERS = (LEGACY, CURRENT)
-ORDER_DESCRIPTIONS = {
-    LEGACY: "legacy = monai<=1.4 order",
-    CURRENT: "current = monai>=1.5 'merging' order",
-}
 
 # (depth, height, width) start offsets of the 8 strided slices, in concatenation order, as
 # monai <= 1.4 wrote them. Entries 2/5 and 3/6 repeat: that is what the weights were trained with.
@@ -125,7 +121,7 @@ def resolve_downsample(patch_merging: str = AUTO, weights_path: str | None = "")
 
     ``patch_merging``: ``"legacy"`` -> :class:`LegacyPatchMerging`; ``"current"`` -> ``"merging"``;
     ``"auto"`` -> the order recorded in, or implied by, the file at ``weights_path`` (see
-    ``encoder_weights.detect_merging_order``); ``"auto"`` with no path -> ``"current"``.
+    ``weights_format.detect_merging_order``); ``"auto"`` with no path -> ``"current"``.
     A missing file with ``"auto"`` raises FileNotFoundError.
     """
     choice = str(patch_merging).strip().lower()
@@ -136,8 +132,6 @@ def resolve_downsample(patch_merging: str = AUTO, weights_path: str | None = "")
             order = CURRENT
             why = "patch_merging 'auto' and no weights file"
         else:
-            from .encoder_weights import detect_merging_order  # noqa: PLC0415 (avoids an import cycle)
-
             order = detect_merging_order(str(weights_path))
             why = f"patch_merging 'auto', read from {weights_path}"
     else:

@@ -1,4 +1,8 @@
-"""Python parts of the swin_unetr_ssl_pretrain bundle that its configs cannot express."""
+"""Python parts of the swin_unetr_ssl_pretrain bundle that its configs cannot express.
 
-from . import (checkpoints, corpus, encoder_weights, export, iteration, losses, model, patch_merging, proxy_tasks,
-               resume)
+Modules with a "Generated from bundles/common/scripts/..." header are copies: edit the source there,
+then run ``python tools/sync_bundle_code.py``; the others belong to this bundle.
+"""
+
+from . import (checkpoints, corpus, distributed, encoder_weights, export, iteration, losses, model, patch_merging,
+               proxy_tasks, resume, weights_format)

@@ -1,3 +1,4 @@
+# Generated from bundles/common/scripts/checkpoints.py by tools/sync_bundle_code.py: edit that file, then run it.
 """Checkpoint saving that never leaves a half-written file behind."""
 
 from __future__ import annotations

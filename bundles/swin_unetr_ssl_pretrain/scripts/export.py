@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from .bundle_logger import logger
-from .encoder_weights import RECORD_KEY, save_encoder
+from .encoder_weights import save_encoder
 from .model import SwinSSLNet
 from .patch_merging import resolve_downsample
+from .weights_format import RECORD_KEY
 
 __all__ = ["build_from_checkpoint", "export_encoder"]
 
