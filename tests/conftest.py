@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from monai.bundle import create_workflow
 
-REPO = Path(__file__).resolve().parents[1]
-BTCV_DIR = REPO / "bundles" / "swin_unetr_btcv_seg"
-SSL_DIR = REPO / "bundles" / "swin_unetr_ssl_pretrain"
-MSD_DIR = REPO / "bundles" / "swin_unetr_msd"
+from tools.common.bundles import BTCV_DIR, MSD_DIR, SSL_DIR, bundle_on_path, forget_scripts_modules  # noqa: F401
+from tools.common.bundles import REPO_ROOT as REPO
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 
 # Small settings that keep a CPU run to seconds: 64^3 is the smallest crop that trains
@@ -47,25 +43,6 @@ SSL_PHANTOM_SHAPE = (40, 72, 68)
 MSD_SMALL = dict(SMALL)
 MSD_INFER_SMALL = {k: MSD_SMALL[k] for k in ("feature_size", "roi_size", "num_workers", "sw_batch_size")}
 MSD_PHANTOM_SHAPE = (40, 40, 24)
-
-
-def forget_scripts_modules() -> None:
-    """Each bundle ships its own ``scripts`` package: drop a cached one before switching bundles."""
-    for name in list(sys.modules):
-        if name == "scripts" or name.startswith("scripts."):
-            del sys.modules[name]
-
-
-@contextmanager
-def bundle_on_path(bundle_dir: Path = BTCV_DIR):
-    """Make ``import scripts`` resolve to ``bundle_dir``'s scripts, as running from the bundle folder does."""
-    forget_scripts_modules()
-    sys.path.insert(0, str(bundle_dir))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(bundle_dir))
-        forget_scripts_modules()
 
 
 def btcv_workflow(configs: list[str], workflow_type: str, bundle_dir: Path = BTCV_DIR, **overrides):
