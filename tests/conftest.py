@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,26 @@ def run_workflow(configs: list[str], workflow_type: str, bundle_dir: Path = BTCV
         workflow.run()
         workflow.finalize()
     return workflow
+
+
+def train_until_failure(workflow) -> tuple[BaseException, list[int]]:
+    """Initialise and run a training workflow that must fail; return the error and the iterations that started."""
+    steps = []
+    workflow.initialize()
+    with pytest.raises(Exception) as info:
+        workflow.parser.get_parsed_content("train#trainer").add_event_handler(
+            "iteration_started", lambda e: steps.append(e.state.iteration))
+        workflow.run()
+    return info.value, steps
+
+
+def verify_metadata(meta_file: Path, bundle_dir: Path) -> str:
+    """Check ``meta_file`` against the MONAI metadata schema (``monai.bundle verify_metadata``); return its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file),
+         "--filepath", str(SCHEMA)], capture_output=True, text=True, cwd=bundle_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
 
 
 def error_text(exc: BaseException) -> str:

@@ -21,7 +21,7 @@ from monai.networks.nets.swin_unetr import PatchMerging, PatchMergingV2
 from torch import nn
 
 from tests.conftest import BTCV_DIR as BUNDLE_DIR
-from tests.conftest import forget_scripts_modules
+from tests.conftest import bundle_on_path
 
 LOGGER = "swin_unetr_btcv_seg"
 N_ENCODER = 126
@@ -30,13 +30,10 @@ N_ENCODER = 126
 @pytest.fixture(scope="module")
 def bundle():
     """The bundle's scripts modules, imported from the bundle folder (other bundles also have `scripts`)."""
-    forget_scripts_modules()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(BUNDLE_DIR))
+    with bundle_on_path(BUNDLE_DIR):
         pm = importlib.import_module("scripts.patch_merging")
         ew = importlib.import_module("scripts.encoder_weights")
         yield SimpleNamespace(pm=pm, ew=ew)
-    forget_scripts_modules()
 
 
 @pytest.fixture

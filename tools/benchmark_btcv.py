@@ -53,6 +53,7 @@ import torch
 from tools.common.bundles import BTCV_DIR as BUNDLE_DIR
 from tools.common.bundles import bundle_parser as parse_bundle_config
 from tools.common.bundles import cube, device_expr, use_bundle_scripts
+from tools.common.engines import loss_of, time_iterations
 from tools.common.machine import load_average, machine_info, native_bf16
 from tools.common.memory import MIB, memory_snapshot
 from tools.common.processes import run_child
@@ -520,15 +521,10 @@ def variant_child(args_json: str, result_path: str) -> None:
 
 def phantom_batch(n: int, roi_size: Sequence[int], hu_window: Sequence[float], seed: int) -> dict[str, torch.Tensor]:
     """``n`` phantom crops of ``roi_size`` (image windowed to 0..1, label ids 0-13), as one training batch."""
-    from tools.make_phantoms import make_phantom
+    from tools.make_phantoms import windowed_crops
 
-    lo, hi = (float(v) for v in hu_window)
-    images, labels = [], []
-    for i in range(int(n)):
-        image, label, _ = make_phantom(seed + i, shape=tuple(roi_size), spacing=(1.5, 1.5, 2.0))
-        images.append(np.clip((image - lo) / (hi - lo), 0.0, 1.0)[None])
-        labels.append(label[None].astype(np.float32))
-    return {"image": torch.from_numpy(np.stack(images)).float(), "label": torch.from_numpy(np.stack(labels))}
+    images, labels = windowed_crops(n, roi_size, hu_window, seed)
+    return {"image": torch.from_numpy(images).float(), "label": torch.from_numpy(labels)}
 
 
 def measure_training(device: str, feature_size: int, roi_size: Sequence[int], steps: int, seed: int = 0,
@@ -541,7 +537,6 @@ def measure_training(device: str, feature_size: int, roi_size: Sequence[int], st
     RandCropByPosNegLabeld hands one iteration) and the handlers (validation, logging, lr
     schedule) are left out. Meant to run in a fresh process (see ``benchmark_training``).
     """
-    from ignite.engine import Events
     from monai.utils import set_determinism
 
     dev = resolve_device(device)
@@ -558,22 +553,13 @@ def measure_training(device: str, feature_size: int, roi_size: Sequence[int], st
     loader = torch.utils.data.DataLoader([batch] * total_steps, batch_size=None, shuffle=False)
     parser.update({"train#dataloader": loader, "train#handlers": []})
     trainer = parser.get_parsed_content("train#trainer")
-    times: list[float] = []
     losses: list[float] = []
-    started: dict[str, float] = {}
 
-    @trainer.on(Events.ITERATION_STARTED)
-    def _start(engine: Any) -> None:
-        sync(dev)
-        started["t"] = time.perf_counter()
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _stop(engine: Any) -> None:
-        sync(dev)
-        times.append(time.perf_counter() - started["t"])
-        output = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
-        losses.append(float(output["loss"]))
+    def _log(engine: Any, times: list[float]) -> None:
+        losses.append(loss_of(engine.state.output))
         say(f"training step {len(times)}/{total_steps}: {times[-1]:.2f} s, loss {losses[-1]:.4f}")
+
+    times = time_iterations(trainer, dev, _log)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -59,23 +59,19 @@ import torch
 from tools.common.bundles import MSD_DIR as BUNDLE_DIR
 from tools.common.bundles import REPO_ROOT, cube, device_expr
 from tools.common.bundles import bundle_parser as parse_bundle_config
+from tools.common.engines import loss_of, time_iterations
 from tools.common.machine import load_average, machine_info
 from tools.common.memory import MIB, memory_snapshot, reset_peak_rss
 from tools.common.processes import run_child
 from tools.common.stats import mean, num
-from tools.common.timing import resolve_device, say, sync
+from tools.common.timing import resolve_device, say
+
 CONFIG_DIR = BUNDLE_DIR / "configs"
 DEFAULT_TASKS = ("Task09_Spleen", "Task01_BrainTumour")
 DEFAULT_SHAPE = (128, 128, 96)
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _loss_of(output: Any) -> float:
-    """The loss of a SupervisedTrainer iteration output (a dict, or a decollated list of dicts)."""
-    item = output[0] if isinstance(output, (list, tuple)) else output
-    return float(item["loss"])
 
 
 def _input_shape(batch: Any) -> list[int]:
@@ -126,7 +122,7 @@ def bundle_parser(overrides: dict[str, Any]) -> Any:
 # ------------------------------------------------------------------------------------------ one task
 
 
-def time_iterations(trainer: Any, dev: torch.device, task: str, total: int, warmup: int) -> dict[str, list]:
+def log_iterations(trainer: Any, dev: torch.device, task: str, total: int, warmup: int) -> dict[str, list]:
     """Time each iteration of ``trainer`` (and its batch fetch apart) with ignite events; stop after ``total``.
 
     Returns the lists the events fill while the trainer runs: ``times``, ``data_times``, ``losses``,
@@ -134,7 +130,6 @@ def time_iterations(trainer: Any, dev: torch.device, task: str, total: int, warm
     """
     from ignite.engine import Events
 
-    times: list[float] = []
     data_times: list[float] = []
     losses: list[float] = []
     input_shapes: list[list[int]] = []
@@ -148,16 +143,8 @@ def time_iterations(trainer: Any, dev: torch.device, task: str, total: int, warm
     def _batch_stop(engine: Any) -> None:
         data_times.append(time.perf_counter() - marks["batch"])
 
-    @trainer.on(Events.ITERATION_STARTED)
-    def _start(engine: Any) -> None:
-        sync(dev)
-        marks["iteration"] = time.perf_counter()
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _stop(engine: Any) -> None:
-        sync(dev)
-        times.append(time.perf_counter() - marks["iteration"])
-        losses.append(_loss_of(engine.state.output))
+    def _log(engine: Any, times: list[float]) -> None:
+        losses.append(loss_of(engine.state.output))
         input_shapes.append(_input_shape(engine.state.batch))
         n = len(times)
         say(f"{task} iteration {n}/{total} ({'warm-up' if n <= int(warmup) else 'timed'}): {times[-1]:.2f} s "
@@ -165,6 +152,7 @@ def time_iterations(trainer: Any, dev: torch.device, task: str, total: int, warm
         if n >= total:
             engine.terminate()
 
+    times = time_iterations(trainer, dev, _log)
     return {"times": times, "data_times": data_times, "losses": losses, "input_shapes": input_shapes}
 
 
@@ -207,7 +195,7 @@ def measure_task(task: str, device: str = "cpu", feature_size: int = 48, roi_siz
         network = trainer.network
         cases_training = len(trainer.data_loader.dataset)
 
-        log = time_iterations(trainer, dev, task, total, int(warmup))
+        log = log_iterations(trainer, dev, task, total, int(warmup))
         before = memory_snapshot()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)

@@ -113,12 +113,9 @@ def train_overrides(device: torch.device, feature_size: int, roi_size: Sequence[
 
 def phantom_crops(n: int, roi_size: Sequence[int], hu_window: Sequence[float], seed: int) -> torch.Tensor:
     """``n`` phantom CT crops (n, 1, *roi_size), windowed to 0..1 as the bundle's preprocessing does."""
-    from tools.make_phantoms import make_phantom
+    from tools.make_phantoms import windowed_crops
 
-    lo, hi = (float(v) for v in hu_window)
-    crops = [np.clip((make_phantom(seed + i, shape=tuple(roi_size), spacing=(1.5, 1.5, 2.0))[0] - lo) / (hi - lo),
-                     0.0, 1.0)[None] for i in range(int(n))]
-    return torch.from_numpy(np.stack(crops).astype(np.float32))
+    return torch.from_numpy(windowed_crops(n, roi_size, hu_window, seed)[0])
 
 
 def _attributable(ru_maxrss: float, hwm_before: float | None, hwm_after: float | None) -> bool:
