@@ -760,7 +760,9 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
                   work_dir: str | None = None, warmup: bool = True, train_warmup_steps: int = 1,
                   train_crops: int | None = None, forward_batch: int | None = None,
                   skip_identical_fp32: bool = True) -> dict[str, Any]:
-    """Benchmark the bundle vs the model-zoo settings on one volume; write ``output_json`` and return the result.
+    """Benchmark the bundle vs the model-zoo settings on one volume; write ``output_json``, return the result.
+
+    The command line prints the result as a table.
 
     Args:
         image: input CT (NIfTI, HU).

@@ -342,7 +342,9 @@ def run_benchmark(tasks: str | Sequence[str] = DEFAULT_TASKS, device: str | None
                   use_checkpoint: bool | None = None, amp: bool = True, iterations: int = 3, warmup: int = 1,
                   shape: Sequence[int] = DEFAULT_SHAPE, cases: int = 3, seed: int = 0, output: str | None = None,
                   isolate: bool = True, timeout_s: float | None = None) -> dict[str, Any]:
-    """Benchmark the MSD bundle's training per task; write ``output`` (JSON) and return the result.
+    """Benchmark the MSD bundle's training per task; write ``output`` (JSON), return the result.
+
+    The command line prints the result as a table.
 
     Args:
         tasks: task names, e.g. "['Task09_Spleen','Task01_BrainTumour']" (the default: one CT, one 4-channel MRI).

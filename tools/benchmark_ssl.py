@@ -489,7 +489,9 @@ def run_benchmark(device: str | None = None, feature_size: int = 48, roi_size: i
                   output: str | None = None, seed: int = 0, amp: bool = True, research_forward: str = "separate",
                   mode: str | Sequence[str] = "both", isolate: bool = True,
                   timeout_s: float | None = None) -> dict[str, Any]:
-    """Benchmark a pre-training step, bundle vs research way; write ``output`` (JSON) and return the result.
+    """Benchmark a pre-training step, bundle vs research way; write ``output`` (JSON), return the result.
+
+    The command line prints the result as a table.
 
     Args:
         device: "cpu", "cuda", "cuda:1"...; default cuda if available, else cpu.
