@@ -73,6 +73,7 @@ from tools.common.memory import MIB, memory_snapshot, reset_peak_rss, status_mib
 from tools.common.processes import run_child
 from tools.common.stats import mean, num, ratio
 from tools.common.timing import resolve_device, say, sync
+
 MODES = ("bundle", "research")
 RESEARCH_FORWARDS = ("separate", "concat")
 

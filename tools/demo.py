@@ -77,6 +77,7 @@ from tools.common.bundles import SSL_DIR as SSL_BUNDLE_DIR
 from tools.common.processes import run_streamed
 from tools.common.scalars import read_scalars
 from tools.ssl_figures import LOSS_TERMS, SHORT_NAMES, TOTAL, format_loss_drops
+
 META_FILE = BUNDLE_DIR / "configs" / "metadata.json"
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "demo_output"
 NUM_STEPS = 9
