@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from monai.bundle import create_workflow
 
-REPO = Path(__file__).resolve().parents[1]
-BTCV_DIR = REPO / "bundles" / "swin_unetr_btcv_seg"
-SSL_DIR = REPO / "bundles" / "swin_unetr_ssl_pretrain"
-MSD_DIR = REPO / "bundles" / "swin_unetr_msd"
+from tools.common.bundles import BTCV_DIR, MSD_DIR, SSL_DIR, bundle_on_path, forget_scripts_modules  # noqa: F401
+from tools.common.bundles import REPO_ROOT as REPO
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 
 # Small settings that keep a CPU run to seconds: 64^3 is the smallest crop that trains
@@ -49,25 +47,6 @@ MSD_INFER_SMALL = {k: MSD_SMALL[k] for k in ("feature_size", "roi_size", "num_wo
 MSD_PHANTOM_SHAPE = (40, 40, 24)
 
 
-def forget_scripts_modules() -> None:
-    """Each bundle ships its own ``scripts`` package: drop a cached one before switching bundles."""
-    for name in list(sys.modules):
-        if name == "scripts" or name.startswith("scripts."):
-            del sys.modules[name]
-
-
-@contextmanager
-def bundle_on_path(bundle_dir: Path = BTCV_DIR):
-    """Make ``import scripts`` resolve to ``bundle_dir``'s scripts, as running from the bundle folder does."""
-    forget_scripts_modules()
-    sys.path.insert(0, str(bundle_dir))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(bundle_dir))
-        forget_scripts_modules()
-
-
 def btcv_workflow(configs: list[str], workflow_type: str, bundle_dir: Path = BTCV_DIR, **overrides):
     """``create_workflow`` on a bundle's config files (names under configs/; BTCV by default), as a user would."""
     files = [str(bundle_dir / "configs" / c) for c in configs]
@@ -84,6 +63,26 @@ def run_workflow(configs: list[str], workflow_type: str, bundle_dir: Path = BTCV
         workflow.run()
         workflow.finalize()
     return workflow
+
+
+def train_until_failure(workflow) -> tuple[BaseException, list[int]]:
+    """Initialise and run a training workflow that must fail; return the error and the iterations that started."""
+    steps = []
+    workflow.initialize()
+    with pytest.raises(Exception) as info:
+        workflow.parser.get_parsed_content("train#trainer").add_event_handler(
+            "iteration_started", lambda e: steps.append(e.state.iteration))
+        workflow.run()
+    return info.value, steps
+
+
+def verify_metadata(meta_file: Path, bundle_dir: Path) -> str:
+    """Check ``meta_file`` against the MONAI metadata schema (``monai.bundle verify_metadata``); return its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file),
+         "--filepath", str(SCHEMA)], capture_output=True, text=True, cwd=bundle_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
 
 
 def error_text(exc: BaseException) -> str:

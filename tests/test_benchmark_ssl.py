@@ -15,18 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import forget_scripts_modules
 from tools import benchmark_ssl as bs
 
 FEATURE_SIZE = 12
 ROI = [64, 32, 32]  # square in the rotation plane (spatial axes 1, 2); a 2 x 1 x 1 bottleneck = 2 tokens
 BATCH_SIZE = 1
 NUM_SAMPLES = 2
-
-
-def _forget_scripts_modules():
-    for name in list(sys.modules):
-        if name == "scripts" or name.startswith("scripts."):
-            del sys.modules[name]
 
 
 def _positive(x):
@@ -42,7 +37,7 @@ def bench(tmp_path_factory):
         result = bs.run_benchmark(device="cpu", feature_size=FEATURE_SIZE, roi_size=ROI, batch_size=BATCH_SIZE,
                                   num_samples=NUM_SAMPLES, warmup=0, steps=1, output=str(output), timeout_s=300)
         report = bs.format_report(result)
-    _forget_scripts_modules()
+    forget_scripts_modules()
     return result, json.loads(output.read_text()), report
 
 

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tests.conftest import forget_scripts_modules
 from tools import benchmark_btcv as bb
 from tools.make_phantoms import make_phantom
 
@@ -19,12 +20,6 @@ ROI = 64
 # inference spacing, so one 64^3 window per variant.
 SHAPE = (40, 40, 24)
 SPACING = (2.25, 2.25, 3.5)
-
-
-def _forget_scripts_modules():
-    for name in list(sys.modules):
-        if name == "scripts" or name.startswith("scripts."):
-            del sys.modules[name]
 
 
 def _positive(x):
@@ -48,13 +43,13 @@ def bench(tmp_path_factory):
     output_json = tmp / "bench.json"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "path", list(sys.path))
-        _forget_scripts_modules()
+        forget_scripts_modules()
         result = bb.run_benchmark(str(image_path), ckpt_path=None, feature_size=FEATURE_SIZE, roi_size=ROI,
                                   device="cpu", train_steps=1, output_json=str(output_json), repeats=1,
                                   warmup=False, train_warmup_steps=0, train_crops=1, forward_batch=1,
                                   skip_identical_fp32=False)
         report = bb.format_report(result)
-    _forget_scripts_modules()
+    forget_scripts_modules()
     return result, json.loads(output_json.read_text()), image_path, report
 
 

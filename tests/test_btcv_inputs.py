@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL, btcv_workflow, bundle_on_path, error_text
+from tests.conftest import SMALL, btcv_workflow, bundle_on_path, error_text, train_until_failure
 
 
 def _case(folder, name, image, label, affine=None, label_affine=None):
@@ -50,16 +50,11 @@ def test_bad_training_input_is_reported_before_training(problem, tmp_path):
     good = _case(tmp_path, "good", *_good())
     bad = make(tmp_path)
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [good, bad], "validation": [good]}))
-    steps = []
     with bundle_on_path():
         workflow = btcv_workflow(["train.json"], "train", dataset_dir=str(tmp_path), bundle_root=str(tmp_path / "run"),
                                  max_epochs=1, **SMALL)
-        workflow.initialize()
-        with pytest.raises(Exception) as info:
-            workflow.parser.get_parsed_content("train#trainer").add_event_handler(
-                "iteration_started", lambda e: steps.append(e.state.iteration))
-            workflow.run()
-    text = error_text(info.value)
+        error, steps = train_until_failure(workflow)
+    text = error_text(error)
     assert str(tmp_path / culprit) in text
     assert message in text
     assert "good_img" not in text.split("problem(s) in the input data")[-1]  # the good case is not blamed

@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,27 +20,20 @@ from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import PatchMerging, PatchMergingV2
 from torch import nn
 
-BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "swin_unetr_btcv_seg"
+from tests.conftest import BTCV_DIR as BUNDLE_DIR
+from tests.conftest import bundle_on_path
+
 LOGGER = "swin_unetr_btcv_seg"
 N_ENCODER = 126
-
-
-def _forget_scripts_modules():
-    for name in list(sys.modules):
-        if name == "scripts" or name.startswith("scripts."):
-            del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
 def bundle():
     """The bundle's scripts modules, imported from the bundle folder (other bundles also have `scripts`)."""
-    _forget_scripts_modules()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(BUNDLE_DIR))
+    with bundle_on_path(BUNDLE_DIR):
         pm = importlib.import_module("scripts.patch_merging")
         ew = importlib.import_module("scripts.encoder_weights")
         yield SimpleNamespace(pm=pm, ew=ew)
-    _forget_scripts_modules()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 import torch
 from monai.networks.nets import SwinUNETR
 
-from tests.conftest import (MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, SCHEMA, btcv_workflow,
+from tests.conftest import (MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, btcv_workflow, train_until_failure, verify_metadata,
                             bundle_on_path, error_text)
 from tools.make_msd_tasks import MSD_TASKS, write_msd_task
 
@@ -66,24 +66,24 @@ def test_task_settings_come_from_the_task_file_and_dataset_json(task, tasks_root
     assert names.count("RandFlipd") == len(task_file["augmentation"]["flip_axes"])
 
 
-def test_a_dataset_json_of_another_task_is_refused(tasks_root):
+def _spleen_folder_error(tasks_root, task: str, key: str) -> str:
+    """The error text of parsing ``key`` for ``task`` on the Task09_Spleen folder (which must fail)."""
     with bundle_on_path(MSD_DIR):
-        parser = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task01_BrainTumour",
+        parser = btcv_workflow(["train.json"], "train", MSD_DIR, task=task,
                                dataset_dir=str(tasks_root / "Task09_Spleen")).parser
         with pytest.raises(Exception) as info:
-            parser.get_parsed_content("in_channels")
-    text = error_text(info.value)
+            parser.get_parsed_content(key)
+    return error_text(info.value)
+
+
+def test_a_dataset_json_of_another_task_is_refused(tasks_root):
+    text = _spleen_folder_error(tasks_root, "Task01_BrainTumour", "in_channels")
     assert str(tasks_root / "Task09_Spleen" / "dataset.json") in text
     assert "does not describe Task01_BrainTumour" in text and "1 input channel(s)" in text
 
 
 def test_an_unknown_task_lists_the_ten_tasks(tasks_root):
-    with bundle_on_path(MSD_DIR):
-        parser = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task11_Kidney",
-                               dataset_dir=str(tasks_root / "Task09_Spleen")).parser
-        with pytest.raises(Exception) as info:
-            parser.get_parsed_content("num_classes")
-    text = error_text(info.value)
+    text = _spleen_folder_error(tasks_root, "Task11_Kidney", "num_classes")
     assert "unknown task 'Task11_Kidney'" in text and all(t in text for t in MSD_TASKS)
 
 
@@ -149,16 +149,11 @@ def test_bad_training_input_stops_before_training_naming_the_file(problem, tmp_p
         culprit.unlink()
     else:
         _replace(culprit, change(np.asarray(nib.load(str(culprit)).dataobj)))
-    steps = []
     with bundle_on_path(MSD_DIR):
         workflow = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task01_BrainTumour", dataset_dir=str(folder),
                                  bundle_root=str(tmp_path / "run"), num_folds=3, fold=2, max_epochs=1, **MSD_SMALL)
-        workflow.initialize()
-        with pytest.raises(Exception) as info:
-            workflow.parser.get_parsed_content("train#trainer").add_event_handler(
-                "iteration_started", lambda e: steps.append(e.state.iteration))
-            workflow.run()
-    text = error_text(info.value)
+        error, steps = train_until_failure(workflow)
+    text = error_text(error)
     assert str(culprit) in text and message in text
     assert steps == []
 
@@ -246,9 +241,7 @@ def test_a_metadata_copy_for_another_task_names_its_channels_and_labels(tasks_ro
            "--dataset_dir", str(tasks_root / task), "--task_metadata_file", str(out)]
     result = subprocess.run(cmd, cwd=MSD_DIR, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    verify = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(out),
-                             "--filepath", str(SCHEMA)], capture_output=True, text=True, cwd=MSD_DIR)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    verify_metadata(out, MSD_DIR)
     formats = json.loads(out.read_text())["network_data_format"]
     dataset = json.loads((tasks_root / task / "dataset.json").read_text())
     assert formats["inputs"]["image"]["num_channels"] == 2

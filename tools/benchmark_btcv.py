@@ -32,8 +32,8 @@ Command line::
     python -m tools.benchmark_btcv --image /tmp/sample/example_ct.nii.gz --feature_size 48 \\
         --roi_size 96 --device cpu --train_steps 3 --output_json bench.json
 
-A full-size run (feature size 48, roi 96) of a real CT takes many minutes per variant on a CPU;
-use ``--feature_size 12 --roi_size 64`` and a small image to try the tool out.
+A full-size run (feature size 48, roi 96) of a real CT is slow on a CPU (measured times: the model
+card); use ``--feature_size 12 --roi_size 64`` and a small image to try the tool out.
 """
 
 from __future__ import annotations
@@ -41,11 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
-import resource
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -55,8 +50,15 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_btcv_seg"
+from tools.common.bundles import BTCV_DIR as BUNDLE_DIR
+from tools.common.bundles import bundle_parser as parse_bundle_config
+from tools.common.bundles import cube, device_expr, use_bundle_scripts
+from tools.common.engines import loss_of, time_iterations
+from tools.common.machine import load_average, machine_info, native_bf16
+from tools.common.memory import MIB, memory_snapshot
+from tools.common.processes import run_child
+from tools.common.stats import finite_or_none
+from tools.common.timing import resolve_device, say, sync
 
 # The model-zoo bundle swin_unetr_btcv_segmentation 0.5.x, configs/inference.json: the constants
 # of its pipeline, stated once. roi_size and feature_size follow the command line (same network,
@@ -80,38 +82,9 @@ MODEL_ZOO = {
 NUM_CLASSES = 14
 IN_CHANNELS = 1
 VARIANTS = ("bundle", "bundle_fp32", "model_zoo")
-MIB = 1024.0 * 1024.0
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def say(message: str) -> None:
-    """Print one progress line with the wall-clock time (stages take minutes on a CPU)."""
-    print(f"[benchmark {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued CUDA work so that a timer reads the real end of a stage."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``device`` as a torch.device; None or "" means cuda if available, else cpu."""
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def cube(size: int | Sequence[int]) -> list[int]:
-    """A 3D size from an int (cube) or a sequence of 3 ints."""
-    if isinstance(size, (int, np.integer)):
-        return [int(size)] * 3
-    size = [int(s) for s in size]
-    if len(size) != 3:
-        raise ValueError(f"expected 3 sizes, got {size}")
-    return size
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
@@ -124,122 +97,17 @@ def flash_attention_of(network: torch.nn.Module) -> bool:
     return any(bool(getattr(m, "use_flash_attention", False)) for m in network.modules())
 
 
-def finite_or_none(value: float | None) -> float | None:
-    """JSON-safe number: None stays None, non-finite becomes None."""
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-# ------------------------------------------------------------------------------------------ machine
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or platform.processor() elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> set[str]:
-    """CPU feature flags from /proc/cpuinfo (empty where unavailable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def native_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX-512 bf16 / AMX): the bundle's CPU autocast rule."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Describe the machine and software the numbers were taken on."""
-    import monai
-
-    flags = cpu_flags()
-    info = {
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_flags_bf16": sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f")),
-        "native_bf16": native_bf16(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cuda_version": torch.version.cuda,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "platform": platform.platform(),
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-    }
-    return info
-
-
 # ------------------------------------------------------------------------------------------ bundle
 
 
-def use_bundle_scripts(bundle_dir: str | os.PathLike | None = None) -> Any:
-    """Make ``import scripts`` give a bundle's scripts package (default: BTCV's); return the package.
-
-    Other bundles may also have a ``scripts`` package: cached ``scripts*`` modules from another
-    folder are dropped and the bundle folder is put first on sys.path.
-    """
-    bundle = str(bundle_dir or BUNDLE_DIR)
-    cached = sys.modules.get("scripts")
-    cached_file = getattr(cached, "__file__", None) or ""
-    if cached is None or not cached_file.startswith(bundle + os.sep):
-        for name in list(sys.modules):
-            if name == "scripts" or name.startswith("scripts."):
-                del sys.modules[name]
-    if not sys.path or sys.path[0] != bundle:
-        if bundle in sys.path:
-            sys.path.remove(bundle)
-        sys.path.insert(0, bundle)
-    import scripts  # noqa: PLC0415 (the bundle's package, found through sys.path)
-
-    return scripts
-
-
-def bundle_parser(config: str, overrides: dict[str, Any], bundle_dir: str | os.PathLike | None = None) -> Any:
-    """A ConfigParser of a bundle's ``configs/<config>`` (default: BTCV's) with its metadata and ``overrides``.
-
-    The bundle's scripts are made importable; ``bundle_root`` is the bundle folder unless overridden.
-    """
-    from monai.bundle import ConfigParser
-
-    bundle = Path(bundle_dir or BUNDLE_DIR)
-    use_bundle_scripts(bundle)
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / config))
-    parser.read_meta(str(bundle / "configs" / "metadata.json"))
-    parser.update({"bundle_root": str(bundle), **overrides})
-    return parser
-
-
-def device_expr(device: torch.device) -> str:
-    """The config expression for ``device``."""
-    return f"$torch.device('{device}')"
+def bundle_parser(config: str, overrides: dict[str, Any]) -> Any:
+    """A ConfigParser of the BTCV bundle's ``configs/<config>`` with its metadata and ``overrides``."""
+    return parse_bundle_config(BUNDLE_DIR, config, overrides)
 
 
 def bundle_autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The precision the bundle's inferer autocasts to on ``device`` with amp on (None = float32)."""
-    inferers = use_bundle_scripts().inferers
+    inferers = use_bundle_scripts(BUNDLE_DIR).inferers
     rule = getattr(inferers, "autocast_dtype", None)
     if rule is not None:
         return rule(device.type)
@@ -275,7 +143,7 @@ def write_random_checkpoint(path: Path, feature_size: int, seed: int) -> str:
                                               "device": "$torch.device('cpu')"})
     torch.manual_seed(int(seed))
     network = parser.get_parsed_content("network_def")
-    record = use_bundle_scripts().encoder_weights.NetworkRecord(network).state_dict()
+    record = use_bundle_scripts(BUNDLE_DIR).encoder_weights.NetworkRecord(network).state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": network.state_dict(), "network_record": record}, str(path))
     return str(path)
@@ -651,41 +519,12 @@ def variant_child(args_json: str, result_path: str) -> None:
 # ------------------------------------------------------------------------------------------ training
 
 
-def _status_kib(field: str) -> float | None:
-    """A ``Vm*`` field of /proc/self/status in KiB (None where unavailable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def ru_maxrss_mib() -> float:
-    """Peak resident set size of this process in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / MIB if sys.platform == "darwin" else rss / 1024.0
-
-
-def memory_snapshot() -> dict[str, float | None]:
-    """``ru_maxrss`` and, on Linux, ``VmHWM`` (peak RSS of the current address space) in MiB."""
-    hwm = _status_kib("VmHWM")
-    return {"ru_maxrss_mib": ru_maxrss_mib(), "vm_hwm_mib": hwm / 1024.0 if hwm is not None else None}
-
-
 def phantom_batch(n: int, roi_size: Sequence[int], hu_window: Sequence[float], seed: int) -> dict[str, torch.Tensor]:
     """``n`` phantom crops of ``roi_size`` (image windowed to 0..1, label ids 0-13), as one training batch."""
-    from tools.make_phantoms import make_phantom
+    from tools.make_phantoms import windowed_crops
 
-    lo, hi = (float(v) for v in hu_window)
-    images, labels = [], []
-    for i in range(int(n)):
-        image, label, _ = make_phantom(seed + i, shape=tuple(roi_size), spacing=(1.5, 1.5, 2.0))
-        images.append(np.clip((image - lo) / (hi - lo), 0.0, 1.0)[None])
-        labels.append(label[None].astype(np.float32))
-    return {"image": torch.from_numpy(np.stack(images)).float(), "label": torch.from_numpy(np.stack(labels))}
+    images, labels = windowed_crops(n, roi_size, hu_window, seed)
+    return {"image": torch.from_numpy(images).float(), "label": torch.from_numpy(labels)}
 
 
 def measure_training(device: str, feature_size: int, roi_size: Sequence[int], steps: int, seed: int = 0,
@@ -698,7 +537,6 @@ def measure_training(device: str, feature_size: int, roi_size: Sequence[int], st
     RandCropByPosNegLabeld hands one iteration) and the handlers (validation, logging, lr
     schedule) are left out. Meant to run in a fresh process (see ``benchmark_training``).
     """
-    from ignite.engine import Events
     from monai.utils import set_determinism
 
     dev = resolve_device(device)
@@ -715,22 +553,13 @@ def measure_training(device: str, feature_size: int, roi_size: Sequence[int], st
     loader = torch.utils.data.DataLoader([batch] * total_steps, batch_size=None, shuffle=False)
     parser.update({"train#dataloader": loader, "train#handlers": []})
     trainer = parser.get_parsed_content("train#trainer")
-    times: list[float] = []
     losses: list[float] = []
-    started: dict[str, float] = {}
 
-    @trainer.on(Events.ITERATION_STARTED)
-    def _start(engine: Any) -> None:
-        sync(dev)
-        started["t"] = time.perf_counter()
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _stop(engine: Any) -> None:
-        sync(dev)
-        times.append(time.perf_counter() - started["t"])
-        output = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
-        losses.append(float(output["loss"]))
+    def _log(engine: Any, times: list[float]) -> None:
+        losses.append(loss_of(engine.state.output))
         say(f"training step {len(times)}/{total_steps}: {times[-1]:.2f} s, loss {losses[-1]:.4f}")
+
+    times = time_iterations(trainer, dev, _log)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -773,40 +602,6 @@ def training_child(args_json: str, result_path: str) -> None:
     """Entry point of the training subprocess: measure and write the result JSON to ``result_path``."""
     result = measure_training(**json.loads(args_json))
     Path(result_path).write_text(json.dumps(result, indent=2))
-
-
-def child_command(code: str, *args: str) -> list[str]:
-    """Command line running ``python -c code args`` in a freshly forked process.
-
-    Linux keeps the launching process's peak RSS in ``ru_maxrss`` across fork/vfork + exec; a
-    ``/bin/sh`` that forks the python (it is not the last command, so sh does not exec it) gives
-    the training process an ``ru_maxrss`` of its own.
-    """
-    command = [sys.executable, "-c", code, *args]
-    if os.name == "posix" and os.path.exists("/bin/sh"):
-        return ["/bin/sh", "-c", '"$0" "$@"; exit $?', *command]
-    return command
-
-
-def run_child(module: str, entry: str, args: dict[str, Any], label: str,
-              timeout_s: float | None = None) -> dict[str, Any]:
-    """Run ``<module>.<entry>(args_json, result_path)`` in a fresh Python process (its own peak RSS).
-
-    Returns the JSON the child wrote, or ``{"error": ...}`` naming ``label`` if it failed.
-    """
-    with tempfile.TemporaryDirectory(prefix=f"{module.rsplit('.', 1)[-1]}_") as tmp:
-        result_path = os.path.join(tmp, "result.json")
-        code = f"import sys; from {module} import {entry}; {entry}(sys.argv[1], sys.argv[2])"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                                       os.environ.get("PYTHONPATH")]))}
-        try:
-            rc: int | str = subprocess.run(child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT),
-                                           env=env, timeout=timeout_s).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        if rc != 0 or not os.path.exists(result_path):
-            return {"error": f"{label} subprocess failed (exit {rc})"}
-        return json.loads(Path(result_path).read_text())
 
 
 def benchmark_training(device: torch.device, feature_size: int, roi_size: Sequence[int], steps: int,
@@ -923,16 +718,71 @@ def format_report(result: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ main
 
 
+def run_variants(dev: torch.device, feature_size: int, roi: list[int], ckpt: str, out: Path, image: str,
+                 warmup: bool, forward_batch: int | None, repeats: int, skip_model_zoo: bool,
+                 skip_identical_fp32: bool) -> tuple[dict[str, dict], list[dict], bool]:
+    """Run each variant on the volume in a fresh process; return (end to end by variant, forward rows, fp32 skipped).
+
+    The fp32 run is skipped (third value True) where ``skip_identical_fp32`` and the bundle ran float32
+    in the plain layout: its run is the fp32 run.
+    """
+    e2e: dict[str, dict] = {}
+    forward_rows: list[dict] = []
+    fp32_is_bundle = False
+    for name in VARIANTS:
+        if name == "model_zoo" and skip_model_zoo:
+            say("model_zoo: skipped")
+            continue
+        if name == "bundle_fp32" and fp32_is_bundle:
+            say("bundle_fp32: skipped, the bundle runs float32 in the plain layout here, so its run is the fp32 run")
+            continue
+        say(f"{name}: building the pipeline and running one volume in a fresh process")
+        args = {"name": name, "device": str(dev), "feature_size": int(feature_size), "roi_size": roi,
+                "ckpt_path": ckpt, "output_dir": str(out / name), "image": str(image), "warmup": bool(warmup),
+                "time_forward": name in ("bundle", "model_zoo"), "forward_batch": forward_batch,
+                "repeats": int(repeats)}
+        child = run_child("tools.benchmark_btcv", "variant_child", args, name)
+        if "error" in child:
+            raise RuntimeError(f"benchmark variant {name}: {child['error']}")
+        r = e2e[name] = child["end_to_end"]
+        forward_rows += child["model_forward"]
+        if name == "bundle":  # the fp32 run would repeat it: float32 and the plain layout here
+            fp32_is_bundle = (skip_identical_fp32 and r["precision"] == "float32"
+                              and not r["settings"]["channels_last"])
+        say(f"{name}: total {r['total_s']:.2f} s, sliding window {r['stages_s']['sliding_window']:.2f} s over "
+            f"{r['windows']} windows; label map {r['label_path']}")
+    return e2e, forward_rows, fp32_is_bundle
+
+
 def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 48, roi_size: int = 96,
                   device: str | None = None, train_steps: int = 3, output_json: str = "bench.json",
                   skip_model_zoo: bool = False, skip_training: bool = False, repeats: int = 3, seed: int = 0,
                   work_dir: str | None = None, warmup: bool = True, train_warmup_steps: int = 1,
                   train_crops: int | None = None, forward_batch: int | None = None,
                   skip_identical_fp32: bool = True) -> dict[str, Any]:
-    """Run all measurements, write ``output_json`` and return the result dictionary.
+    """Benchmark the bundle vs the model-zoo settings on one volume; write ``output_json``, return the result.
 
-    With ``skip_identical_fp32``, the ``bundle_fp32`` run is left out where the bundle uses no reduced
-    precision on the device (it would repeat the same float32 computation).
+    The command line prints the result as a table.
+
+    Args:
+        image: input CT (NIfTI, HU).
+        ckpt_path: bundle checkpoint (``{"model": ...}`` or a state dict); random init (seeded) if omitted.
+        feature_size: SwinUNETR feature size (48 in the bundle).
+        roi_size: sliding-window / training crop size (96 in the bundle and the model zoo).
+        device: "cpu", "cuda", "cuda:1"...; default cuda if available else cpu.
+        train_steps: timed training steps (after the warm-up steps).
+        output_json: where to write the result.
+        skip_model_zoo: leave the model-zoo variant out.
+        skip_training: leave the training measurement out.
+        repeats: timed forward calls per network setting (after one warm-up call).
+        seed: seed of the random initialisation and of the phantom training crops.
+        work_dir: folder for label maps (default: ``<output_json stem>_outputs`` next to it).
+        warmup: one untimed image load and forward before each end-to-end run.
+        train_warmup_steps: untimed training steps before the timed ones.
+        train_crops: crops per training batch (default train.json's batch_size * num_samples).
+        forward_batch: windows per timed forward call (default the inferer's sw_batch_size).
+        skip_identical_fp32: leave out the ``bundle_fp32`` run where the bundle uses no reduced precision
+            and no channels-last on the device (it would repeat the same float32 computation).
     """
     dev = resolve_device(device)
     roi = cube(roi_size)
@@ -965,33 +815,10 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
     }
     Path(image).read_bytes()  # page cache warm for every variant alike
 
-    e2e: dict[str, dict] = {}
-    forward_rows: list[dict] = []
-    fp32_is_bundle = False
-    for name in VARIANTS:
-        if name == "model_zoo" and skip_model_zoo:
-            say("model_zoo: skipped")
-            continue
-        if name == "bundle_fp32" and fp32_is_bundle:
-            say("bundle_fp32: skipped, the bundle runs float32 in the plain layout here, so its run is the fp32 run")
-            continue
-        say(f"{name}: building the pipeline and running one volume in a fresh process")
-        args = {"name": name, "device": str(dev), "feature_size": int(feature_size), "roi_size": roi,
-                "ckpt_path": ckpt, "output_dir": str(out / name), "image": str(image), "warmup": bool(warmup),
-                "time_forward": name in ("bundle", "model_zoo"), "forward_batch": forward_batch,
-                "repeats": int(repeats)}
-        child = run_child("tools.benchmark_btcv", "variant_child", args, name)
-        if "error" in child:
-            raise RuntimeError(f"benchmark variant {name}: {child['error']}")
-        r = e2e[name] = child["end_to_end"]
-        forward_rows += child["model_forward"]
-        if name == "bundle":  # the fp32 run would repeat it: float32 and the plain layout here
-            fp32_is_bundle = (skip_identical_fp32 and r["precision"] == "float32"
-                              and not r["settings"]["channels_last"])
-        say(f"{name}: total {r['total_s']:.2f} s, sliding window {r['stages_s']['sliding_window']:.2f} s over "
-            f"{r['windows']} windows; label map {r['label_path']}")
-    result["machine"]["load_average_after_inference"] = (
-        [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None)
+    e2e, forward_rows, fp32_is_bundle = run_variants(
+        dev, feature_size, roi, ckpt, out, image, warmup=warmup, forward_batch=forward_batch, repeats=repeats,
+        skip_model_zoo=skip_model_zoo, skip_identical_fp32=skip_identical_fp32)
+    result["machine"]["load_average_after_inference"] = load_average()
     result["end_to_end"] = e2e
     result["comparison"] = comparison(e2e)
     if fp32_is_bundle:
@@ -1016,45 +843,12 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
     return result
 
 
-def main(image: str, ckpt_path: str | None = None, feature_size: int = 48, roi_size: int = 96,
-         device: str | None = None, train_steps: int = 3, output_json: str = "bench.json",
-         skip_model_zoo: bool = False, skip_training: bool = False, repeats: int = 3, seed: int = 0,
-         work_dir: str | None = None, warmup: bool = True, train_warmup_steps: int = 1,
-         train_crops: int | None = None, forward_batch: int | None = None, skip_identical_fp32: bool = True) -> None:
-    """Benchmark the bundle vs the model-zoo settings on one volume; print a table and write ``output_json``.
-
-    Args:
-        image: input CT (NIfTI, HU).
-        ckpt_path: bundle checkpoint (``{"model": ...}`` or a state dict); random init (seeded) if omitted.
-        feature_size: SwinUNETR feature size (48 in the bundle).
-        roi_size: sliding-window / training crop size (96 in the bundle and the model zoo).
-        device: "cpu", "cuda", "cuda:1"...; default cuda if available else cpu.
-        train_steps: timed training steps (after one warm-up step).
-        output_json: where to write the result.
-        skip_model_zoo: leave the model-zoo variant out.
-        skip_training: leave the training measurement out.
-        repeats: timed forward calls per network setting (after one warm-up call).
-        seed: seed of the random initialisation and of the phantom training crops.
-        work_dir: folder for label maps (default: ``<output_json stem>_outputs`` next to it).
-        warmup: one untimed image load and forward before each end-to-end run.
-        train_warmup_steps: untimed training steps before the timed ones.
-        train_crops: crops per training batch (default train.json's batch_size * num_samples).
-        forward_batch: windows per timed forward call (default the inferer's sw_batch_size).
-        skip_identical_fp32: leave out the fp32 run where the bundle uses no reduced precision anyway.
-    """
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = run_benchmark(image, ckpt_path=ckpt_path, feature_size=feature_size, roi_size=roi_size, device=device,
-                           train_steps=train_steps, output_json=output_json, skip_model_zoo=skip_model_zoo,
-                           skip_training=skip_training, repeats=repeats, seed=seed, work_dir=work_dir,
-                           warmup=warmup, train_warmup_steps=train_warmup_steps, train_crops=train_crops,
-                           forward_batch=forward_batch, skip_identical_fp32=skip_identical_fp32)
-    print()
-    print(format_report(result), flush=True)
+def report(result: dict[str, Any]) -> str:
+    """The command line's printout: a blank line and the text table."""
+    return "\n" + format_report(result)
 
 
 if __name__ == "__main__":
-    import fire
+    from tools.common.cli import fire_command
 
-    fire.Fire(main)
+    fire_command(run_benchmark, report=report)

@@ -27,7 +27,7 @@ Reported per task: in_channels, roi_size, spacing, feature_size, crops per itera
 timed, mean and min seconds per iteration, iterations/s (= 1 / mean), crops/s, the peak memory
 (on CPU the child's peak RSS, ``ru_maxrss``: interpreter, libraries, cached volumes, model, optimiser
 state and activations; on CUDA ``torch.cuda.max_memory_allocated`` over the iterations) and the final
-loss. Also: the machine (``tools.benchmark_btcv.machine_info``), torch/monai versions, the settings,
+loss. Also: the machine (``tools.common.machine.machine_info``), torch/monai versions, the settings,
 and the system load average (``os.getloadavg``) at start and end, so a reader can tell whether the
 cores were shared with other work.
 
@@ -38,9 +38,9 @@ Command line::
 
     python -m tools.benchmark_msd --device cuda --amp True --output bench_output/msd_cuda.json
 
-A full-size step (feature size 48, four 96^3 crops) takes tens of seconds on a small CPU;
-``--feature_size 12 --roi_size "[64,64,64]" --num_samples 1 --shape "[48,48,40]"`` tries the tool
-out in seconds.
+A full-size step (feature size 48, four 96^3 crops) is slow on a small CPU (measured times: the
+model card); ``--feature_size 12 --roi_size "[64,64,64]" --num_samples 1 --shape "[48,48,40]"``
+tries the tool out quickly.
 """
 
 from __future__ import annotations
@@ -56,30 +56,22 @@ from typing import Any
 
 import torch
 
-from tools.benchmark_btcv import MIB, cube, device_expr, machine_info, memory_snapshot, resolve_device, say, sync
-from tools.benchmark_btcv import bundle_parser as btcv_bundle_parser
-from tools.benchmark_btcv import run_child
-from tools.benchmark_ssl import _mean, reset_peak_rss
+from tools.common.bundles import MSD_DIR as BUNDLE_DIR
+from tools.common.bundles import REPO_ROOT, cube, device_expr
+from tools.common.bundles import bundle_parser as parse_bundle_config
+from tools.common.engines import loss_of, time_iterations
+from tools.common.machine import load_average, machine_info
+from tools.common.memory import MIB, memory_snapshot, reset_peak_rss
+from tools.common.processes import run_child
+from tools.common.stats import mean, num
+from tools.common.timing import resolve_device, say
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_msd"
 CONFIG_DIR = BUNDLE_DIR / "configs"
 DEFAULT_TASKS = ("Task09_Spleen", "Task01_BrainTumour")
 DEFAULT_SHAPE = (128, 128, 96)
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute system load averages (None where the OS has none)."""
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _loss_of(output: Any) -> float:
-    """The loss of a SupervisedTrainer iteration output (a dict, or a decollated list of dicts)."""
-    item = output[0] if isinstance(output, (list, tuple)) else output
-    return float(item["loss"])
 
 
 def _input_shape(batch: Any) -> list[int]:
@@ -124,10 +116,44 @@ def train_overrides(task: str, dataset_dir: str, bundle_root: str, device: torch
 
 def bundle_parser(overrides: dict[str, Any]) -> Any:
     """A ConfigParser of the MSD bundle's ``configs/train.json`` with ``overrides`` applied (scripts importable)."""
-    return btcv_bundle_parser("train.json", overrides, BUNDLE_DIR)
+    return parse_bundle_config(BUNDLE_DIR, "train.json", overrides)
 
 
 # ------------------------------------------------------------------------------------------ one task
+
+
+def log_iterations(trainer: Any, dev: torch.device, task: str, total: int, warmup: int) -> dict[str, list]:
+    """Time each iteration of ``trainer`` (and its batch fetch apart) with ignite events; stop after ``total``.
+
+    Returns the lists the events fill while the trainer runs: ``times``, ``data_times``, ``losses``,
+    ``input_shapes``.
+    """
+    from ignite.engine import Events
+
+    data_times: list[float] = []
+    losses: list[float] = []
+    input_shapes: list[list[int]] = []
+    marks: dict[str, float] = {}
+
+    @trainer.on(Events.GET_BATCH_STARTED)
+    def _batch_start(engine: Any) -> None:
+        marks["batch"] = time.perf_counter()
+
+    @trainer.on(Events.GET_BATCH_COMPLETED)
+    def _batch_stop(engine: Any) -> None:
+        data_times.append(time.perf_counter() - marks["batch"])
+
+    def _log(engine: Any, times: list[float]) -> None:
+        losses.append(loss_of(engine.state.output))
+        input_shapes.append(_input_shape(engine.state.batch))
+        n = len(times)
+        say(f"{task} iteration {n}/{total} ({'warm-up' if n <= int(warmup) else 'timed'}): {times[-1]:.2f} s "
+            f"(+{data_times[-1]:.2f} s batch), input {input_shapes[-1]}, loss {losses[-1]:.4f}")
+        if n >= total:
+            engine.terminate()
+
+    times = time_iterations(trainer, dev, _log)
+    return {"times": times, "data_times": data_times, "losses": losses, "input_shapes": input_shapes}
 
 
 def measure_task(task: str, device: str = "cpu", feature_size: int = 48, roi_size: Sequence[int] | None = None,
@@ -138,8 +164,6 @@ def measure_task(task: str, device: str = "cpu", feature_size: int = 48, roi_siz
 
     Meant to run in a fresh process (``run_task_subprocess``) so that the peak RSS belongs to this task.
     """
-    from ignite.engine import Events
-
     from tools.make_msd_tasks import write_msd_task
 
     if int(iterations) < 1 or int(warmup) < 0:
@@ -171,37 +195,7 @@ def measure_task(task: str, device: str = "cpu", feature_size: int = 48, roi_siz
         network = trainer.network
         cases_training = len(trainer.data_loader.dataset)
 
-        times: list[float] = []
-        data_times: list[float] = []
-        losses: list[float] = []
-        input_shapes: list[list[int]] = []
-        marks: dict[str, float] = {}
-
-        @trainer.on(Events.GET_BATCH_STARTED)
-        def _batch_start(engine: Any) -> None:
-            marks["batch"] = time.perf_counter()
-
-        @trainer.on(Events.GET_BATCH_COMPLETED)
-        def _batch_stop(engine: Any) -> None:
-            data_times.append(time.perf_counter() - marks["batch"])
-
-        @trainer.on(Events.ITERATION_STARTED)
-        def _start(engine: Any) -> None:
-            sync(dev)
-            marks["iteration"] = time.perf_counter()
-
-        @trainer.on(Events.ITERATION_COMPLETED)
-        def _stop(engine: Any) -> None:
-            sync(dev)
-            times.append(time.perf_counter() - marks["iteration"])
-            losses.append(_loss_of(engine.state.output))
-            input_shapes.append(_input_shape(engine.state.batch))
-            n = len(times)
-            say(f"{task} iteration {n}/{total} ({'warm-up' if n <= int(warmup) else 'timed'}): {times[-1]:.2f} s "
-                f"(+{data_times[-1]:.2f} s batch), input {input_shapes[-1]}, loss {losses[-1]:.4f}")
-            if n >= total:
-                engine.terminate()
-
+        log = log_iterations(trainer, dev, task, total, int(warmup))
         before = memory_snapshot()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -213,9 +207,10 @@ def measure_task(task: str, device: str = "cpu", feature_size: int = 48, roi_siz
         cuda_peak = torch.cuda.max_memory_allocated(dev) / MIB if dev.type == "cuda" else None
         cuda_reserved = torch.cuda.max_memory_reserved(dev) / MIB if dev.type == "cuda" else None
 
+    times, data_times, losses, input_shapes = (log[k] for k in ("times", "data_times", "losses", "input_shapes"))
     timed, timed_data = times[int(warmup):], data_times[int(warmup):len(times)]
     crops = input_shapes[-1][0] if input_shapes and input_shapes[-1] else int(batch_size) * int(num_samples)
-    mean = _mean(timed)
+    mean_s = mean(timed)
     ips = len(timed) / sum(timed) if timed and sum(timed) > 0 else None
     hwm = after["vm_hwm_mib"]
     return {
@@ -248,11 +243,11 @@ def measure_task(task: str, device: str = "cpu", feature_size: int = 48, roi_siz
         "iterations": len(timed),
         "iteration_times_s": timed,
         "warmup_times_s": times[: int(warmup)],
-        "seconds_per_iteration": mean,
+        "seconds_per_iteration": mean_s,
         "min_seconds_per_iteration": float(min(timed)) if timed else None,
         "iterations_per_second": ips,
         "crops_per_second": ips * crops if ips is not None else None,
-        "data_seconds_per_iteration": _mean(timed_data),
+        "data_seconds_per_iteration": mean(timed_data),
         "losses": losses[int(warmup):],
         "warmup_losses": losses[: int(warmup)],
         "final_loss": losses[-1] if losses else None,
@@ -290,10 +285,6 @@ def run_task_subprocess(args: dict[str, Any], timeout_s: float | None = None) ->
 # ------------------------------------------------------------------------------------------ report
 
 
-def _num(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def _knob(setting: Any, tasks: dict[str, dict], key: str) -> str:
     """A knob as set on the command line, else as the bundle set it in the task runs ("bundle default: ...")."""
     if setting is not None:
@@ -328,13 +319,13 @@ def format_report(result: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"{name:<19} {r['error']}")
             continue
-        loss = _num(r["final_loss"], ".4f") if r["final_loss_finite"] else f"{r['final_loss']} (NOT FINITE)"
+        loss = num(r["final_loss"], ".4f") if r["final_loss_finite"] else f"{r['final_loss']} (NOT FINITE)"
         lines.append(
             f"{name:<19} {r['in_channels']:>2} {'x'.join(map(str, r['roi_size'])):<13} "
             f"{'x'.join(f'{v:g}' for v in r['spacing']):<16} {r['crops_per_iteration']:>5} {r['iterations']:>5} "
-            f"{_num(r['seconds_per_iteration'], '.3f'):>8} {_num(r['min_seconds_per_iteration'], '.3f'):>8} "
-            f"{_num(r['iterations_per_second'], '.4f'):>8} {_num(r['crops_per_second'], '.4f'):>8} "
-            f"{_num(r['data_seconds_per_iteration'], '.2f'):>7} {r['peak_memory_mib']:>9.0f} {loss:>8}")
+            f"{num(r['seconds_per_iteration'], '.3f'):>8} {num(r['min_seconds_per_iteration'], '.3f'):>8} "
+            f"{num(r['iterations_per_second'], '.4f'):>8} {num(r['crops_per_second'], '.4f'):>8} "
+            f"{num(r['data_seconds_per_iteration'], '.2f'):>7} {r['peak_memory_mib']:>9.0f} {loss:>8}")
     lines.append("Load average per task (start -> end of its process): " + "; ".join(
         f"{name} {r.get('load_average_start')} -> {r.get('load_average_end')}"
         for name, r in result["tasks"].items() if "error" not in r))
@@ -351,7 +342,28 @@ def run_benchmark(tasks: str | Sequence[str] = DEFAULT_TASKS, device: str | None
                   use_checkpoint: bool | None = None, amp: bool = True, iterations: int = 3, warmup: int = 1,
                   shape: Sequence[int] = DEFAULT_SHAPE, cases: int = 3, seed: int = 0, output: str | None = None,
                   isolate: bool = True, timeout_s: float | None = None) -> dict[str, Any]:
-    """Measure each task (each in a fresh subprocess when ``isolate``), write ``output`` and return the result."""
+    """Benchmark the MSD bundle's training per task; write ``output`` (JSON), return the result.
+
+    The command line prints the result as a table.
+
+    Args:
+        tasks: task names, e.g. "['Task09_Spleen','Task01_BrainTumour']" (the default: one CT, one 4-channel MRI).
+        device: "cpu", "cuda", "cuda:1"...; default cuda if available, else cpu.
+        feature_size: SwinUNETR feature size (48 in the bundle).
+        roi_size: crop size, an int (cube) or 3 ints; default each task's own (configs/tasks/<task>.json).
+        num_samples: crops per volume (RandCropByPosNegLabeld).
+        batch_size: volumes per iteration.
+        use_checkpoint: gradient checkpointing; default the bundle's (true).
+        amp: fp16 autocast on CUDA (no effect on CPU).
+        iterations: timed iterations.
+        warmup: untimed iterations first.
+        shape: shape of the synthetic volumes (128 x 128 x 96 by default).
+        cases: synthetic training cases written per task (fold 0 of min(5, cases) folds trains on the rest).
+        seed: seed of the data, the weights and the augmentation.
+        output: JSON path (default bench_output/msd_<device type>.json).
+        isolate: run each task in a fresh subprocess (per-task peak RSS).
+        timeout_s: per-task subprocess time limit.
+    """
     dev = resolve_device(device)
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
@@ -408,40 +420,14 @@ def run_benchmark(tasks: str | Sequence[str] = DEFAULT_TASKS, device: str | None
     return result
 
 
-def main(tasks: Any = DEFAULT_TASKS, device: str | None = None, feature_size: int = 48, roi_size: Any = None,
-         num_samples: int = 4, batch_size: int = 1, use_checkpoint: bool | None = None, amp: bool = True,
-         iterations: int = 3, warmup: int = 1, shape: Any = DEFAULT_SHAPE, cases: int = 3, seed: int = 0,
-         output: str | None = None, isolate: bool = True, timeout_s: float | None = None) -> None:
-    """Benchmark the MSD bundle's training per task; print a table and write ``output`` (JSON).
-
-    Args:
-        tasks: task names, e.g. "['Task09_Spleen','Task01_BrainTumour']" (the default: one CT, one 4-channel MRI).
-        device: "cpu", "cuda", "cuda:1"...; default cuda if available, else cpu.
-        feature_size: SwinUNETR feature size (48 in the bundle).
-        roi_size: crop size, an int (cube) or 3 ints; default each task's own (configs/tasks/<task>.json).
-        num_samples: crops per volume (RandCropByPosNegLabeld); batch_size: volumes per iteration.
-        use_checkpoint: gradient checkpointing; default the bundle's (true).
-        amp: fp16 autocast on CUDA (no effect on CPU).
-        iterations: timed iterations; warmup: untimed iterations first.
-        shape: shape of the synthetic volumes (128 x 128 x 96 by default).
-        cases: synthetic training cases written per task (fold 0 of min(5, cases) folds trains on the rest).
-        seed: seed of the data, the weights and the augmentation.
-        output: JSON path (default bench_output/msd_<device type>.json).
-        isolate: run each task in a fresh subprocess (per-task peak RSS).
-        timeout_s: per-task subprocess time limit.
-    """
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = run_benchmark(tasks=tasks, device=device, feature_size=feature_size, roi_size=roi_size,
-                           num_samples=num_samples, batch_size=batch_size, use_checkpoint=use_checkpoint, amp=amp,
-                           iterations=iterations, warmup=warmup, shape=shape, cases=cases, seed=seed, output=output,
-                           isolate=isolate, timeout_s=timeout_s)
-    print()
-    print(format_report(result), flush=True)
+def report(result: dict[str, Any]) -> str:
+    """The command line's printout: a blank line and the text table."""
+    return "\n" + format_report(result)
 
 
 if __name__ == "__main__":
-    import fire
+    import logging
 
-    fire.Fire(main)
+    from tools.common.cli import fire_command
+
+    fire_command(run_benchmark, report=report, log_level=logging.WARNING)

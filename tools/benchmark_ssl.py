@@ -47,15 +47,14 @@ Command line::
     python -m tools.benchmark_ssl --device cpu --feature_size 48 --roi_size "[96,96,96]" \\
         --batch_size 2 --num_samples 2 --warmup 1 --steps 2 --output bench_output/ssl_cpu.json
 
-Feature size 48 at 96^3 takes minutes per step on a small CPU; ``--feature_size 12 --roi_size
-"[64,32,32]" --batch_size 1`` tries the tool out in seconds (the rotation plane, spatial axes 1
-and 2, must be square; each side a multiple of 32 with at least 2 bottleneck tokens).
+Feature size 48 at 96^3 is slow on a small CPU (measured times: the model card); ``--feature_size 12
+--roi_size "[64,32,32]" --batch_size 1`` tries the tool out quickly (the rotation plane, spatial
+axes 1 and 2, must be square; each side a multiple of 32 with at least 2 bottleneck tokens).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -66,12 +65,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from tools.benchmark_btcv import bundle_parser as btcv_bundle_parser
-from tools.benchmark_btcv import (MIB, _status_kib, cube, machine_info, memory_snapshot,
-                                  resolve_device, run_child, say, sync)
+from tools.common.bundles import REPO_ROOT, cube, device_expr
+from tools.common.bundles import SSL_DIR as BUNDLE_DIR
+from tools.common.bundles import bundle_parser as parse_bundle_config
+from tools.common.machine import machine_info
+from tools.common.memory import MIB, memory_snapshot, reset_peak_rss, status_mib
+from tools.common.processes import run_child
+from tools.common.stats import mean, num, ratio
+from tools.common.timing import resolve_device, say, sync
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_ssl_pretrain"
 MODES = ("bundle", "research")
 RESEARCH_FORWARDS = ("separate", "concat")
 
@@ -89,14 +91,14 @@ MAX_BOXES = 1000
 
 def bundle_parser(overrides: dict[str, Any]) -> Any:
     """A ConfigParser of the bundle's ``configs/train.json`` with its metadata and ``overrides`` applied."""
-    return btcv_bundle_parser("train.json", overrides, BUNDLE_DIR)
+    return parse_bundle_config(BUNDLE_DIR, "train.json", overrides)
 
 
 def train_overrides(device: torch.device, feature_size: int, roi_size: Sequence[int], batch_size: int,
                     num_samples: int, seed: int, amp: bool) -> dict[str, Any]:
     """The knobs of train.json this benchmark sets (no pretrained weights, no resume)."""
     return {
-        "device": f"$torch.device('{device}')",
+        "device": device_expr(device),
         "feature_size": int(feature_size),
         "roi_size": [int(s) for s in roi_size],
         "batch_size": int(batch_size),
@@ -112,22 +114,9 @@ def train_overrides(device: torch.device, feature_size: int, roi_size: Sequence[
 
 def phantom_crops(n: int, roi_size: Sequence[int], hu_window: Sequence[float], seed: int) -> torch.Tensor:
     """``n`` phantom CT crops (n, 1, *roi_size), windowed to 0..1 as the bundle's preprocessing does."""
-    from tools.make_phantoms import make_phantom
+    from tools.make_phantoms import windowed_crops
 
-    lo, hi = (float(v) for v in hu_window)
-    crops = [np.clip((make_phantom(seed + i, shape=tuple(roi_size), spacing=(1.5, 1.5, 2.0))[0] - lo) / (hi - lo),
-                     0.0, 1.0)[None] for i in range(int(n))]
-    return torch.from_numpy(np.stack(crops).astype(np.float32))
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux ``clear_refs`` 5); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmHWM") is not None
-    except OSError:
-        return False
+    return torch.from_numpy(windowed_crops(n, roi_size, hu_window, seed)[0])
 
 
 def _attributable(ru_maxrss: float, hwm_before: float | None, hwm_after: float | None) -> bool:
@@ -136,17 +125,6 @@ def _attributable(ru_maxrss: float, hwm_before: float | None, hwm_after: float |
     if not hwms:
         return True
     return abs(ru_maxrss - max(hwms)) <= max(64.0, 0.05 * max(hwms))
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b > 0:
-        return None
-    r = a / b
-    return float(r) if math.isfinite(r) else None
 
 
 # ------------------------------------------------------------------------------------------ research augmentation
@@ -384,8 +362,7 @@ def measure_mode(mode: str, device: str = "cpu", feature_size: int = 48, roi_siz
     network = setup["network"]
     setup_s = time.perf_counter() - t_setup
     before = memory_snapshot()
-    rss_before = _status_kib("VmRSS")
-    rss_before = rss_before / 1024.0 if rss_before is not None else None
+    rss_before = status_mib("VmRSS")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     peak_reset = reset_peak_rss()
@@ -422,14 +399,14 @@ def measure_mode(mode: str, device: str = "cpu", feature_size: int = 48, roi_siz
         "steps": len(timed),
         "step_times_s": times,
         "warmup_times_s": [r["seconds"] for r in warm],
-        "seconds_per_iteration": _mean(times),
+        "seconds_per_iteration": mean(times),
         "iterations_per_second": (len(times) / sum(times)) if times and sum(times) > 0 else None,
         "losses": [float(r["loss"]) for r in timed],
         "warmup_losses": [float(r["loss"]) for r in warm],
         "loss_terms": [r["loss_terms"] for r in timed],
         "masked_fraction": [float(r["masked_fraction"]) for r in timed],
         "breakdown_s": {k: [float(r[k]) for r in timed] for k in breakdown_keys},
-        "breakdown_mean_s": {k: _mean([float(r[k]) for r in timed]) for k in breakdown_keys},
+        "breakdown_mean_s": {k: mean([float(r[k]) for r in timed]) for k in breakdown_keys},
         "peak_memory_mib": cuda_peak if cuda_peak is not None else after["ru_maxrss_mib"],
         "peak_memory_kind": ("torch.cuda.max_memory_allocated over the steps" if cuda_peak is not None
                              else "peak RSS of this mode's process (resource.getrusage ru_maxrss)"),
@@ -466,16 +443,12 @@ def comparison(modes: dict[str, dict]) -> dict[str, Any]:
     """research / bundle ratios of time per step, iterations/s and peak memory."""
     b, r = modes.get("bundle") or {}, modes.get("research") or {}
     return {
-        "time_ratio_research_over_bundle": _ratio(r.get("seconds_per_iteration"), b.get("seconds_per_iteration")),
-        "speedup_bundle_iterations_per_second_over_research": _ratio(b.get("iterations_per_second"),
+        "time_ratio_research_over_bundle": ratio(r.get("seconds_per_iteration"), b.get("seconds_per_iteration")),
+        "speedup_bundle_iterations_per_second_over_research": ratio(b.get("iterations_per_second"),
                                                                      r.get("iterations_per_second")),
-        "peak_memory_ratio_research_over_bundle": _ratio(r.get("peak_memory_mib"), b.get("peak_memory_mib")),
+        "peak_memory_ratio_research_over_bundle": ratio(r.get("peak_memory_mib"), b.get("peak_memory_mib")),
         "meaning": "time ratio > 1: the bundle's step is faster than the research code's way",
     }
-
-
-def _num(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -496,8 +469,8 @@ def format_report(result: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"{name:<9} {r['error']}")
             continue
-        lines.append(f"{name:<9} {r['precision']:<17} {_num(r['seconds_per_iteration'], '.3f'):>8} "
-                     f"{_num(r['iterations_per_second'], '.4f'):>8} {r['peak_memory_mib']:>9.0f}  "
+        lines.append(f"{name:<9} {r['precision']:<17} {num(r['seconds_per_iteration'], '.3f'):>8} "
+                     f"{num(r['iterations_per_second'], '.4f'):>8} {r['peak_memory_mib']:>9.0f}  "
                      f"{', '.join(f'{t:.2f}' for t in r['step_times_s']):<20} "
                      f"{', '.join(f'{x:.4f}' for x in r['losses'])}")
         extra = ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown_mean_s"].items() if v is not None)
@@ -515,12 +488,31 @@ def format_report(result: dict[str, Any]) -> str:
 def run_benchmark(device: str | None = None, feature_size: int = 48, roi_size: int | Sequence[int] = (96, 96, 96),
                   batch_size: int = 2, num_samples: int = 2, warmup: int = 1, steps: int = 2,
                   output: str | None = None, seed: int = 0, amp: bool = True, research_forward: str = "separate",
-                  modes: str | Sequence[str] = MODES, isolate: bool = True,
+                  mode: str | Sequence[str] = "both", isolate: bool = True,
                   timeout_s: float | None = None) -> dict[str, Any]:
-    """Measure the modes (each in a fresh subprocess when ``isolate``), write ``output`` and return the result."""
+    """Benchmark a pre-training step, bundle vs research way; write ``output`` (JSON), return the result.
+
+    The command line prints the result as a table.
+
+    Args:
+        device: "cpu", "cuda", "cuda:1"...; default cuda if available, else cpu.
+        feature_size: SwinSSLNet feature size (48 in the bundle).
+        roi_size: crop size, an int (cube) or 3 ints; spatial axes 1 and 2 must be equal (96^3 in the bundle).
+        batch_size: volumes per batch (crops = batch_size * num_samples, views = twice that).
+        num_samples: crops per volume.
+        warmup: untimed steps first.
+        steps: timed steps.
+        output: JSON path (default bench_output/ssl_<device type>.json).
+        seed: seed of the weights, the phantom crops and the augmentation.
+        amp: fp16 autocast + GradScaler on CUDA (no effect on CPU).
+        research_forward: "separate" (main.py: one forward per view batch) or "concat" (one forward on both).
+        mode: "both", "bundle" or "research" (or a list of modes).
+        isolate: run each mode in a fresh subprocess (per-mode peak RSS).
+        timeout_s: per-mode subprocess time limit.
+    """
     dev = resolve_device(device)
     roi = cube(roi_size)
-    modes = [modes] if isinstance(modes, str) else list(modes)
+    modes = list(MODES) if mode == "both" else [mode] if isinstance(mode, str) else list(mode)
     if any(m not in MODES for m in modes):
         raise ValueError(f"modes must be among {MODES}, got {modes}")
     if research_forward not in RESEARCH_FORWARDS:
@@ -550,10 +542,10 @@ def run_benchmark(device: str | None = None, feature_size: int = 48, roi_size: i
             "num_samples": int(num_samples), "warmup": int(warmup), "steps": int(steps), "seed": int(seed),
             "amp": bool(amp), "research_forward": research_forward}
     results: dict[str, dict] = {}
-    for mode in modes:
-        say(f"{mode}: {'fresh subprocess' if isolate else 'in process'}, {warmup} warm-up + {steps} timed step(s)")
-        results[mode] = (run_mode_subprocess({**args, "mode": mode}, timeout_s) if isolate
-                         else measure_mode(mode, **args))
+    for name in modes:
+        say(f"{name}: {'fresh subprocess' if isolate else 'in process'}, {warmup} warm-up + {steps} timed step(s)")
+        results[name] = (run_mode_subprocess({**args, "mode": name}, timeout_s) if isolate
+                         else measure_mode(name, **args))
     result["modes"] = results
     result["comparison"] = comparison(results)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -572,38 +564,14 @@ def _has_psutil() -> bool:
         return False
 
 
-def main(device: str | None = None, feature_size: int = 48, roi_size: Any = (96, 96, 96), batch_size: int = 2,
-         num_samples: int = 2, warmup: int = 1, steps: int = 2, output: str | None = None, seed: int = 0,
-         amp: bool = True, research_forward: str = "separate", mode: str = "both", isolate: bool = True,
-         timeout_s: float | None = None) -> None:
-    """Benchmark a pre-training step, bundle vs research way; print a table and write ``output`` (JSON).
-
-    Args:
-        device: "cpu", "cuda", "cuda:1"...; default cuda if available, else cpu.
-        feature_size: SwinSSLNet feature size (48 in the bundle).
-        roi_size: crop size, an int (cube) or 3 ints; spatial axes 1 and 2 must be equal (96^3 in the bundle).
-        batch_size: volumes per batch; num_samples: crops per volume (batch = their product, views = twice that).
-        warmup: untimed steps first; steps: timed steps.
-        output: JSON path (default bench_output/ssl_<device type>.json).
-        seed: seed of the weights, the phantom crops and the augmentation.
-        amp: fp16 autocast + GradScaler on CUDA (no effect on CPU).
-        research_forward: "separate" (main.py: one forward per view batch) or "concat" (one forward on both).
-        mode: "both", "bundle" or "research".
-        isolate: run each mode in a fresh subprocess (per-mode peak RSS).
-        timeout_s: per-mode subprocess time limit.
-    """
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    modes = MODES if mode == "both" else (mode,)
-    result = run_benchmark(device=device, feature_size=feature_size, roi_size=roi_size, batch_size=batch_size,
-                           num_samples=num_samples, warmup=warmup, steps=steps, output=output, seed=seed, amp=amp,
-                           research_forward=research_forward, modes=modes, isolate=isolate, timeout_s=timeout_s)
-    print()
-    print(format_report(result), flush=True)
+def report(result: dict[str, Any]) -> str:
+    """The command line's printout: a blank line and the text table."""
+    return "\n" + format_report(result)
 
 
 if __name__ == "__main__":
-    import fire
+    import logging
 
-    fire.Fire(main)
+    from tools.common.cli import fire_command
+
+    fire_command(run_benchmark, report=report, log_level=logging.WARNING)

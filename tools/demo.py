@@ -37,29 +37,21 @@ phantom Dice measures how well the tiny model learned synthetic shapes. A few hu
 steps on 5 volumes and a few epochs of fine-tuning of a feature-size-12 network are far from the
 published numbers: the demo shows the pipeline working end to end, not a trained model.
 
-Pre-training settings, chosen for a 2-core CPU: one step of the small network on 4 views of
-64 x 32 x 32 takes about 3.4 s (4 x 64^3: 9.5 s). The rotation task turns crops in the plane of
-spatial axes 1 and 2, which must be square, and the rotation and contrastive heads need 2
-bottleneck tokens (crop / 32), so 64 x 32 x 32 is the smallest usable crop. At 2 mm every phantom
-(134 mm wide) is at least 64 voxels along the first axis (at 3 mm it would not be, and the bundle's
-corpus check would refuse it). Each step takes one crop from each of 2 volumes (``drop_last`` keeps
-both): with 2 crops of one volume the contrastive loss stays at log(3) for hundreds of steps, with
-crops of 2 volumes it falls within ~50. Learning rate 4e-4 (the bundle's), warm-up 10 steps, cosine
-decay to 0 at the last step.
+Pre-training settings, chosen for a 2-core CPU: the smallest usable crop, 64 x 32 x 32. The
+rotation task turns crops in the plane of spatial axes 1 and 2, which must be square, and the
+rotation and contrastive heads need 2 bottleneck tokens (crop / 32). At 2 mm every phantom (134 mm
+wide) is at least 64 voxels along the first axis (at 3 mm it would not be, and the bundle's corpus
+check would refuse it). Each step takes one crop from each of 2 volumes (``drop_last`` keeps both):
+the contrastive loss needs the other volume's crop as its negative, 2 crops of one volume barely
+separate. Learning rate 4e-4 (the bundle's), warm-up 10 steps, cosine decay to 0 at the last step.
 
-Fine-tuning speed: one forward pass of the small network on a 64^3 window takes 3-6 s and one
-training step on two 64^3 crops 15-35 s. The recipe's 1.5 x 1.5 x 2 mm spacing makes the sample CT
-210 windows at overlap 0.5 (80 at 0.25), and it is run three times (validation, evaluation,
-inference); the demo therefore resamples to 3 mm isotropic, the sample CT's own voxel size: 12
-windows at overlap 0.25, 8 at 0. ``--spacing "[1.5,1.5,2.0]"`` gives the recipe's geometry at
-several times the cost.
+Fine-tuning geometry: the recipe's 1.5 x 1.5 x 2 mm spacing makes the sample CT 210 windows at
+overlap 0.5 (80 at 0.25), and it is run three times (validation, evaluation, inference); the demo
+therefore resamples to 3 mm isotropic, the sample CT's own voxel size: 12 windows at overlap 0.25,
+8 at 0. ``--spacing "[1.5,1.5,2.0]"`` gives the recipe's geometry at several times the cost.
 
-Measured on an AMD EPYC, 2 cores, AVX2 only, otherwise idle: the defaults take 14 m 48 s: data and
-datalists 1 s, pre-training 11 m 34 s (200 steps, 3.5 s each, 4 validations), export 10 s, figures
-8 s, fine-tuning 2 m 07 s (4 epochs of 3 cases, validation at epochs 2 and 4), evaluation 26 s,
-inference 20 s, overlays 1 s. ``--quick`` (30 pre-training steps, 1 epoch) takes about 3.5 minutes.
-With the cores shared with other jobs everything takes 2-4 times longer (a pre-training step up to
-13 s): use ``--ssl_steps 150`` or fewer there.
+How long the demo takes is measured in the top-level README.md and the model cards
+(``bundles/*/docs/README.md``); on a CPU shared with other jobs, fewer ``--ssl_steps`` keep it short.
 
 Command line (from the repository root)::
 
@@ -74,15 +66,18 @@ import logging
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_btcv_seg"
-SSL_BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_ssl_pretrain"
+from tools.common.bundles import BTCV_DIR as BUNDLE_DIR
+from tools.common.bundles import REPO_ROOT, bundle_command
+from tools.common.bundles import SSL_DIR as SSL_BUNDLE_DIR
+from tools.common.processes import run_streamed
+from tools.common.scalars import read_scalars
+from tools.ssl_figures import LOSS_TERMS, SHORT_NAMES, TOTAL, format_loss_drops
+
 META_FILE = BUNDLE_DIR / "configs" / "metadata.json"
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "demo_output"
 NUM_STEPS = 9
@@ -101,13 +96,6 @@ AGREEMENT_NOTE = (
     "Dice/HD95 on the sample CT (example_ct) measure agreement with TotalSegmentator's predicted labels, "
     "not accuracy against manual ground truth; the sample CT is also in the training list. "
     "Phantom scores are against the phantoms' exact synthetic labels."
-)
-# Console noise from the bundle subprocesses that carries no information for a demo user
-# (kept in the step's log file).
-_QUIET_PATTERNS = (
-    "nvImageCodec is not available",
-    "NvImgCodecPydicomReader",
-    "Orientationd.__init__:labels",
 )
 
 logger = logging.getLogger("tools.demo")
@@ -143,80 +131,6 @@ class _Steps:
         dt = time.perf_counter() - t0
         self.times.append((self.current, dt))
         _say(f"--- {self.current}: done in {_hms(dt)} ({dt:.1f} s)")
-
-
-def _fmt_arg(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_fmt_arg(v) for v in value) + "]"
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
-def bundle_command(run_id: str | None, config_files: Sequence[str], overrides: dict) -> list[str]:
-    """``python -m monai.bundle run [id] --config_file ... --key value ...`` as an argument list."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run"]
-    if run_id:
-        cmd.append(run_id)
-    config = config_files[0] if len(config_files) == 1 else "[" + ",".join(f"'{c}'" for c in config_files) + "]"
-    cmd += ["--config_file", config]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", _fmt_arg(value)]
-    return cmd
-
-
-def _shell_quote(cmd: Sequence[str]) -> str:
-    """The command as one could paste it into bash (double quotes where an argument holds single quotes)."""
-    import shlex
-
-    def quote(arg: str) -> str:
-        if "'" in arg and not any(c in arg for c in '"$`\\!'):
-            return f'"{arg}"'
-        return shlex.quote(arg)
-
-    return " ".join(quote(c) for c in cmd)
-
-
-def run_streamed(cmd: Sequence[str], cwd: Path, log_path: Path, step: str, quiet: Sequence[str] = ()) -> None:
-    """Run ``cmd`` in ``cwd``, echo its output live (minus known noise) and tee all of it to ``log_path``.
-
-    Lines containing one of ``quiet`` (or of the known noise) are written to the log only.
-
-    Raises DemoError naming ``step``, the exit code, the last lines of output and the log file if
-    the command fails.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    _say(f"$ cd {cwd} && {_shell_quote(cmd)}")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    tail: list[str] = []
-    with open(log_path, "w") as log:
-        log.write(f"$ cd {cwd} && {_shell_quote(cmd)}\n")
-        try:
-            proc = subprocess.Popen(
-                list(cmd), cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, errors="replace", bufsize=1,
-            )
-        except OSError as e:
-            raise DemoError(f"{step} failed: could not start {cmd[0]}: {e}") from e
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                tail.append(line.rstrip())
-                del tail[:-40]
-                if not any(p in line for p in (*_QUIET_PATTERNS, *quiet)):
-                    sys.stdout.write("    " + line)
-                    sys.stdout.flush()
-            rc = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    if rc != 0:
-        last = "\n".join("    " + t for t in tail[-25:])
-        raise DemoError(
-            f"{step} failed: the bundle command exited with code {rc}.\n"
-            f"  command: cd {cwd} && {_shell_quote(cmd)}\n  full log: {log_path}\n  last lines:\n{last}"
-        )
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -263,8 +177,6 @@ def pretraining_markdown(ssl: dict) -> str:
     ({caption: relative path}), ``encoder`` (relative path) and ``encoder_tensors`` (int); or
     ``skipped`` with the reason.
     """
-    from tools.ssl_figures import LOSS_TERMS, SHORT_NAMES, TOTAL
-
     lines = ["# Self-supervised pre-training", ""]
     if ssl.get("skipped"):
         return "\n".join(lines + [f"Skipped: {ssl['skipped']}", ""]) + "\n"
@@ -403,6 +315,465 @@ def _ssl_val_interval(steps: int) -> int:
     return interval
 
 
+@dataclass
+class DemoRun:
+    """The settings of one demo run (defaults resolved), its output folders, step clock and results."""
+
+    out: Path
+    quick: bool
+    epochs: int
+    overlap: float
+    num_phantoms: int
+    seed: int
+    spacing: list[float]
+    sw_batch_size: int
+    learning_rate: float
+    ssl_steps: int
+    ssl_learning_rate: float
+    ssl_spacing: list[float]
+    ssl_roi_size: list[int]
+    pretrained_path: str | None
+    steps: _Steps = field(default_factory=lambda: _Steps(NUM_STEPS))
+    results: dict = field(default_factory=dict)
+
+    @property
+    def pretrain(self) -> bool:
+        """Whether this run pre-trains (steps 3-5) rather than fine-tuning from a given encoder or scratch."""
+        return self.ssl_steps > 0 and not self.pretrained_path
+
+    @property
+    def val_interval(self) -> int:
+        """Fine-tuning validates twice (half way and at the end) when the epochs split evenly, else once."""
+        return self.epochs // 2 if self.epochs >= 2 and self.epochs % 2 == 0 else self.epochs
+
+    @property
+    def ssl_val_interval(self) -> int:
+        """Pre-training validation interval in steps (0 without pre-training)."""
+        return _ssl_val_interval(self.ssl_steps) if self.pretrain else 0
+
+    @property
+    def ssl_settings(self) -> dict:
+        """The pre-training settings as reported in the metrics table."""
+        return {
+            "steps": self.ssl_steps, "feature_size": 12, "roi_size": self.ssl_roi_size,
+            "spacing_mm": self.ssl_spacing, "batch": "2 volumes x 1 crop x 2 views",
+            "learning_rate": self.ssl_learning_rate, "warmup_steps": min(10, max(1, self.ssl_steps // 10)),
+            "val_interval": self.ssl_val_interval,
+        }
+
+    def dir(self, name: str) -> Path:
+        """An output folder: data, ssl, figures, models, eval, inference, overlays, logs, train_logs."""
+        return self.out / name
+
+    def failed(self, what: str) -> DemoError:
+        """A DemoError naming the current step."""
+        return DemoError(f"{self.steps.current} failed: {what}")
+
+    def run_bundle(self, bundle_dir: Path, run_id: str | None, configs: Sequence[str], overrides: dict,
+                   log_name: str, quiet: Sequence[str] = ()) -> Path:
+        """Run a bundle command as a user would, streamed and logged to ``logs/<log_name>``; return the log path."""
+        log = self.dir("logs") / log_name
+        run_streamed(bundle_command(run_id, configs, overrides), bundle_dir, log, self.steps.current, quiet=quiet,
+                     error=DemoError)
+        return log
+
+
+def _sizes(value, kind: type = float) -> list:
+    """A 3D setting from a number or a sequence."""
+    return [kind(s) for s in (value if isinstance(value, (list, tuple)) else [value] * 3)]
+
+
+def plan_run(output_dir, epochs, quick, spacing, overlap, sw_batch_size, learning_rate, num_phantoms, seed,
+             ssl_steps, ssl_learning_rate, ssl_spacing, ssl_roi_size, pretrained_path) -> DemoRun:
+    """The demo's settings with the defaults resolved and checked (see ``demo`` for their meaning)."""
+    run = DemoRun(
+        out=Path(output_dir).resolve() if output_dir else DEFAULT_OUTPUT_DIR,
+        quick=bool(quick),
+        epochs=int(epochs) if epochs is not None else (1 if quick else 4),
+        overlap=float(overlap) if overlap is not None else (0.0 if quick else 0.25),
+        num_phantoms=int(num_phantoms) if num_phantoms is not None else (2 if quick else 4),
+        seed=seed, spacing=_sizes(spacing), sw_batch_size=sw_batch_size, learning_rate=learning_rate,
+        ssl_steps=int(ssl_steps) if ssl_steps is not None else (SSL_STEPS_QUICK if quick else SSL_STEPS),
+        ssl_learning_rate=ssl_learning_rate, ssl_spacing=_sizes(ssl_spacing),
+        ssl_roi_size=[int(s) for s in ssl_roi_size], pretrained_path=None,
+    )
+    if run.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {run.epochs}")
+    if run.num_phantoms < 2:
+        raise ValueError(f"num_phantoms must be >= 2 (training and validation), got {run.num_phantoms}")
+    if run.ssl_steps < 0:
+        raise ValueError(f"ssl_steps must be >= 0, got {run.ssl_steps}")
+    if pretrained_path:
+        run.pretrained_path = str(Path(pretrained_path).resolve())
+        if not Path(run.pretrained_path).is_file():
+            raise ValueError(f"pretrained_path {run.pretrained_path} is not a file")
+    return run
+
+
+def clear_outputs(run: DemoRun) -> None:
+    """Remove an earlier run's results (stale results must not pass for this run's), keeping a given encoder."""
+    for name in ("ssl", "figures", "models", "eval", "inference", "overlays", "logs", "train_logs"):
+        d = run.dir(name)
+        if run.pretrained_path and Path(run.pretrained_path).is_relative_to(d.resolve()):
+            continue  # the given encoder lives there (e.g. an earlier demo's export): keep it
+        shutil.rmtree(d, ignore_errors=True)
+    (run.out / "metrics.md").unlink(missing_ok=True)
+    run.out.mkdir(parents=True, exist_ok=True)
+
+
+def announce(run: DemoRun) -> None:
+    """Print what the demo is about to do."""
+    _say(f"Swin UNETR demo{' (quick)' if run.quick else ''}: self-supervised pre-training, then BTCV fine-tuning; "
+         f"output in {run.out}")
+    _say(f"bundles: {SSL_BUNDLE_DIR}\n         {BUNDLE_DIR}")
+    if run.pretrain:
+        _say(f"pre-training: feature_size 12, roi {run.ssl_roi_size}, spacing {run.ssl_spacing} mm, {run.ssl_steps} "
+             f"steps of 2 volumes x 1 crop x 2 views, lr {run.ssl_learning_rate} (warm-up "
+             f"{run.ssl_settings['warmup_steps']} steps, cosine decay), validation every {run.ssl_val_interval} steps")
+    else:
+        _say("pre-training: skipped (" + (f"fine-tuning from {run.pretrained_path}" if run.pretrained_path
+                                          else "--ssl_steps 0: fine-tuning from scratch") + ")")
+    _say(
+        f"fine-tuning: feature_size 12, roi 64^3, spacing {run.spacing} mm, {run.epochs} epoch(s), validation every "
+        f"{run.val_interval}, lr {run.learning_rate}, sliding-window overlap {run.overlap}, "
+        f"sw_batch_size {run.sw_batch_size}"
+    )
+
+
+# ----------------------------------------------------------------------------------------- the nine steps
+
+
+def get_data(run: DemoRun) -> tuple[dict[str, Path], list[tuple[Path, Path]]]:
+    """Step 1: the real sample CT and seeded synthetic phantoms under ``data/``; return (sample, phantoms)."""
+    from tools.fetch_sample_ct import fetch_sample_ct
+    from tools.make_phantoms import write_phantom_dataset
+
+    data_dir = run.dir("data")
+    sample = {k: Path(v) for k, v in fetch_sample_ct(data_dir / "sample_ct").items()}
+    _say(f"sample CT: {sample['image']}\n  labels (TotalSegmentator predictions, BTCV ids): {sample['label']}")
+    phantoms = [tuple(map(Path, p))
+                for p in write_phantom_dataset(data_dir / "phantoms", num_cases=run.num_phantoms, seed=run.seed)]
+    _say(f"{len(phantoms)} synthetic phantoms (seed {run.seed}) under {data_dir / 'phantoms'}")
+    return sample, phantoms
+
+
+def write_datalists(run: DemoRun, sample: dict[str, Path], phantoms: list[tuple[Path, Path]]) -> dict:
+    """Step 2: the pre-training corpus (images only) and the fine-tuning datalist.
+
+    Returns {"ssl_datalist": path, "datalist": path, "validation_phantoms": [(image, label), ...]}.
+    """
+    data_dir = run.dir("data")
+    ssl_datalist_path, ssl_datalist = _ssl_corpus(data_dir, sample["image"], [p[0] for p in phantoms], run.seed)
+    for key in ("training", "validation"):
+        _say(f"pre-training {key:>10}: " + ", ".join(Path(d["image"]).name for d in ssl_datalist[key]))
+    _say(f"pre-training datalist (tools.ssl_datalist, val_fraction {SSL_VAL_FRACTION}): {ssl_datalist_path}")
+    n_val = 2 if run.num_phantoms >= 4 else 1
+    train_ph, val_ph = phantoms[:-n_val], phantoms[-n_val:]
+
+    def item(image: Path, label: Path | None = None) -> dict:
+        d = {"image": _rel(image, data_dir)}
+        if label is not None:
+            d["label"] = _rel(label, data_dir)
+        return d
+
+    datalist = {
+        "training": [item(i, l) for i, l in train_ph] + [item(sample["image"], sample["label"])],
+        "validation": [item(i, l) for i, l in val_ph] + [item(sample["image"], sample["label"])],
+        "testing": [item(sample["image"]), item(val_ph[0][0])],
+    }
+    datalist_path = data_dir / "datalist.json"
+    datalist_path.write_text(json.dumps(datalist, indent=2) + "\n")
+    for key in ("training", "validation", "testing"):
+        _say(f"fine-tuning  {key:>10}: " + ", ".join(Path(d["image"]).name for d in datalist[key]))
+    _say(f"fine-tuning datalist: {datalist_path}")
+    _say(f"NOTE: {AGREEMENT_NOTE}")
+    return {"ssl_datalist": ssl_datalist_path, "datalist": datalist_path, "validation_phantoms": val_ph}
+
+
+def pretrain(run: DemoRun, ssl_datalist: Path) -> Path:
+    """Step 3: pre-train with the SSL bundle's ``training`` command; return the best checkpoint."""
+    _say("(the bundle counts optimiser steps as ignite 'epochs' of 1 iteration: 'Epoch: k/N' is step k)")
+    overrides = {
+        "meta_file": "configs/metadata.json",
+        "logging_file": "configs/logging.conf",
+        "dataset_dir": run.dir("data"),
+        "datalist": ssl_datalist,
+        "bundle_root": run.dir("ssl"),
+        "feature_size": 12,
+        "roi_size": run.ssl_roi_size,
+        "spacing": run.ssl_spacing,
+        # 2 volumes x 1 crop per step: the contrastive loss takes the other volume's crop as its
+        # negative (2 crops of one volume barely separate in a few hundred steps); drop_last keeps
+        # every batch at 2 volumes whatever the corpus size
+        "batch_size": 2,
+        "num_samples": 1,
+        "train#dataloader#drop_last": True,
+        "num_workers": 0,
+        "cache_rate": 1.0,
+        "use_checkpoint": False,
+        "learning_rate": run.ssl_learning_rate,
+        "warmup_steps": run.ssl_settings["warmup_steps"],
+        "num_steps": run.ssl_steps,
+        "val_interval": run.ssl_val_interval,
+    }
+    run.run_bundle(SSL_BUNDLE_DIR, "training", ["configs/train.json"], overrides, "3_pretrain.log",
+                   quiet=("Complete. Time taken",))
+    ssl_ckpt = run.dir("ssl") / "models" / "model.pt"
+    if not ssl_ckpt.is_file():
+        raise run.failed(f"training finished but wrote no {ssl_ckpt} (did it validate?)")
+    _say(f"best pre-training checkpoint (lowest val_loss): {ssl_ckpt}")
+    return ssl_ckpt
+
+
+def export_encoder(run: DemoRun, ssl_ckpt: Path) -> tuple[Path, int]:
+    """Step 4: export the encoder with the SSL bundle's ``configs/export.json``; return (path, tensor count)."""
+    encoder_path = run.dir("ssl") / "models" / "model_swinvit.pt"
+    run.run_bundle(SSL_BUNDLE_DIR, None, ["configs/export.json"], {"ckpt_path": ssl_ckpt, "encoder_path": encoder_path},
+                   "4_export.log")
+    if not encoder_path.is_file():
+        raise run.failed(f"no {encoder_path}")
+    n_tensors = _count_encoder_tensors(encoder_path)
+    _say(f"encoder: {encoder_path} ({n_tensors} tensors, official model_swinvit.pt layout)")
+    return encoder_path, n_tensors
+
+
+def report_loss_drops(drops: dict, loss_png: Path) -> bool:
+    """Print whether each pre-training loss fell (loudly if one did not); return True if all fell."""
+    not_fallen = [tag for tag, d in drops.items() if not d["fell"]]
+    w = next(iter(drops.values()))["window"] if drops else 0
+    if not not_fallen:
+        _say(f"each loss fell (mean of the first {w} steps -> last {w}): {format_loss_drops(drops)}")
+    else:
+        bar = "!" * 78
+        _say(f"{bar}\nWARNING: not every pre-training loss fell by {100 * SSL_MIN_DROP:.0f}% or more "
+             f"(mean of the first {w} steps -> last {w}): {', '.join(not_fallen)}\n"
+             f"  {format_loss_drops(drops)}\n"
+             f"  (more steps, --ssl_steps, or another --ssl_learning_rate may help; see {loss_png})\n{bar}")
+    return not not_fallen
+
+
+def pretraining_figures(run: DemoRun, ssl_ckpt: Path, sample_image: Path, encoder_path: Path, n_tensors: int) -> dict:
+    """Step 5: loss curves, an inpainting example and the loss drops; return the pre-training record."""
+    from tools.ssl_figures import loss_drops, plot_inpainting_example, plot_loss_curves
+
+    out, figures_dir, run_dir = run.out, run.dir("figures"), run.dir("ssl") / "runs"
+    loss_png = Path(plot_loss_curves(run_dir, figures_dir / "ssl_loss_curves.png"))
+    _say(f"loss curves: {loss_png}")
+    inpaint = plot_inpainting_example(
+        ssl_ckpt, sample_image, figures_dir / "ssl_inpainting_example.png", roi_size=run.ssl_roi_size,
+        spacing=run.ssl_spacing, seed=run.seed,
+    )
+    inpaint_png = Path(inpaint["png"])
+    _say(f"inpainting example (sample CT, centre crop, view 1): {inpaint_png}\n"
+         f"  L1 {inpaint['l1']:.3f} over the crop, {inpaint['l1_masked']:.3f} over the "
+         f"{100 * inpaint['masked_fraction']:.0f}% masked voxels; rotation class {inpaint['rotation']}, "
+         f"predicted {inpaint['predicted_rotation']}")
+    drops = loss_drops(run_dir, window=20, min_relative_drop=SSL_MIN_DROP)
+    all_fell = report_loss_drops(drops, loss_png)
+    scalars = read_scalars(run_dir)
+    run.results["pretraining"] = {
+        "checkpoint": str(ssl_ckpt), "encoder": str(encoder_path), "encoder_tensors": n_tensors,
+        "loss_curves_png": str(loss_png), "inpainting_png": str(inpaint_png), "loss_drops": drops,
+        "all_losses_fell": all_fell, "inpainting": inpaint,
+    }
+    return {
+        "settings": run.ssl_settings,
+        "drops": drops,
+        "validation": {t: v for t, v in scalars.items() if t.startswith("val_")},
+        "figures": {"loss curves": _rel(loss_png, out), "inpainting example": _rel(inpaint_png, out)},
+        "encoder": _rel(encoder_path, out),
+        "encoder_tensors": n_tensors,
+        "inpainting": inpaint,
+    }
+
+
+def fine_tuning_settings(run: DemoRun, datalist: Path) -> dict:
+    """The BTCV bundle settings that fine-tuning, evaluation and inference share."""
+    return {
+        "dataset_dir": run.dir("data"),
+        "datalist": datalist,
+        "feature_size": 12,
+        "roi_size": [64, 64, 64],
+        "spacing": run.spacing,
+        "num_workers": 0,
+        "sw_batch_size": run.sw_batch_size,
+        "overlap": run.overlap,
+    }
+
+
+def fine_tune(run: DemoRun, common: dict, encoder_path: Path | None) -> Path:
+    """Step 6: fine-tune the BTCV bundle (from ``encoder_path`` if given); return the best checkpoint."""
+    if encoder_path:
+        _say(f"encoder: {encoder_path}")
+    models_dir = run.dir("models")
+    overrides = {
+        **common,
+        "bundle_root": run.out,
+        "ckpt_dir": models_dir,
+        "output_dir": run.dir("train_logs"),
+        "use_checkpoint": False,
+        "num_samples": 2,
+        "max_epochs": run.epochs,
+        "val_interval": run.val_interval,
+        "warmup_epochs": 0,  # warm-up counts epochs; its first epoch has lr 0
+        "learning_rate": run.learning_rate,
+        "sw_batch_size": 1,
+    }
+    if encoder_path:
+        overrides["pretrained_path"] = encoder_path
+    train_log = run.run_bundle(BUNDLE_DIR, "training", ["configs/train.json"], overrides, "6_train.log")
+    if encoder_path:
+        loaded = [line.strip() for line in train_log.read_text().splitlines() if "encoder tensors from" in line]
+        if not loaded:
+            raise run.failed(f"the log {train_log} does not report loading {encoder_path}")
+        _say(f"encoder loaded: {loaded[-1].split(' - ')[-1]}")
+    ckpt = models_dir / "model.pt"
+    if not ckpt.is_file():
+        raise run.failed(f"training finished but wrote no {ckpt} (did it validate?)")
+    _say(f"best checkpoint: {ckpt}")
+    run.results["checkpoint"] = str(ckpt)
+    return ckpt
+
+
+def evaluate(run: DemoRun, common: dict, ckpt: Path) -> Path:
+    """Step 7: evaluate on the validation list with ``configs/evaluate.json``; return the evaluation folder."""
+    _say(f"NOTE: {AGREEMENT_NOTE}")
+    eval_dir = run.dir("eval")
+    overrides = {**common, "ckpt_path": ckpt, "ckpt_dir": run.dir("models"), "output_dir": eval_dir,
+                 "use_checkpoint": False}
+    run.run_bundle(BUNDLE_DIR, None, ["configs/train.json", "configs/evaluate.json"], overrides, "7_evaluate.log")
+    if not (eval_dir / "metrics_summary.json").is_file():
+        raise run.failed(f"no {eval_dir / 'metrics_summary.json'}")
+    return eval_dir
+
+
+def infer(run: DemoRun, common: dict, ckpt: Path, sample_image: Path, phantom_image: Path) -> tuple[Path, Path]:
+    """Step 8: inference on the sample CT and one phantom; return their label maps (checked: input geometry)."""
+    infer_dir = run.dir("inference")
+    run.run_bundle(BUNDLE_DIR, None, ["configs/inference.json"], {**common, "ckpt_path": ckpt, "output_dir": infer_dir},
+                   "8_inference.log")
+    sample_pred = infer_dir / "example_ct_seg.nii.gz"
+    phantom_pred = infer_dir / (phantom_image.name[: -len(".nii.gz")] + "_seg.nii.gz")
+    for pred, image in ((sample_pred, sample_image), (phantom_pred, phantom_image)):
+        shape = _check_label_map(pred, image)
+        _say(f"label map {pred} (shape {shape}, same as its input)")
+    return sample_pred, phantom_pred
+
+
+def overlays_and_metrics(run: DemoRun, sample: dict[str, Path], sample_pred: Path, phantom_image: Path,
+                         phantom_pred: Path, eval_dir: Path, ssl_record: dict) -> tuple[Path, Path]:
+    """Step 9: PNG overlays and ``metrics.md``; return the two overlay PNGs."""
+    from tools.overlays import render_comparison, render_overlay
+
+    names = organ_names()
+    overlay_dir = run.dir("overlays")
+    sample_png = overlay_dir / "example_ct_prediction_vs_totalsegmentator.png"
+    rows = render_comparison(
+        sample["image"],
+        {"TotalSegmentator labels (reference)": sample["label"], "demo model prediction": sample_pred},
+        sample_png,
+        label_names=names,
+        title="Sample CT: demo prediction vs TotalSegmentator (agreement, not accuracy)",
+    )
+    for row, entries in rows.items():
+        _say(f"{row}: {len(entries)} organ(s): {', '.join(entries) or 'none'}")
+    phantom_png = overlay_dir / f"{phantom_image.name[: -len('.nii.gz')]}_prediction.png"
+    entries = render_overlay(phantom_image, phantom_pred, phantom_png, label_names=names,
+                             title=f"Phantom {phantom_image.name}: demo prediction")
+    _say(f"phantom prediction: {len(entries)} organ(s): {', '.join(entries) or 'none'}")
+    table = metrics_markdown(eval_dir, pretraining=ssl_record)
+    (run.out / "metrics.md").write_text(table)
+    _say("")
+    _say(table)
+    return sample_png, phantom_png
+
+
+# ----------------------------------------------------------------------------------------- the recipe
+
+
+def _step(run: DemoRun, index: int, title: str, action, *args):
+    """Run one numbered, timed step; return what ``action(run, *args)`` returns."""
+    t0 = run.steps.start(index, title)
+    result = action(run, *args)
+    run.steps.done(t0)
+    return result
+
+
+def _skip(run: DemoRun, index: int, title: str, reason: str) -> None:
+    """Announce a skipped step."""
+    t0 = run.steps.start(index, title)
+    _say(f"skipped: {reason}")
+    run.steps.done(t0)
+
+
+def run_pretraining(run: DemoRun, sample_image: Path, ssl_datalist: Path) -> tuple[Path | None, dict]:
+    """Steps 3-5 (or their skip notices); return (encoder to fine-tune from or None, pre-training record)."""
+    if not run.pretrain:
+        reason = (f"--pretrained_path given: fine-tuning from {run.pretrained_path}" if run.pretrained_path
+                  else "--ssl_steps 0: fine-tuning from scratch")
+        _skip(run, 3, "self-supervised pre-training", reason)
+        _skip(run, 4, "exporting the encoder", reason)
+        _skip(run, 5, "pre-training figures", reason)
+        return (Path(run.pretrained_path) if run.pretrained_path else None), {"skipped": reason}
+    ssl_ckpt = _step(run, 3, f"self-supervised pre-training for {run.ssl_steps} steps with the SSL bundle's "
+                     "configs/train.json", pretrain, ssl_datalist)
+    encoder_path, n_tensors = _step(run, 4, "exporting the encoder with the SSL bundle's configs/export.json",
+                                    export_encoder, ssl_ckpt)
+    ssl_record = _step(run, 5, "pre-training figures: loss curves, an inpainting example, loss drops",
+                       pretraining_figures, ssl_ckpt, sample_image, encoder_path, n_tensors)
+    return encoder_path, ssl_record
+
+
+def run_steps(run: DemoRun) -> dict:
+    """The nine steps; return the paths the summary names."""
+    sample, phantoms = _step(run, 1, "getting data: the real sample CT and synthetic phantoms", get_data)
+    lists = _step(run, 2, "writing the datalists: pre-training corpus (images only) and BTCV", write_datalists,
+                  sample, phantoms)
+    encoder_path, ssl_record = run_pretraining(run, sample["image"], lists["ssl_datalist"])
+    common = fine_tuning_settings(run, lists["datalist"])
+    source = ("from the exported encoder" if run.pretrain else "from the given encoder" if encoder_path
+              else "from scratch")
+    ckpt = _step(run, 6, f"fine-tuning a small Swin UNETR {source} for {run.epochs} epoch(s) with configs/train.json",
+                 fine_tune, common, encoder_path)
+    eval_dir = _step(run, 7, "evaluating on the validation list with configs/evaluate.json", evaluate, common, ckpt)
+    phantom_image = lists["validation_phantoms"][0][0]
+    sample_pred, phantom_pred = _step(run, 8, "inference on the sample CT and one phantom with configs/inference.json",
+                                      infer, common, ckpt, sample["image"], phantom_image)
+    sample_png, phantom_png = _step(run, 9, "writing overlays and the metrics table", overlays_and_metrics, sample,
+                                    sample_pred, phantom_image, phantom_pred, eval_dir, ssl_record)
+    return {"ckpt": ckpt, "eval_dir": eval_dir, "overlays": [sample_png, phantom_png],
+            "label_maps": [sample_pred, phantom_pred]}
+
+
+def summarise(run: DemoRun, outputs: dict, total: float) -> None:
+    """Print the step times, the output files and the key outputs."""
+    out, steps = run.out, run.steps
+    _say(f"\n{'=' * 78}\nDemo finished in {_hms(total)} ({total:.1f} s)\n{'=' * 78}")
+    for name, dt in steps.times:
+        _say(f"  {name:<96} {_hms(dt):>7} ({dt:.1f} s)")
+    _say(f"\nOutput files under {out}:")
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        _say(f"  {_rel(path, out):<70} {path.stat().st_size / 1024:>10.1f} KiB")
+    key = "\nKey outputs:\n"
+    if run.pretrain:
+        pre = run.results["pretraining"]
+        verdict = "each loss fell" if pre["all_losses_fell"] else "WARNING: not every loss fell"
+        key += (f"  pre-training   {verdict}: {format_loss_drops(pre['loss_drops'])}\n"
+                f"  loss curves    {pre['loss_curves_png']}\n  inpainting     {pre['inpainting_png']}\n"
+                f"  encoder        {pre['encoder']} ({pre['encoder_tensors']} tensors)\n")
+    elif run.pretrained_path:
+        key += f"  encoder        {run.pretrained_path} (given, not pre-trained here)\n"
+    (sample_png, phantom_png), (sample_pred, phantom_pred) = outputs["overlays"], outputs["label_maps"]
+    key += (f"  metrics table  {out / 'metrics.md'}\n  overlays       {sample_png}\n"
+            f"                 {phantom_png}\n  label maps     {sample_pred}\n                 {phantom_pred}\n"
+            f"  checkpoint     {outputs['ckpt']}\n  evaluation     {outputs['eval_dir']}\n"
+            f"  step logs      {run.dir('logs')}")
+    _say(key)
+    _say(f"\nReminder: {AGREEMENT_NOTE}")
+    if run.pretrain:
+        _say(f"          {SSL_NOTE}")
+
+
 def demo(
     output_dir: str | None = None,
     epochs: int | None = None,
@@ -419,7 +790,13 @@ def demo(
     ssl_roi_size: Sequence[int] = SSL_ROI_SIZE,
     pretrained_path: str | None = None,
 ) -> dict:
-    """Run the nine demo steps into ``output_dir``; return {step: seconds, ...} and the output paths.
+    """Run the demo: pre-train the Swin encoder (SSL bundle), export it, fine-tune on BTCV-style data, evaluate, infer.
+
+    The nine steps: data, datalists, pre-training, encoder export, pre-training figures (PNG loss
+    curves and an inpainting example under <output_dir>/figures), fine-tuning from the export,
+    evaluation, inference, overlays and metrics table. Returns {step: seconds, ...} and the output
+    paths. On failure, the command line prints which step failed (with the command and its log)
+    and exits with code 1.
 
     Args:
         output_dir: where everything goes (default ``<repo>/demo_output``, git-ignored). Reused:
@@ -427,9 +804,9 @@ def demo(
         epochs: fine-tuning epochs (default 4; 1 with ``quick``). Validation runs half way and at
             the end for an even number of epochs, else at the end only: at least once, and always
             after the last epoch, so ``model.pt`` can come from the last epoch.
-        quick: an even smaller run (2 phantoms, 30 pre-training steps, 1 epoch, no window overlap) for tests.
-        spacing: resampling spacing in mm for fine-tuning, evaluation and inference (the recipe's is
-            1.5 x 1.5 x 2; 3 mm isotropic keeps the demo in minutes on a 2-core CPU).
+        quick: an even smaller run (2 phantoms, 30 pre-training steps, 1 epoch, no window overlap).
+        spacing: resampling spacing in mm for fine-tuning, evaluation and inference, e.g. "[3,3,3]"
+            (default; the recipe's is "[1.5,1.5,2.0]", several times the cost).
         overlap: sliding-window overlap (default 0.25; 0 with ``quick``).
         sw_batch_size: windows per forward pass in evaluation and inference.
         learning_rate: fine-tuning AdamW learning rate (the recipe's 1e-4 barely moves in a few epochs).
@@ -439,409 +816,41 @@ def demo(
         ssl_steps: pre-training optimiser steps (default 200; 30 with ``quick``); 0 skips
             pre-training and fine-tunes from scratch.
         ssl_learning_rate: pre-training AdamW peak learning rate (warm-up, then cosine decay).
-        ssl_spacing: pre-training resampling spacing in mm (2 mm keeps every phantom >= the ROI).
-        ssl_roi_size: pre-training crop size; square in the rotation plane (axes 1, 2), each side a
-            multiple of 32, and at least 2 bottleneck tokens.
+        ssl_spacing: pre-training resampling spacing in mm (default "[2,2,2]": every phantom >= the ROI).
+        ssl_roi_size: pre-training crop size (default "[64,32,32]"); square in the rotation plane
+            (axes 1, 2), each side a multiple of 32, and at least 2 bottleneck tokens.
         pretrained_path: an existing encoder file (e.g. the official ``model_swinvit.pt`` or an
-            earlier export) to fine-tune from: pre-training is skipped.
+            earlier export) to fine-tune from: pre-training, export and its figures are skipped.
     """
     t_start = time.perf_counter()
-    out = Path(output_dir).resolve() if output_dir else DEFAULT_OUTPUT_DIR
-    epochs = int(epochs) if epochs is not None else (1 if quick else 4)
-    overlap = float(overlap) if overlap is not None else (0.0 if quick else 0.25)
-    num_phantoms = int(num_phantoms) if num_phantoms is not None else (2 if quick else 4)
-    ssl_steps = int(ssl_steps) if ssl_steps is not None else (SSL_STEPS_QUICK if quick else SSL_STEPS)
-    spacing = [float(s) for s in (spacing if isinstance(spacing, (list, tuple)) else [spacing] * 3)]
-    ssl_spacing = [float(s) for s in (ssl_spacing if isinstance(ssl_spacing, (list, tuple)) else [ssl_spacing] * 3)]
-    ssl_roi_size = [int(s) for s in ssl_roi_size]
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if num_phantoms < 2:
-        raise ValueError(f"num_phantoms must be >= 2 (training and validation), got {num_phantoms}")
-    if ssl_steps < 0:
-        raise ValueError(f"ssl_steps must be >= 0, got {ssl_steps}")
-    if pretrained_path:
-        pretrained_path = str(Path(pretrained_path).resolve())
-        if not Path(pretrained_path).is_file():
-            raise ValueError(f"pretrained_path {pretrained_path} is not a file")
-    pretrain = ssl_steps > 0 and not pretrained_path
-    # validate twice (half way and at the end) when the epochs split evenly, else once at the end
-    val_interval = epochs // 2 if epochs >= 2 and epochs % 2 == 0 else epochs
-    ssl_val_interval = _ssl_val_interval(ssl_steps) if pretrain else 0
-
-    data_dir = out / "data"
-    ssl_dir, figures_dir = out / "ssl", out / "figures"
-    models_dir, eval_dir, infer_dir = out / "models", out / "eval", out / "inference"
-    overlay_dir, log_dir = out / "overlays", out / "logs"
-    for d in (ssl_dir, figures_dir, models_dir, eval_dir, infer_dir, overlay_dir, log_dir, out / "train_logs"):
-        if pretrained_path and Path(pretrained_path).is_relative_to(d.resolve()):
-            continue  # the given encoder lives there (e.g. an earlier demo's export): keep it
-        shutil.rmtree(d, ignore_errors=True)  # stale results must not pass for this run's
-    (out / "metrics.md").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-    ssl_settings = {
-        "steps": ssl_steps, "feature_size": 12, "roi_size": ssl_roi_size, "spacing_mm": ssl_spacing,
-        "batch": "2 volumes x 1 crop x 2 views", "learning_rate": ssl_learning_rate,
-        "warmup_steps": min(10, max(1, ssl_steps // 10)), "val_interval": ssl_val_interval,
-    }
-    _say(f"Swin UNETR demo{' (quick)' if quick else ''}: self-supervised pre-training, then BTCV fine-tuning; "
-         f"output in {out}")
-    _say(f"bundles: {SSL_BUNDLE_DIR}\n         {BUNDLE_DIR}")
-    if pretrain:
-        _say(f"pre-training: feature_size 12, roi {ssl_roi_size}, spacing {ssl_spacing} mm, {ssl_steps} steps of "
-             f"2 volumes x 1 crop x 2 views, lr {ssl_learning_rate} (warm-up {ssl_settings['warmup_steps']} steps, "
-             f"cosine decay), validation every {ssl_val_interval} steps")
-    else:
-        _say("pre-training: skipped (" + (f"fine-tuning from {pretrained_path}" if pretrained_path
-                                          else "--ssl_steps 0: fine-tuning from scratch") + ")")
-    _say(
-        f"fine-tuning: feature_size 12, roi 64^3, spacing {spacing} mm, {epochs} epoch(s), validation every "
-        f"{val_interval}, lr {learning_rate}, sliding-window overlap {overlap}, sw_batch_size {sw_batch_size}"
-    )
-    steps = _Steps(NUM_STEPS)
-    results: dict = {"output_dir": str(out)}
-    ssl_record: dict = {}
-
-    def step_failed(e: Exception) -> DemoError:
-        return e if isinstance(e, DemoError) else DemoError(f"{steps.current} failed: {type(e).__name__}: {e}")
-
-    def skipped(index: int, title: str, reason: str) -> None:
-        t0 = steps.start(index, title)
-        _say(f"skipped: {reason}")
-        steps.done(t0)
-
+    run = plan_run(output_dir, epochs, quick, spacing, overlap, sw_batch_size, learning_rate, num_phantoms, seed,
+                   ssl_steps, ssl_learning_rate, ssl_spacing, ssl_roi_size, pretrained_path)
+    clear_outputs(run)
+    announce(run)
+    run.results["output_dir"] = str(run.out)
     try:
-        # 1. data ---------------------------------------------------------------------------------
-        t0 = steps.start(1, "getting data: the real sample CT and synthetic phantoms")
-        from tools.fetch_sample_ct import PROVENANCE_NAME, fetch_sample_ct
-        from tools.make_phantoms import write_phantom_dataset
-
-        sample = fetch_sample_ct(data_dir / "sample_ct")
-        sample = {k: Path(v) for k, v in sample.items()}
-        _say(f"sample CT: {sample['image']}\n  labels (TotalSegmentator predictions, BTCV ids): {sample['label']}")
-        phantoms = [tuple(map(Path, p)) for p in write_phantom_dataset(data_dir / "phantoms", num_cases=num_phantoms, seed=seed)]
-        _say(f"{len(phantoms)} synthetic phantoms (seed {seed}) under {data_dir / 'phantoms'}")
-        steps.done(t0)
-
-        # 2. datalists ----------------------------------------------------------------------------
-        t0 = steps.start(2, "writing the datalists: pre-training corpus (images only) and BTCV")
-        ssl_datalist_path, ssl_datalist = _ssl_corpus(data_dir, sample["image"], [p[0] for p in phantoms], seed)
-        for key in ("training", "validation"):
-            _say(f"pre-training {key:>10}: " + ", ".join(Path(d["image"]).name for d in ssl_datalist[key]))
-        _say(f"pre-training datalist (tools.ssl_datalist, val_fraction {SSL_VAL_FRACTION}): {ssl_datalist_path}")
-        n_val = 2 if num_phantoms >= 4 else 1
-        train_ph, val_ph = phantoms[:-n_val], phantoms[-n_val:]
-
-        def item(image: Path, label: Path | None = None) -> dict:
-            d = {"image": _rel(image, data_dir)}
-            if label is not None:
-                d["label"] = _rel(label, data_dir)
-            return d
-
-        datalist = {
-            "training": [item(i, l) for i, l in train_ph] + [item(sample["image"], sample["label"])],
-            "validation": [item(i, l) for i, l in val_ph] + [item(sample["image"], sample["label"])],
-            "testing": [item(sample["image"]), item(val_ph[0][0])],
-        }
-        datalist_path = data_dir / "datalist.json"
-        datalist_path.write_text(json.dumps(datalist, indent=2) + "\n")
-        for key in ("training", "validation", "testing"):
-            _say(f"fine-tuning  {key:>10}: " + ", ".join(Path(d["image"]).name for d in datalist[key]))
-        _say(f"fine-tuning datalist: {datalist_path}")
-        _say(f"NOTE: {AGREEMENT_NOTE}")
-        steps.done(t0)
-
-        encoder_path = Path(pretrained_path) if pretrained_path else None
-        if pretrain:
-            # 3. pre-training ---------------------------------------------------------------------
-            t0 = steps.start(3, f"self-supervised pre-training for {ssl_steps} steps with the SSL bundle's configs/train.json")
-            _say("(the bundle counts optimiser steps as ignite 'epochs' of 1 iteration: 'Epoch: k/N' is step k)")
-            ssl_overrides = {
-                "meta_file": "configs/metadata.json",
-                "logging_file": "configs/logging.conf",
-                "dataset_dir": data_dir,
-                "datalist": ssl_datalist_path,
-                "bundle_root": ssl_dir,
-                "feature_size": 12,
-                "roi_size": ssl_roi_size,
-                "spacing": ssl_spacing,
-                # 2 volumes x 1 crop per step: the contrastive loss takes the other volume's crop as its
-                # negative (2 crops of one volume barely separate in a few hundred steps); drop_last keeps
-                # every batch at 2 volumes whatever the corpus size
-                "batch_size": 2,
-                "num_samples": 1,
-                "train#dataloader#drop_last": True,
-                "num_workers": 0,
-                "cache_rate": 1.0,
-                "use_checkpoint": False,
-                "learning_rate": ssl_learning_rate,
-                "warmup_steps": ssl_settings["warmup_steps"],
-                "num_steps": ssl_steps,
-                "val_interval": ssl_val_interval,
-            }
-            run_streamed(bundle_command("training", ["configs/train.json"], ssl_overrides), SSL_BUNDLE_DIR,
-                         log_dir / "3_pretrain.log", steps.current, quiet=("Complete. Time taken",))
-            ssl_ckpt = ssl_dir / "models" / "model.pt"
-            if not ssl_ckpt.is_file():
-                raise DemoError(f"{steps.current} failed: training finished but wrote no {ssl_ckpt} (did it validate?)")
-            _say(f"best pre-training checkpoint (lowest val_loss): {ssl_ckpt}")
-            steps.done(t0)
-
-            # 4. export -----------------------------------------------------------------------------
-            t0 = steps.start(4, "exporting the encoder with the SSL bundle's configs/export.json")
-            encoder_path = ssl_dir / "models" / "model_swinvit.pt"
-            export_overrides = {"ckpt_path": ssl_ckpt, "encoder_path": encoder_path}
-            run_streamed(bundle_command(None, ["configs/export.json"], export_overrides), SSL_BUNDLE_DIR,
-                         log_dir / "4_export.log", steps.current)
-            if not encoder_path.is_file():
-                raise DemoError(f"{steps.current} failed: no {encoder_path}")
-            n_tensors = _count_encoder_tensors(encoder_path)
-            _say(f"encoder: {encoder_path} ({n_tensors} tensors, official model_swinvit.pt layout)")
-            steps.done(t0)
-
-            # 5. figures ----------------------------------------------------------------------------
-            t0 = steps.start(5, "pre-training figures: loss curves, an inpainting example, loss drops")
-            from tools.ssl_figures import (format_loss_drops, loss_drops, plot_inpainting_example, plot_loss_curves,
-                                           read_scalars)
-
-            run_dir = ssl_dir / "runs"
-            loss_png = Path(plot_loss_curves(run_dir, figures_dir / "ssl_loss_curves.png"))
-            _say(f"loss curves: {loss_png}")
-            inpaint = plot_inpainting_example(
-                ssl_ckpt, sample["image"], figures_dir / "ssl_inpainting_example.png", roi_size=ssl_roi_size,
-                spacing=ssl_spacing, seed=seed,
-            )
-            inpaint_png = Path(inpaint["png"])
-            _say(f"inpainting example (sample CT, centre crop, view 1): {inpaint_png}\n"
-                 f"  L1 {inpaint['l1']:.3f} over the crop, {inpaint['l1_masked']:.3f} over the "
-                 f"{100 * inpaint['masked_fraction']:.0f}% masked voxels; rotation class {inpaint['rotation']}, "
-                 f"predicted {inpaint['predicted_rotation']}")
-            drops = loss_drops(run_dir, window=20, min_relative_drop=SSL_MIN_DROP)
-            not_fallen = [tag for tag, d in drops.items() if not d["fell"]]
-            w = next(iter(drops.values()))["window"] if drops else 0
-            if not not_fallen:
-                _say(f"each loss fell (mean of the first {w} steps -> last {w}): {format_loss_drops(drops)}")
-            else:
-                bar = "!" * 78
-                _say(f"{bar}\nWARNING: not every pre-training loss fell by {100 * SSL_MIN_DROP:.0f}% or more "
-                     f"(mean of the first {w} steps -> last {w}): {', '.join(not_fallen)}\n"
-                     f"  {format_loss_drops(drops)}\n"
-                     f"  (more steps, --ssl_steps, or another --ssl_learning_rate may help; see {loss_png})\n{bar}")
-            scalars = read_scalars(run_dir)
-            ssl_record = {
-                "settings": ssl_settings,
-                "drops": drops,
-                "validation": {t: v for t, v in scalars.items() if t.startswith("val_")},
-                "figures": {"loss curves": _rel(loss_png, out), "inpainting example": _rel(inpaint_png, out)},
-                "encoder": _rel(encoder_path, out),
-                "encoder_tensors": n_tensors,
-                "inpainting": inpaint,
-            }
-            results["pretraining"] = {
-                "checkpoint": str(ssl_ckpt), "encoder": str(encoder_path), "encoder_tensors": n_tensors,
-                "loss_curves_png": str(loss_png), "inpainting_png": str(inpaint_png), "loss_drops": drops,
-                "all_losses_fell": not not_fallen, "inpainting": inpaint,
-            }
-            steps.done(t0)
-        else:
-            reason = (f"--pretrained_path given: fine-tuning from {pretrained_path}" if pretrained_path
-                      else "--ssl_steps 0: fine-tuning from scratch")
-            skipped(3, "self-supervised pre-training", reason)
-            skipped(4, "exporting the encoder", reason)
-            skipped(5, "pre-training figures", reason)
-            ssl_record = {"skipped": reason}
-
-        common = {
-            "dataset_dir": data_dir,
-            "datalist": datalist_path,
-            "feature_size": 12,
-            "roi_size": [64, 64, 64],
-            "spacing": spacing,
-            "num_workers": 0,
-            "sw_batch_size": sw_batch_size,
-            "overlap": overlap,
-        }
-
-        # 6. fine-tuning --------------------------------------------------------------------------
-        source = ("from the exported encoder" if pretrain else "from the given encoder" if encoder_path
-                  else "from scratch")
-        t0 = steps.start(6, f"fine-tuning a small Swin UNETR {source} for {epochs} epoch(s) with configs/train.json")
-        if encoder_path:
-            _say(f"encoder: {encoder_path}")
-        train_overrides = {
-            **common,
-            "bundle_root": out,
-            "ckpt_dir": models_dir,
-            "output_dir": out / "train_logs",
-            "use_checkpoint": False,
-            "num_samples": 2,
-            "max_epochs": epochs,
-            "val_interval": val_interval,
-            "warmup_epochs": 0,  # warm-up counts epochs; its first epoch has lr 0
-            "learning_rate": learning_rate,
-            "sw_batch_size": 1,
-        }
-        if encoder_path:
-            train_overrides["pretrained_path"] = encoder_path
-        train_log = log_dir / "6_train.log"
-        run_streamed(bundle_command("training", ["configs/train.json"], train_overrides), BUNDLE_DIR,
-                     train_log, steps.current)
-        if encoder_path:
-            loaded = [line.strip() for line in train_log.read_text().splitlines() if "encoder tensors from" in line]
-            if not loaded:
-                raise DemoError(f"{steps.current} failed: the log {train_log} does not report loading {encoder_path}")
-            _say(f"encoder loaded: {loaded[-1].split(' - ')[-1]}")
-        ckpt = models_dir / "model.pt"
-        if not ckpt.is_file():
-            raise DemoError(f"{steps.current} failed: training finished but wrote no {ckpt} (did it validate?)")
-        _say(f"best checkpoint: {ckpt}")
-        results["checkpoint"] = str(ckpt)
-        steps.done(t0)
-
-        # 7. evaluation ---------------------------------------------------------------------------
-        t0 = steps.start(7, "evaluating on the validation list with configs/evaluate.json")
-        _say(f"NOTE: {AGREEMENT_NOTE}")
-        eval_overrides = {**common, "ckpt_path": ckpt, "ckpt_dir": models_dir, "output_dir": eval_dir,
-                          "use_checkpoint": False}
-        run_streamed(bundle_command(None, ["configs/train.json", "configs/evaluate.json"], eval_overrides),
-                     BUNDLE_DIR, log_dir / "7_evaluate.log", steps.current)
-        if not (eval_dir / "metrics_summary.json").is_file():
-            raise DemoError(f"{steps.current} failed: no {eval_dir / 'metrics_summary.json'}")
-        steps.done(t0)
-
-        # 8. inference ----------------------------------------------------------------------------
-        t0 = steps.start(8, "inference on the sample CT and one phantom with configs/inference.json")
-        infer_overrides = {**common, "ckpt_path": ckpt, "output_dir": infer_dir}
-        run_streamed(bundle_command(None, ["configs/inference.json"], infer_overrides), BUNDLE_DIR,
-                     log_dir / "8_inference.log", steps.current)
-        sample_pred = infer_dir / "example_ct_seg.nii.gz"
-        phantom_img = val_ph[0][0]
-        phantom_pred = infer_dir / (phantom_img.name[: -len(".nii.gz")] + "_seg.nii.gz")
-        for pred, image in ((sample_pred, sample["image"]), (phantom_pred, phantom_img)):
-            shape = _check_label_map(pred, image)
-            _say(f"label map {pred} (shape {shape}, same as its input)")
-        steps.done(t0)
-
-        # 9. overlays and metrics -----------------------------------------------------------------
-        t0 = steps.start(9, "writing overlays and the metrics table")
-        from tools.overlays import render_comparison, render_overlay
-
-        names = organ_names()
-        sample_png = overlay_dir / "example_ct_prediction_vs_totalsegmentator.png"
-        rows = render_comparison(
-            sample["image"],
-            {"TotalSegmentator labels (reference)": sample["label"], "demo model prediction": sample_pred},
-            sample_png,
-            label_names=names,
-            title="Sample CT: demo prediction vs TotalSegmentator (agreement, not accuracy)",
-        )
-        for row, entries in rows.items():
-            _say(f"{row}: {len(entries)} organ(s): {', '.join(entries) or 'none'}")
-        phantom_png = overlay_dir / f"{phantom_img.name[: -len('.nii.gz')]}_prediction.png"
-        entries = render_overlay(phantom_img, phantom_pred, phantom_png, label_names=names,
-                                 title=f"Phantom {phantom_img.name}: demo prediction")
-        _say(f"phantom prediction: {len(entries)} organ(s): {', '.join(entries) or 'none'}")
-        table = metrics_markdown(eval_dir, pretraining=ssl_record)
-        (out / "metrics.md").write_text(table)
-        _say("")
-        _say(table)
-        steps.done(t0)
+        outputs = run_steps(run)
     except DemoError as e:
-        raise step_failed(e) from None
+        raise e from None
     except Exception as e:
-        raise step_failed(e) from e
+        raise run.failed(f"{type(e).__name__}: {e}") from e
+    from tools.fetch_sample_ct import PROVENANCE_NAME
 
     total = time.perf_counter() - t_start
-    _say(f"\n{'=' * 78}\nDemo finished in {_hms(total)} ({total:.1f} s)\n{'=' * 78}")
-    for name, dt in steps.times:
-        _say(f"  {name:<96} {_hms(dt):>7} ({dt:.1f} s)")
-    _say(f"\nOutput files under {out}:")
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        _say(f"  {_rel(path, out):<70} {path.stat().st_size / 1024:>10.1f} KiB")
-    key = "\nKey outputs:\n"
-    if pretrain:
-        pre = results["pretraining"]
-        verdict = "each loss fell" if pre["all_losses_fell"] else "WARNING: not every loss fell"
-        key += (f"  pre-training   {verdict}: {format_loss_drops(pre['loss_drops'])}\n"
-                f"  loss curves    {pre['loss_curves_png']}\n  inpainting     {pre['inpainting_png']}\n"
-                f"  encoder        {pre['encoder']} ({pre['encoder_tensors']} tensors)\n")
-    elif pretrained_path:
-        key += f"  encoder        {pretrained_path} (given, not pre-trained here)\n"
-    key += (f"  metrics table  {out / 'metrics.md'}\n  overlays       {sample_png}\n"
-            f"                 {phantom_png}\n  label maps     {sample_pred}\n                 {phantom_pred}\n"
-            f"  checkpoint     {ckpt}\n  evaluation     {eval_dir}\n  step logs      {log_dir}")
-    _say(key)
-    _say(f"\nReminder: {AGREEMENT_NOTE}")
-    if pretrain:
-        _say(f"          {SSL_NOTE}")
-    results.update(
-        step_seconds={name: dt for name, dt in steps.times},
+    summarise(run, outputs, total)
+    run.results.update(
+        step_seconds={name: dt for name, dt in run.steps.times},
         total_seconds=total,
-        metrics_md=str(out / "metrics.md"),
-        overlays=[str(sample_png), str(phantom_png)],
-        label_maps=[str(sample_pred), str(phantom_pred)],
-        metrics_summary=str(eval_dir / "metrics_summary.json"),
-        provenance=str(data_dir / "sample_ct" / PROVENANCE_NAME),
+        metrics_md=str(run.out / "metrics.md"),
+        overlays=[str(p) for p in outputs["overlays"]],
+        label_maps=[str(p) for p in outputs["label_maps"]],
+        metrics_summary=str(outputs["eval_dir"] / "metrics_summary.json"),
+        provenance=str(run.dir("data") / "sample_ct" / PROVENANCE_NAME),
     )
-    return results
-
-
-def main(
-    output_dir: str | None = None,
-    epochs: int | None = None,
-    quick: bool = False,
-    spacing=(3.0, 3.0, 3.0),
-    overlap: float | None = None,
-    sw_batch_size: int = 4,
-    learning_rate: float = 1e-3,
-    num_phantoms: int | None = None,
-    seed: int = 0,
-    ssl_steps: int | None = None,
-    ssl_learning_rate: float = SSL_LEARNING_RATE,
-    ssl_spacing=SSL_SPACING,
-    ssl_roi_size=SSL_ROI_SIZE,
-    pretrained_path: str | None = None,
-) -> None:
-    """Run the demo: pre-train the Swin encoder (SSL bundle), export it, fine-tune on BTCV-style data, evaluate, infer.
-
-    Steps: data, datalists, pre-training, encoder export, pre-training figures (PNG loss curves and
-    an inpainting example under <output_dir>/figures), fine-tuning from the export, evaluation,
-    inference, overlays and metrics table. About 15 minutes on an idle 2-core CPU with the
-    defaults (measured 14 m 48 s, 11 m 34 s of it pre-training); --quick about 3.5. On failure, prints which step failed (with the command and its log)
-    and exits with code 1.
-
-    Args:
-        output_dir: where everything goes (default <repo>/demo_output, git-ignored).
-        epochs: fine-tuning epochs (default 4; 1 with --quick).
-        quick: an even smaller run (2 phantoms, 30 pre-training steps, 1 epoch, no window overlap).
-        spacing: fine-tuning resampling spacing in mm, e.g. "[3,3,3]" (default; the recipe's is "[1.5,1.5,2.0]").
-        overlap: sliding-window overlap (default 0.25; 0 with --quick).
-        sw_batch_size: windows per forward pass in evaluation and inference.
-        learning_rate: fine-tuning AdamW learning rate (default 1e-3).
-        num_phantoms: synthetic cases (default 4; 2 with --quick); the last 2 (1 if fewer than 4)
-            are fine-tuning validation cases.
-        seed: phantom and datalist seed.
-        ssl_steps: pre-training optimiser steps (default 200, about 3.5 s each on an idle 2-core
-            CPU; 30 with --quick); 0 skips pre-training and fine-tunes from scratch.
-        ssl_learning_rate: pre-training peak learning rate (default 4e-4).
-        ssl_spacing: pre-training resampling spacing in mm (default "[2,2,2]").
-        ssl_roi_size: pre-training crop size (default "[64,32,32]": square in the rotation plane).
-        pretrained_path: fine-tune from this existing encoder file (e.g. model_swinvit.pt)
-            instead of pre-training here; skips pre-training, export and its figures.
-    """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        demo(output_dir=output_dir, epochs=epochs, quick=quick, spacing=spacing, overlap=overlap,
-             sw_batch_size=sw_batch_size, learning_rate=learning_rate, num_phantoms=num_phantoms, seed=seed,
-             ssl_steps=ssl_steps, ssl_learning_rate=ssl_learning_rate, ssl_spacing=ssl_spacing,
-             ssl_roi_size=ssl_roi_size, pretrained_path=pretrained_path)
-    except DemoError as e:
-        print(f"\nDEMO FAILED: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    return run.results
 
 
 if __name__ == "__main__":
-    import fire
+    from tools.common.cli import fire_command
 
-    fire.Fire(main)
+    fire_command(demo, errors=(DemoError,), failure="DEMO FAILED")

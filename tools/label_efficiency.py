@@ -46,17 +46,18 @@ import datetime
 import json
 import logging
 import math
-import os
-import platform
 import random
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tools.demo import BUNDLE_DIR, DemoError, _shell_quote, bundle_command, run_streamed
+from tools.common.bundles import BTCV_DIR as BUNDLE_DIR
+from tools.common.bundles import bundle_command
+from tools.common.machine import machine_info
+from tools.common.processes import run_streamed, shell_quote
+from tools.common.scalars import scalar_series
 
 logger = logging.getLogger("tools.label_efficiency")
 
@@ -162,29 +163,16 @@ _JSON_WORDS = {"true": True, "false": False, "null": None}
 # ------------------------------------------------------------------------------------- one run
 
 
-def read_scalars(events_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of scalar ``tag`` in all TensorBoard event files under ``events_dir``, by step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for path in sorted(Path(events_dir).rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags().get("scalars", []):
-            values.update({int(e.step): float(e.value) for e in acc.Scalars(tag)})
-    return sorted(values.items())
-
-
 def run_summary(run_dir: Path, budget: Mapping[str, int]) -> dict[str, Any]:
     """Best/final validation Dice and the curve of a finished run; raise if the run is unusable."""
     events = run_dir / "eval"
-    curve = [(step * budget["epoch_length"], dice) for step, dice in read_scalars(events, DICE_TAG)]
+    curve = [(step * budget["epoch_length"], dice) for step, dice in scalar_series(events, DICE_TAG)]
     if not curve:
         raise LabelEfficiencyError(f"run {run_dir.name} logged no {DICE_TAG} in {events}")
     bad = [(i, d) for i, d in curve if not (math.isfinite(d) and 0.0 <= d <= 1.0)]
     if bad:
         raise LabelEfficiencyError(f"run {run_dir.name}: invalid {DICE_TAG} values {bad}")
-    steps = [s for s, _ in read_scalars(events, LOSS_TAG)]
+    steps = [s for s, _ in scalar_series(events, LOSS_TAG)]
     if len(steps) != budget["iterations"] or (steps and steps[-1] != budget["iterations"]):
         raise LabelEfficiencyError(
             f"run {run_dir.name} trained {len(steps)} iteration(s) (last {steps[-1] if steps else None}), "
@@ -222,10 +210,8 @@ def run_overrides(run_dir: Path, datalist: Path, dataset_dir: Path, budget: Mapp
 
 def run_bundle(cmd: Sequence[str], run_dir: Path) -> None:
     """Run the bundle command from the bundle folder, streaming output to the console and ``train.log``."""
-    try:
-        run_streamed(cmd, BUNDLE_DIR, run_dir / "train.log", f"label-efficiency run {run_dir.name}")
-    except DemoError as e:
-        raise LabelEfficiencyError(str(e)) from None
+    run_streamed(cmd, BUNDLE_DIR, run_dir / "train.log", f"label-efficiency run {run_dir.name}",
+                 error=LabelEfficiencyError)
 
 
 def run_one(run_dir: Path, training: list[dict], validation: list[dict], dataset_dir: Path,
@@ -242,22 +228,11 @@ def run_one(run_dir: Path, training: list[dict], validation: list[dict], dataset
     run_bundle(cmd, run_dir)
     summary = run_summary(run_dir, budget)
     summary.update(seconds=round(time.perf_counter() - t0, 1), run_dir=str(run_dir),
-                   command=f"cd {BUNDLE_DIR} && {_shell_quote(cmd)}")
+                   command=f"cd {BUNDLE_DIR} && {shell_quote(cmd)}")
     return summary
 
 
 # ------------------------------------------------------------------------------------- outputs
-
-
-def machine_info() -> dict[str, Any]:
-    """Platform, Python/torch/MONAI versions, CPU count and accelerator, for the record."""
-    import monai
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "machine": platform.machine(),
-            "processor": platform.processor() or None, "python": platform.python_version(),
-            "torch": torch.__version__, "monai": monai.__version__, "cpu_count": os.cpu_count(), "gpu": gpu}
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -351,7 +326,10 @@ def label_efficiency(
     epoch_length: int = 1,
     overrides: Any = None,
 ) -> dict[str, Any]:
-    """Run the study (2 runs per fraction) and write its outputs; return {"rows", "outputs", "settings"}.
+    """Label-efficiency study of the BTCV bundle (SSL vs scratch): 2 runs per fraction; write its outputs.
+
+    Returns {"rows", "outputs", "settings"}; the command line prints the table and exits with code 1
+    on a failed run.
 
     Args:
         datalist: BTCV-style JSON with ``training`` and ``validation`` lists.
@@ -359,11 +337,12 @@ def label_efficiency(
         iterations: training iterations (optimiser steps) of every run.
         output_dir: where the runs (``runs/<run>``) and the outputs go.
         dataset_dir: base folder of the datalist's relative paths (default: the datalist's folder).
-        fractions: fractions of the training list, e.g. [0.1, 0.3, 1.0].
+        fractions: fractions of the training list, e.g. "[0.1,0.3,1.0]" (default).
         seed: seed of the subset draw and of the bundle (``seed``: shuffling, crops, initialisation).
         val_interval: validate every this many bundle epochs (default: once, at the end).
         epoch_length: iterations per bundle epoch (the unit of val_interval and warmup_epochs).
-        overrides: bundle overrides for every run (dict, JSON string or JSON file).
+        overrides: bundle overrides for every run, e.g. '{"feature_size": 12, "roi_size": [64,64,64]}'
+            (a dict, JSON or a Python dict literal, or a JSON file).
     """
     datalist_path = Path(datalist).resolve()
     data = json.loads(datalist_path.read_text())
@@ -423,46 +402,14 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def main(
-    datalist: str,
-    pretrained_path: str,
-    iterations: int,
-    output_dir: str,
-    dataset_dir: str | None = None,
-    fractions: Any = DEFAULT_FRACTIONS,
-    seed: int = 0,
-    val_interval: int | None = None,
-    epoch_length: int = 1,
-    overrides: Any = None,
-) -> None:
-    """Label-efficiency study of the BTCV bundle (SSL vs scratch); prints the table, exits 1 on failure.
-
-    Args:
-        datalist: BTCV-style JSON with "training" and "validation".
-        pretrained_path: SSL encoder export for the ssl runs.
-        iterations: training iterations of every run (the shared budget).
-        output_dir: output folder (runs/, label_efficiency.{csv,md,json,png}).
-        dataset_dir: base of the datalist's relative paths (default: the datalist's folder).
-        fractions: e.g. "[0.1,0.3,1.0]" (default).
-        seed: subset and bundle seed.
-        val_interval: validation every N bundle epochs (default: only after the last iteration).
-        epoch_length: iterations per bundle epoch (default 1).
-        overrides: bundle overrides for all runs, e.g. '{"feature_size": 12, "roi_size": [64,64,64]}'
-            (JSON or a Python dict literal, or a JSON file).
-    """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = label_efficiency(datalist, pretrained_path, iterations, output_dir, dataset_dir=dataset_dir,
-                                  fractions=fractions, seed=seed, val_interval=val_interval,
-                                  epoch_length=epoch_length, overrides=overrides)
-    except (LabelEfficiencyError, ValueError, FileNotFoundError) as e:
-        print(f"\nLABEL-EFFICIENCY STUDY FAILED: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    print("\n" + Path(result["outputs"]["md"]).read_text())
-    print("\n".join(f"{k}: {v}" for k, v in result["outputs"].items()))
+def report(result: dict[str, Any]) -> str:
+    """The command line's printout: the Markdown table and the output files."""
+    return "\n" + Path(result["outputs"]["md"]).read_text() + "\n" + "\n".join(
+        f"{k}: {v}" for k, v in result["outputs"].items())
 
 
 if __name__ == "__main__":
-    import fire
+    from tools.common.cli import fire_command
 
-    fire.Fire(main)
+    fire_command(label_efficiency, report=report, errors=(LabelEfficiencyError, ValueError, FileNotFoundError),
+                 failure="LABEL-EFFICIENCY STUDY FAILED")

@@ -277,6 +277,21 @@ def make_phantom(seed: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING):
     return image.astype(np.float32, copy=False), cv.label, affine
 
 
+def windowed_crops(n: int, roi_size, hu_window, seed: int, spacing=(1.5, 1.5, 2.0)) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` phantoms of ``roi_size`` (seeds ``seed`` to ``seed + n - 1``) as training crops.
+
+    Returns (images, labels), each (n, 1, *roi_size) float32: images windowed from ``hu_window`` to
+    0..1 as the bundles' preprocessing does, labels the organ ids 0-13.
+    """
+    lo, hi = (float(v) for v in hu_window)
+    images, labels = [], []
+    for i in range(int(n)):
+        image, label, _ = make_phantom(seed + i, shape=tuple(roi_size), spacing=spacing)
+        images.append(np.clip((image - lo) / (hi - lo), 0.0, 1.0)[None])
+        labels.append(label[None].astype(np.float32))
+    return np.stack(images).astype(np.float32), np.stack(labels)
+
+
 def _nifti(array: np.ndarray, affine: np.ndarray):
     import nibabel as nib
 

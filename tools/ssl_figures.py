@@ -16,8 +16,9 @@
   steps, and whether it fell; ``format_loss_drops`` writes that as one line.
 
 The bundle's ``scripts`` package is imported as the top-level module ``scripts`` (as when running
-from the bundle folder); ``bundle_on_path`` puts the bundle folder first on ``sys.path`` and drops
-cached ``scripts*`` modules before and after, so another bundle's ``scripts`` never answers.
+from the bundle folder); ``tools.common.bundles.bundle_on_path`` puts the bundle folder first on
+``sys.path`` and drops cached ``scripts*`` modules before and after, so another bundle's ``scripts``
+never answers.
 
 Command line::
 
@@ -29,17 +30,15 @@ Command line::
 
 from __future__ import annotations
 
-import math
 import os
-import sys
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SSL_BUNDLE_DIR = REPO_ROOT / "bundles" / "swin_unetr_ssl_pretrain"
+from tools.common.bundles import SSL_DIR as SSL_BUNDLE_DIR
+from tools.common.bundles import bundle_on_path
+from tools.common.scalars import read_scalars
 
 TOTAL = "loss"
 LOSS_TERMS = ("inpaint_loss", "contrast_loss", "rotation_loss")
@@ -53,71 +52,12 @@ TITLES = {
 SHORT_NAMES = {"loss": "total", "inpaint_loss": "inpaint", "contrast_loss": "contrast", "rotation_loss": "rotation"}
 
 __all__ = [
-    "bundle_on_path",
     "read_scalars",
     "plot_loss_curves",
     "loss_drops",
     "format_loss_drops",
     "plot_inpainting_example",
 ]
-
-
-# --------------------------------------------------------------------------------------------------
-# the bundle's ``scripts`` package
-# --------------------------------------------------------------------------------------------------
-def _forget_scripts_modules() -> None:
-    for name in list(sys.modules):
-        if name == "scripts" or name.startswith("scripts."):
-            del sys.modules[name]
-
-
-@contextmanager
-def bundle_on_path(bundle_dir: str | os.PathLike = SSL_BUNDLE_DIR):
-    """Make ``import scripts`` resolve to ``bundle_dir``'s scripts, as running from the bundle folder does."""
-    path = str(bundle_dir)
-    _forget_scripts_modules()
-    sys.path.insert(0, path)
-    try:
-        yield
-    finally:
-        if path in sys.path:
-            sys.path.remove(path)
-        _forget_scripts_modules()
-
-
-# --------------------------------------------------------------------------------------------------
-# TensorBoard scalars
-# --------------------------------------------------------------------------------------------------
-def _event_files(run_dir: Path) -> list[Path]:
-    if run_dir.is_file():
-        return [run_dir]
-    files = [p for p in run_dir.rglob("*") if p.is_file() and "tfevents" in p.name]
-    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
-
-
-def read_scalars(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """All scalars of the TensorBoard event files under ``run_dir``: ``{tag: [(step, value), ...]}`` by step.
-
-    The bundle writes training and validation scalars from two writers (two event files in one
-    folder); each file is read on its own and the series merged. If a step appears twice for a tag
-    (a resumed run), the value from the more recent file wins. Raises FileNotFoundError when
-    ``run_dir`` holds no event file.
-    """
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
-    run_dir = Path(run_dir)
-    files = _event_files(run_dir)
-    if not files:
-        raise FileNotFoundError(f"no TensorBoard event files (*tfevents*) under {run_dir}")
-    merged: dict[str, dict[int, float]] = {}
-    for path in files:
-        acc = EventAccumulator(str(path), size_guidance={SCALARS: 0}, purge_orphaned_data=False)
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            series = merged.setdefault(tag, {})
-            for event in acc.Scalars(tag):
-                series[int(event.step)] = float(event.value)
-    return {tag: sorted(series.items()) for tag, series in merged.items()}
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
