@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tools.demo import _ssl_val_interval, metrics_markdown, organ_names, pretraining_markdown
+from tools.demo import ssl_val_interval, metrics_markdown, organ_names, pretraining_markdown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -156,12 +156,12 @@ def test_pretraining_markdown():
 
 def test_ssl_val_interval():
     """About 4 validations, the last one at the last step (so the best checkpoint can be the last)."""
-    assert _ssl_val_interval(200) == 50
-    assert _ssl_val_interval(30) == 6
-    assert _ssl_val_interval(150) == 30
-    assert _ssl_val_interval(3) == 1
+    assert ssl_val_interval(200) == 50
+    assert ssl_val_interval(30) == 6
+    assert ssl_val_interval(150) == 30
+    assert ssl_val_interval(3) == 1
     for steps in range(1, 400):
-        assert steps % _ssl_val_interval(steps) == 0
+        assert steps % ssl_val_interval(steps) == 0
 
 
 def test_demo_names_failing_step(tmp_path):

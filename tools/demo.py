@@ -307,7 +307,7 @@ def _count_encoder_tensors(path: Path) -> int:
     return sum(1 for v in state.values() if hasattr(v, "shape"))
 
 
-def _ssl_val_interval(steps: int) -> int:
+def ssl_val_interval(steps: int) -> int:
     """Validate 4 times (at least every step for tiny runs), the last time at the last step."""
     interval = max(1, steps // 4)
     while steps % interval:
@@ -349,7 +349,7 @@ class DemoRun:
     @property
     def ssl_val_interval(self) -> int:
         """Pre-training validation interval in steps (0 without pre-training)."""
-        return _ssl_val_interval(self.ssl_steps) if self.pretrain else 0
+        return ssl_val_interval(self.ssl_steps) if self.pretrain else 0
 
     @property
     def ssl_settings(self) -> dict:
