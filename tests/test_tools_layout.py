@@ -1,0 +1,37 @@
+"""House rules for tools/: short functions, and no tool reaching into another tool's private names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPO
+
+TOOLS = REPO / "tools"
+
+
+def _tool_sources() -> list[Path]:
+    return sorted(TOOLS.rglob("*.py"))
+
+
+def test_no_function_in_tools_is_longer_than_120_lines():
+    long = []
+    for path in _tool_sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 120:
+                long.append(f"{path.relative_to(REPO)}:{node.name}")
+    assert long == []
+
+
+def test_no_module_imports_a_private_name_of_a_tool():
+    """``from tools.x import _y`` (or ``tools.x._y``) anywhere in tools/ or tests/ is a tool used as a library."""
+    offenders = []
+    for path in _tool_sources() + sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tools"):
+                offenders += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                base = ast.unparse(node.value)
+                if base.startswith("tools."):
+                    offenders.append(f"{path.name}: {base}.{node.attr}")
+    assert offenders == []
