@@ -101,7 +101,10 @@ def phantom_dir(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("phantoms")
     pairs = write_phantom_dataset(root, num_cases=4, seed=7, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
-    items = [{"image": str(Path(i).relative_to(root)), "label": str(Path(l).relative_to(root))} for i, l in pairs]
+    items = [
+        {"image": str(Path(image).relative_to(root)), "label": str(Path(label).relative_to(root))}
+        for image, label in pairs
+    ]
     datalist = {"training": items[:2], "validation": items[2:], "testing": [{"image": items[3]["image"]}]}
     (root / "datalist.json").write_text(json.dumps(datalist, indent=2))
     return root

@@ -31,7 +31,10 @@ def phantoms(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("le_phantoms")
     pairs = write_phantom_dataset(root, num_cases=5, seed=11, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
-    items = [{"image": str(Path(i).relative_to(root)), "label": str(Path(l).relative_to(root))} for i, l in pairs]
+    items = [
+        {"image": str(Path(image).relative_to(root)), "label": str(Path(label).relative_to(root))}
+        for image, label in pairs
+    ]
     (root / "datalist.json").write_text(json.dumps({"training": items[:4], "validation": items[4:]}, indent=2))
     return root
 

@@ -478,7 +478,10 @@ def format_report(result: dict[str, Any]) -> str:
                       if r.get("peak_rss_steps_mib") is not None and r["cuda_max_memory_allocated_mib"] is None else "")
         lines.append(f"{'':<9} mean split: {extra}{steps_peak}")
     c = result["comparison"]
-    fmt = (lambda v: "n/a" if v is None else f"{v:.2f}x")
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.2f}x"
+
     lines += ["", f"time per step research / bundle: {fmt(c['time_ratio_research_over_bundle'])}; "
                   f"peak memory research / bundle: {fmt(c['peak_memory_ratio_research_over_bundle'])}",
               f"peak memory: {s['memory_measure']}"]

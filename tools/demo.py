@@ -477,8 +477,8 @@ def write_datalists(run: DemoRun, sample: dict[str, Path], phantoms: list[tuple[
         return d
 
     datalist = {
-        "training": [item(i, l) for i, l in train_ph] + [item(sample["image"], sample["label"])],
-        "validation": [item(i, l) for i, l in val_ph] + [item(sample["image"], sample["label"])],
+        "training": [item(image, label) for image, label in train_ph] + [item(sample["image"], sample["label"])],
+        "validation": [item(image, label) for image, label in val_ph] + [item(sample["image"], sample["label"])],
         "testing": [item(sample["image"]), item(val_ph[0][0])],
     }
     datalist_path = data_dir / "datalist.json"
