@@ -12,11 +12,20 @@ from .bundle_logger import logger
 from .losses import LOSS_TERMS
 from .proxy_tasks import ProxyTaskViews
 
-__all__ = ["SSLTrainIteration", "SSLValIteration", "loss_terms", "lower_is_better",
-           "validation_metrics", "VALIDATION_METRICS"]
+__all__ = [
+    "CKPT_METRIC_PRESETS",
+    "VALIDATION_METRICS",
+    "SSLTrainIteration",
+    "SSLValIteration",
+    "loss_terms",
+    "lower_is_better",
+    "validation_metrics",
+]
 
 LOGGED = ("loss", *LOSS_TERMS)
 VALIDATION_METRICS = tuple(f"val_{name}" for name in LOGGED)
+# named choices of ckpt_metric: "research" is the research code's (validation reconstruction L1 alone)
+CKPT_METRIC_PRESETS = {"research": "val_inpaint_loss", "bundle": "val_loss"}
 
 
 def _images(batchdata: Any, engine: Engine) -> torch.Tensor:
@@ -116,9 +125,12 @@ def validation_metrics(key_metric: str) -> tuple[dict[str, Average], dict[str, A
 
     ``key_metric`` (the checkpoint-selection knob) is one of ``VALIDATION_METRICS``: ``val_loss`` (the
     weighted total), ``val_inpaint_loss``, ``val_contrast_loss`` or ``val_rotation_loss``; lower is better.
+    Or a preset of ``CKPT_METRIC_PRESETS``: ``research`` (= ``val_inpaint_loss``), ``bundle`` (= ``val_loss``).
     """
+    key_metric = CKPT_METRIC_PRESETS.get(key_metric, key_metric)
     if key_metric not in VALIDATION_METRICS:
-        raise ValueError(f"ckpt_metric must be one of {VALIDATION_METRICS}, got {key_metric!r}.")
+        choices = (*VALIDATION_METRICS, *CKPT_METRIC_PRESETS)
+        raise ValueError(f"ckpt_metric must be one of {choices}, got {key_metric!r}.")
     metrics = {f"val_{name}": Average(output_transform=lambda out, name=name: out[name]) for name in LOGGED}
     key = {key_metric: metrics.pop(key_metric)}
     return key, metrics
