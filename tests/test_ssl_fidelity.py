@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -161,6 +162,18 @@ def test_config_defaults_follow_the_research_recipe(ssl_scripts):
         assert len(spacing) == 1
         bundle = _parser(cutout_mode="bundle").get_parsed_content("proxy_tasks")
         assert bundle.cutout.fraction == (0.1, 0.3) and not hasattr(bundle.cutout, "foreign")
+
+
+def test_corpus_check_uses_the_native_size_when_spacing_is_null(ssl_scripts, tmp_path):
+    """At 0.7 mm a (40, 72, 68) volume holds a (32, 64, 64) ROI; resampled to 1.5 x 1.5 x 2 mm it would not."""
+    volume = np.full((40, 72, 68), -1000.0, np.float32)
+    volume[5:35, 10:60, 10:60] = 40.0
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([0.7, 0.7, 0.7, 1.0])), str(path))
+    items = [{"image": str(path)}]
+    assert ssl_scripts.corpus.check_corpus(items, roi_size=(32, 64, 64), spacing=None) == items
+    with pytest.raises(ssl_scripts.corpus.CorpusError, match="smaller than the ROI"):
+        ssl_scripts.corpus.check_corpus(items, roi_size=(32, 64, 64), spacing=(1.5, 1.5, 2.0))
 
 
 def test_ckpt_metric_research_preset_is_the_validation_l1(ssl_scripts):
