@@ -119,3 +119,42 @@ def test_a_dicom_series_folder_is_a_usable_volume_through_the_bundle_preprocessi
     image = crops[0]["image"]
     assert tuple(image.shape) == (1, *SSL_SMALL["roi_size"])
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.max()) > 0.3
+
+
+def test_skip_mode_with_nothing_usable_does_not_advise_setting_skip(corpus, corpus_checks):
+    with pytest.raises(corpus_checks.CorpusError) as err:
+        corpus_checks.check_corpus([{"image": corpus["mr"]}], roi_size=(32, 64, 64), on_bad="skip")
+    text = str(err.value)
+    assert "set on_bad_volume 'skip'" not in text
+    assert "on_bad_volume is already 'skip'" in text and "no usable volume" in text
+
+
+def test_the_bundle_reports_training_and_validation_problems_in_one_error(corpus, tmp_path):
+    datalist = {"training": [{"image": corpus["good"]}, {"image": corpus["mr"]}],
+                "validation": [{"image": corpus["good"]}, {"image": corpus["small"]}]}
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    for on_bad, advice in (("error", "set on_bad_volume 'skip'"), ("skip", None)):
+        with bundle_on_path(SSL_DIR):
+            workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(tmp_path),
+                                     bundle_root=str(tmp_path / "run"), on_bad_volume=on_bad, **SSL_SMALL)
+            if advice is None:  # skip mode: both lists keep a usable volume, so training may start
+                checked = workflow.parser.get_parsed_content("checked_corpus")
+                assert checked == {"training": [{"image": corpus["good"]}], "validation": [{"image": corpus["good"]}]}
+                continue
+            with pytest.raises(Exception) as err:
+                workflow.parser.get_parsed_content("checked_corpus")
+        text = error_text(err.value)
+        assert corpus["mr"] in text and corpus["small"] in text  # both lists, one error
+        assert "1 of 2 volume(s) of the training list" in text and "1 of 2 volume(s) of the validation list" in text
+        assert advice in text
+
+
+def test_skip_mode_names_each_list_left_with_nothing(corpus, corpus_checks):
+    lists = {"training": [{"image": corpus["good"]}, {"image": corpus["broken"]}],
+             "validation": [{"image": corpus["missing"]}]}
+    with pytest.raises(corpus_checks.CorpusError) as err:
+        corpus_checks.check_corpora(lists, roi_size=(32, 64, 64), on_bad="skip")
+    text = str(err.value)
+    assert corpus["broken"] in text and corpus["missing"] in text
+    assert "the validation datalist would be left with no usable volume" in text
+    assert "training datalist would" not in text

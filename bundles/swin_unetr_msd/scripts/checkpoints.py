@@ -1,26 +1,40 @@
 # Generated from bundles/common/scripts/checkpoints.py by tools/sync_bundle_code.py: edit that file, then run it.
-"""Checkpoint saving that never leaves a half-written file behind."""
+"""Checkpoints that survive a kill: atomic files, rotation that writes before it deletes, and resume from the latest."""
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import ignite.distributed as idist
 import torch
-from ignite.handlers import DiskSaver
+from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointSaver
 
-__all__ = ["AtomicDiskSaver", "AtomicCheckpointSaver", "atomic_torch_save"]
+from .bundle_logger import logger
+
+__all__ = ["AtomicDiskSaver", "AtomicCheckpointSaver", "atomic_torch_save", "latest_checkpoint", "resume_path",
+           "LATEST"]
+
+LATEST = "latest"
+TMP_PREFIX = ".tmp_"
+# Full-state checkpoints of a training run: the periodic checkpoint_epoch=N.pt / checkpoint_iteration=N.pt
+# and checkpoint_last.pt (written on a clean end or a Python exception, never after a kill).
+CHECKPOINT_GLOB = "checkpoint*.pt"
+FULL_STATE_KEYS = ("model", "optimizer", "trainer")
+_STARTED = time.time()  # temporaries older than this process are left over from a killed run
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """Write ``obj`` with ``torch.save`` to a temporary file in the same folder, then rename it."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -34,29 +48,55 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         raise
 
 
+def _remove_quietly(path: str) -> None:
+    """Delete ``path`` if it is still there."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 class AtomicDiskSaver(DiskSaver):
     """Ignite ``DiskSaver`` writing atomically, optionally always to one fixed file name.
 
-    With a fixed name, ``remove`` does nothing: the next save replaces the file in one rename,
-    so there is never a moment without a complete checkpoint on disk.
+    Ignite's ``Checkpoint`` calls ``remove(old)`` *before* it saves the new file. Here ``remove``
+    only notes the file; it is deleted once the new checkpoint is complete on disk, so at every
+    moment after the first save at least one complete checkpoint exists. With a fixed name,
+    ``remove`` does nothing: the next save replaces the file in one rename.
     """
 
     def __init__(self, dirname: str, filename: str | None = None):
         super().__init__(dirname=dirname, require_empty=False, create_dir=True)
         self.filename = filename
+        self.replaced: list[str] = []  # file names to delete after the next complete save
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if idist.get_rank() != self.save_on_rank:
             return
-        atomic_torch_save(checkpoint, os.path.join(self.dirname, self.filename or filename))
+        name = self.filename or filename
+        atomic_torch_save(checkpoint, os.path.join(self.dirname, name))
+        self._remove_replaced(keep=name)
 
     def remove(self, filename: str) -> None:
-        if self.filename is None:
-            super().remove(filename)
+        """Mark ``filename`` for deletion once its replacement is written (ignite asks before saving)."""
+        if self.filename is None and filename not in self.replaced:
+            self.replaced.append(filename)
+
+    def _remove_replaced(self, keep: str) -> None:
+        """Delete the files the save just written replaces (never ``keep`` itself)."""
+        for name in self.replaced:
+            if name != keep:
+                _remove_quietly(os.path.join(self.dirname, name))
+        self.replaced = []
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` whose files are written atomically (MONAI's are not)."""
+    """MONAI ``CheckpointSaver`` whose files are written atomically (MONAI's are not).
+
+    Periodic checkpoints rotate write-first (``AtomicDiskSaver``). At its first periodic save the
+    saver also takes over the periodic files already in ``save_dir`` (from before a resume), so they
+    rotate out under ``n_saved`` instead of piling up, and it deletes temporaries a killed run left.
+    """
 
     def __init__(self, save_dir: str, *args: Any, final_filename: str | None = None,
                  key_metric_filename: str | None = None, **kwargs: Any) -> None:
@@ -68,3 +108,85 @@ class AtomicCheckpointSaver(CheckpointSaver):
             checkpoint = getattr(self, attr, None)
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(save_dir, fixed_name)
+        self._adopted = False
+
+    def interval_completed(self, engine: Any) -> None:
+        """Save the periodic checkpoint; the first time, adopt the earlier files first."""
+        if not self._adopted:
+            self._adopted = True
+            step = engine.state.epoch if self.epoch_level else engine.state.iteration
+            self._adopt_earlier_files(step)
+        super().interval_completed(engine)
+
+    def _adopt_earlier_files(self, step: int) -> None:
+        """Put the periodic files already on disk under this saver's rotation (see the class docstring)."""
+        checkpoint = self._interval_checkpoint
+        saver = checkpoint.save_handler
+        for tmp in glob.glob(os.path.join(self.save_dir, TMP_PREFIX + "*.pt")):
+            if os.path.getmtime(tmp) < _STARTED:
+                _remove_quietly(tmp)
+        if checkpoint.n_saved is None:
+            return
+        earlier = sorted(_periodic_files(self.save_dir, checkpoint))
+        keep = [(s, name) for s, name in earlier if s < step][-checkpoint.n_saved:]
+        saver.replaced.extend(name for s, name in earlier if (s, name) not in keep)
+        checkpoint._saved.extend(Checkpoint.Item(s, name) for s, name in keep)
+        checkpoint._saved.sort(key=lambda item: item.priority)
+        if earlier:
+            logger.info("checkpoint rotation: keeping %d of the %d periodic checkpoints already in %s",
+                        len(keep), len(earlier), self.save_dir)
+
+
+def _periodic_files(save_dir: str, checkpoint: Checkpoint) -> list[tuple[int, str]]:
+    """(step, file name) of the files in ``save_dir`` named as ``checkpoint`` names its periodic saves."""
+    prefix = f"{checkpoint.filename_prefix}_" if checkpoint.filename_prefix else ""
+    pattern = re.compile(re.escape(f"{prefix}checkpoint_{checkpoint.score_name}=") + r"(\d+)\.pt")
+    found = []
+    for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
+        match = pattern.fullmatch(name)
+        if match:
+            found.append((int(match.group(1)), name))
+    return found
+
+
+def _trainer_iteration(path: str) -> int:
+    """The trainer iteration stored in a full-state checkpoint; raises if ``path`` is not one."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    missing = [k for k in FULL_STATE_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing or "iteration" not in checkpoint["trainer"]:
+        raise ValueError(f"not a full training checkpoint (missing {missing or ['trainer iteration']})")
+    return int(checkpoint["trainer"]["iteration"])
+
+
+def latest_checkpoint(ckpt_dir: str) -> str:
+    """The complete full-state checkpoint in ``ckpt_dir`` (``checkpoint*.pt``) with the most trainer iterations.
+
+    Temporary files of an interrupted save are never candidates; a file that does not load, or
+    holds no trainer state, is skipped with a warning. Raises FileNotFoundError when none is
+    left: resuming must never silently start afresh.
+    """
+    candidates = []
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, CHECKPOINT_GLOB))):
+        try:
+            candidates.append((_trainer_iteration(path), os.path.getmtime(path), path))
+        except Exception as err:  # a file that does not load is not a checkpoint to resume from
+            logger.warning("resume: skipping %s: %s", path, err)
+    if not candidates:
+        raise FileNotFoundError(f"resume is set but {ckpt_dir} holds no training checkpoint (checkpoint_*.pt) "
+                                "that loads with model, optimizer and trainer state.")
+    iteration, _, latest = max(candidates)
+    logger.info("resuming from %s (iteration %d)", latest, iteration)
+    return latest
+
+
+def resume_path(resume: Any, ckpt_dir: str) -> str:
+    """The checkpoint a run continues from: ``''`` for a fresh start, a path as given, or for ``latest``
+    (or ``True``) the newest complete full-state checkpoint in ``ckpt_dir`` (``latest_checkpoint``)."""
+    text = str(resume).strip().lower() if isinstance(resume, (str, bool)) or resume is None else None
+    if text in ("", "false", "none"):
+        return ""
+    if text in (LATEST, "true"):
+        return latest_checkpoint(ckpt_dir)
+    if isinstance(resume, str):
+        return resume
+    raise ValueError(f"resume must be '{LATEST}', true, false or a checkpoint path, not {resume!r}.")

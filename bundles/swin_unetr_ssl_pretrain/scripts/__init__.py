@@ -5,4 +5,4 @@ then run ``python tools/sync_bundle_code.py``; the others belong to this bundle.
 """
 
 from . import (checkpoints, corpus, distributed, encoder_weights, export, iteration, losses, model, patch_merging,
-               proxy_tasks, resume, weights_format)
+               proxy_tasks, weights_format)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,7 @@ from monai.transforms import LoadImage
 
 from .bundle_logger import logger
 
-__all__ = ["CorpusError", "ON_BAD_CHOICES", "check_corpus", "make_dataset"]
+__all__ = ["CorpusError", "ON_BAD_CHOICES", "check_corpora", "check_corpus", "make_dataset"]
 
 ON_BAD_CHOICES = ("error", "skip")
 # CT in Hounsfield units has air near -1000; a volume whose darkest voxel is above this is not HU CT
@@ -48,22 +48,9 @@ def _problem(image: Any, roi_size: Sequence[int], spacing: Sequence[float] | Non
     return None
 
 
-def check_corpus(items: Sequence[dict], roi_size: Sequence[int], spacing: Sequence[float] | None = None,
-                 on_bad: str = "error", image_key: str = "image", enabled: bool = True) -> list[dict]:
-    """Read every volume once and return the usable items.
-
-    Reported, with the file named: unreadable files, more than one channel, intensities that are not
-    CT in HU, and volumes smaller than ``roi_size`` after resampling to ``spacing``. ``on_bad="error"``
-    raises :class:`CorpusError` listing every problem; ``"skip"`` logs a warning for each bad volume and
-    trains on the rest (never silently). An empty list is always an error.
-    """
-    if on_bad not in ON_BAD_CHOICES:
-        raise ValueError(f"on_bad must be one of {ON_BAD_CHOICES}, got {on_bad!r}.")
-    items = list(items)
-    if not items:
-        raise CorpusError("the datalist has no volumes.")
-    if not enabled:
-        return items
+def _check_items(items: Sequence[dict], roi_size: Sequence[int], spacing: Sequence[float] | None,
+                 image_key: str) -> tuple[list[dict], list[str]]:
+    """Read every volume of one list once: (usable items, one problem line per unusable item)."""
     loader = LoadImage(image_only=True, ensure_channel_first=False)
     good, problems = [], []
     for item in items:
@@ -82,17 +69,68 @@ def check_corpus(items: Sequence[dict], roi_size: Sequence[int], spacing: Sequen
             problems.append(f"{path}: {problem}")
         else:
             good.append(item)
-    if problems:
-        if on_bad == "error" or not good:
-            raise CorpusError(
-                f"{len(problems)} of {len(items)} volume(s) cannot be used for pre-training "
-                f"(set on_bad_volume 'skip' to train on the rest):\n  " + "\n  ".join(problems)
-            )
+    return good, problems
+
+
+def _advice(on_bad: str, fatal: Sequence[str]) -> str:
+    """What the user can do about the problems, for the ``on_bad`` mode already set."""
+    if on_bad == "error":
+        return "set on_bad_volume 'skip' to train on the rest"
+    names = " and the ".join(_list_name(name) for name in fatal)
+    return f"on_bad_volume is already 'skip', but the {names} would be left with no usable volume: fix or replace them"
+
+
+def _list_name(name: str) -> str:
+    """``training`` -> ``training datalist``; the unnamed single list -> ``datalist``."""
+    return f"{name} datalist" if name else "datalist"
+
+
+def check_corpora(lists: Mapping[str, Sequence[dict]], roi_size: Sequence[int], spacing: Sequence[float] | None = None,
+                  on_bad: str = "error", image_key: str = "image", enabled: bool = True) -> dict[str, list[dict]]:
+    """Check several datalists (e.g. ``{"training": ..., "validation": ...}``) at once; return each one's usable items.
+
+    Reported, with the file named: unreadable files, more than one channel, intensities that are not
+    CT in HU, and volumes smaller than ``roi_size`` after resampling to ``spacing``. ``on_bad="error"``
+    raises one :class:`CorpusError` listing every problem of every list; ``"skip"`` logs a warning for
+    each bad volume and trains on the rest (never silently). A list left empty is always an error.
+    """
+    if on_bad not in ON_BAD_CHOICES:
+        raise ValueError(f"on_bad must be one of {ON_BAD_CHOICES}, got {on_bad!r}.")
+    lists = {name: list(items) for name, items in lists.items()}
+    empty = [name for name, items in lists.items() if not items]
+    if empty:
+        raise CorpusError("; ".join(f"the {_list_name(name)} has no volumes" for name in empty) + ".")
+    if not enabled:
+        return lists
+    checked = {name: _check_items(items, roi_size, spacing, image_key) for name, items in lists.items()}
+    fatal = [name for name, (good, problems) in checked.items() if problems and (on_bad == "error" or not good)]
+    if fatal:
+        raise CorpusError(_report(lists, checked, _advice(on_bad, fatal)))
+    for name, (good, problems) in checked.items():
         for problem in problems:
             logger.warning("skipping volume: %s", problem)
-        logger.warning("skipped %d of %d volume(s); pre-training on %d.", len(problems), len(items), len(good))
-    logger.info("corpus check: %d volume(s) usable", len(good))
-    return good
+        if problems:
+            logger.warning("skipped %d of %d volume(s)%s; pre-training on %d.", len(problems), len(lists[name]),
+                           f" of the {name} list" if name else "", len(good))
+        logger.info("corpus check: %d volume(s) usable%s", len(good), f" in the {name} list" if name else "")
+    return {name: good for name, (good, _) in checked.items()}
+
+
+def _report(lists: Mapping[str, list], checked: Mapping[str, tuple], advice: str) -> str:
+    """One message naming every unusable volume, list by list, and ending with the advice."""
+    parts = []
+    for name, (_, problems) in checked.items():
+        if problems:
+            where = f" of the {name} list" if name else ""
+            parts.append(f"{len(problems)} of {len(lists[name])} volume(s){where} cannot be used for pre-training:\n  "
+                         + "\n  ".join(problems))
+    return "\n".join(parts) + f"\n({advice})"
+
+
+def check_corpus(items: Sequence[dict], roi_size: Sequence[int], spacing: Sequence[float] | None = None,
+                 on_bad: str = "error", image_key: str = "image", enabled: bool = True) -> list[dict]:
+    """``check_corpora`` for one list: read every volume once and return the usable items."""
+    return check_corpora({"": items}, roi_size, spacing, on_bad, image_key, enabled)[""]
 
 
 def make_dataset(kind: str, data: Sequence[dict], transform: Any, cache_rate: float = 1.0,

@@ -1,0 +1,135 @@
+"""Checkpoint rotation that never leaves a moment without a complete checkpoint, and ``resume_from: latest``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.bundle import ConfigParser
+from monai.networks.nets import SwinUNETR
+from torch import nn
+
+from tests.conftest import BTCV_DIR, MSD_DIR, SSL_DIR, bundle_on_path, error_text
+from tools.make_msd_tasks import write_msd_task
+
+MSD_TASK = "Task09_Spleen"
+
+
+@pytest.fixture()
+def checkpoints():
+    with bundle_on_path(BTCV_DIR):
+        import scripts.checkpoints
+
+        yield scripts.checkpoints
+
+
+def _full_state(iteration: int, model: nn.Module | None = None, **extra) -> dict:
+    model = model or nn.Linear(2, 2)
+    return {"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []},
+            "trainer": {"iteration": iteration, "epoch_length": 1, "max_epochs": 10}, **extra}
+
+
+def _periodic_run(checkpoints, folder: Path, start: int, end: int, seen: list | None = None) -> None:
+    """Run an ignite engine from iteration ``start`` to ``end``, saving a periodic checkpoint every iteration."""
+    engine = Engine(lambda e, b: None)
+    saver = checkpoints.AtomicCheckpointSaver(str(folder), {"model": nn.Linear(2, 2), "trainer": engine},
+                                              save_interval=1, epoch_level=False, n_saved=1)
+    saver.attach(engine)
+    if start:
+        engine.load_state_dict({"iteration": start, "epoch_length": end, "max_epochs": 1})
+    engine.run(range(end), max_epochs=1, epoch_length=end)
+
+
+def test_the_new_periodic_file_is_complete_before_the_old_one_is_removed(checkpoints, tmp_path, monkeypatch):
+    before_each_save = []
+    write = checkpoints.atomic_torch_save
+
+    def recording_write(obj, path):
+        before_each_save.append(sorted(os.listdir(tmp_path)))
+        write(obj, path)
+
+    monkeypatch.setattr(checkpoints, "atomic_torch_save", recording_write)
+    _periodic_run(checkpoints, tmp_path, 0, 3)
+    assert before_each_save == [[], ["checkpoint_iteration=1.pt"], ["checkpoint_iteration=2.pt"]]
+    assert os.listdir(tmp_path) == ["checkpoint_iteration=3.pt"]
+
+
+def test_files_from_before_a_resume_rotate_out_and_killed_temporaries_are_removed(checkpoints, tmp_path):
+    for step in (2, 4, 9):  # 2 and 4: a kill between write and delete; 9: an abandoned, longer run
+        torch.save({}, tmp_path / f"checkpoint_iteration={step}.pt")
+    (tmp_path / "model.pt").write_bytes(b"best")
+    stale, fresh = tmp_path / ".tmp_killed.pt", tmp_path / ".tmp_in_progress.pt"
+    stale.write_bytes(b"half")
+    os.utime(stale, (0, 0))
+    fresh.write_bytes(b"half")
+    _periodic_run(checkpoints, tmp_path, 4, 6)
+    assert sorted(os.listdir(tmp_path)) == [".tmp_in_progress.pt", "checkpoint_iteration=6.pt", "model.pt"]
+
+
+def test_latest_is_the_complete_full_state_checkpoint_with_most_iterations(checkpoints, tmp_path, caplog):
+    torch.save(_full_state(6), tmp_path / "checkpoint_epoch=3.pt")
+    torch.save(_full_state(4), tmp_path / "checkpoint_last.pt")
+    torch.save(_full_state(100), tmp_path / ".tmp_abc.pt")  # an interrupted save is never a candidate
+    (tmp_path / "checkpoint_epoch=9.pt").write_bytes(b"truncated")  # does not load
+    torch.save({"model": {}}, tmp_path / "checkpoint_weights.pt")  # no trainer state
+    latest = str(tmp_path / "checkpoint_epoch=3.pt")
+    assert checkpoints.latest_checkpoint(str(tmp_path)) == latest
+    for value in ("latest", "LATEST", True, "true"):
+        assert checkpoints.resume_path(value, str(tmp_path)) == latest
+    for value in ("", False, None, "false"):
+        assert checkpoints.resume_path(value, str(tmp_path)) == ""
+    assert checkpoints.resume_path("/elsewhere/ckpt.pt", str(tmp_path)) == "/elsewhere/ckpt.pt"
+    with pytest.raises(FileNotFoundError, match="holds no training checkpoint"):
+        checkpoints.resume_path("latest", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="resume must be"):
+        checkpoints.resume_path(3, str(tmp_path))
+
+
+def _legacy_checkpoint(folder: Path, bundle_dir: Path) -> Path:
+    """A full-state checkpoint of a feature-size-12 network built with the legacy patch-merging order."""
+    with bundle_on_path(bundle_dir):
+        from scripts.encoder_weights import NetworkRecord
+        from scripts.patch_merging import LegacyPatchMerging
+
+        net = SwinUNETR(1, 14, feature_size=12, downsample=LegacyPatchMerging)
+        state = _full_state(8, net, network_record=NetworkRecord(net).state_dict())
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "checkpoint_epoch=4.pt")
+    return folder / "checkpoint_epoch=4.pt"
+
+
+@pytest.mark.parametrize("bundle", ["btcv", "msd"])
+def test_resume_from_latest_finds_the_checkpoint_and_builds_the_network_from_it(bundle, tmp_path):
+    bundle_dir = BTCV_DIR if bundle == "btcv" else MSD_DIR
+    overrides = {"bundle_root": str(tmp_path), "resume_from": "latest", "feature_size": 12}
+    folder = tmp_path / "models"
+    if bundle == "msd":  # one checkpoint folder per task and fold
+        write_msd_task(tmp_path / "data", MSD_TASK, num_training=3, num_test=1, seed=0, shape=(24, 24, 16))
+        overrides.update(task=MSD_TASK, dataset_dir=str(tmp_path / "data" / MSD_TASK), fold=1)
+        folder = folder / MSD_TASK / "fold1"
+    expected = _legacy_checkpoint(folder, bundle_dir)
+    with bundle_on_path(bundle_dir):
+        from scripts.patch_merging import LegacyPatchMerging
+
+        parser = ConfigParser()
+        parser.read_config(str(bundle_dir / "configs" / "train.json"))
+        parser.update(overrides)
+        assert parser.get_parsed_content("resume_path") == str(expected)
+        assert parser.get_parsed_content("network_def#downsample") is LegacyPatchMerging
+
+
+def test_ssl_resume_latest_and_missing_checkpoint(tmp_path):
+    expected = _legacy_checkpoint(tmp_path / "models", SSL_DIR)
+    with bundle_on_path(SSL_DIR):
+        for value in ("latest", True):
+            parser = ConfigParser()
+            parser.read_config(str(SSL_DIR / "configs" / "train.json"))
+            parser.update({"bundle_root": str(tmp_path), "resume": value})
+            assert parser.get_parsed_content("resume_from") == str(expected)
+        parser.update({"bundle_root": str(tmp_path / "nothing")})
+        with pytest.raises(Exception) as err:
+            parser.get_parsed_content("resume_from")
+    assert "holds no training checkpoint" in error_text(err.value)
