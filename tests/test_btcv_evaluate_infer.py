@@ -43,6 +43,11 @@ def test_evaluation_writes_per_organ_dice_and_hd95(trained, phantom_dir, tmp_pat
     assert dice and all(0.0 <= v <= 1.0 for v in dice)
     engine_dice = workflow.parser.get_parsed_content("validate#evaluator").state.metrics["val_mean_dice"]
     assert math.isclose(np.nanmean(dice), engine_dice, rel_tol=0.05) or math.isnan(engine_dice)
+    with_bg = summary["metrics"]["val_mean_dice_with_background"]  # the research code's average, background in
+    assert list(with_bg["per_organ"]) == [ORGANS["0"], *organs]
+    assert all(with_bg["per_organ"][o] == v for o, v in summary["metrics"]["val_mean_dice"]["per_organ"].items())
+    engine_with_bg = workflow.parser.get_parsed_content("validate#evaluator").state.metrics["val_mean_dice_with_background"]
+    assert math.isclose(with_bg["pooled_mean"], engine_with_bg, rel_tol=1e-5)
 
 
 def _assert_same_geometry(pred_path: Path, image_path: Path):

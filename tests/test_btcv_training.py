@@ -112,7 +112,7 @@ def test_pretrained_path_with_other_feature_size_fails_clearly(tmp_path, phantom
 
 def test_two_process_ddp_training_on_cpu(phantom_dir, tmp_path):
     overrides = {**SMALL, "max_epochs": 1, "val_interval": 1, "dataset_dir": str(phantom_dir),
-                 "datalist": str(phantom_dir / "datalist.json"), "bundle_root": str(tmp_path)}
+                 "datalist": str(phantom_dir / "datalist.json"), "bundle_root": str(tmp_path), "lr_scaling": "linear"}
     args = [f"--{k}={v!r}" if isinstance(v, list) else f"--{k}={v}" for k, v in overrides.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            "-m", "monai.bundle", "run", "--config_file",
@@ -121,5 +121,6 @@ def test_two_process_ddp_training_on_cpu(phantom_dir, tmp_path):
     result = subprocess.run(cmd, cwd=BTCV_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Epoch: 1/1, Iter: 1/1" in result.stdout + result.stderr  # 2 cases shared by 2 ranks
+    assert "effective learning rate 0.0002 (learning_rate 0.0001, lr_scaling linear, 2 processes)" in result.stdout
     model = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in model["model"])  # saved unwrapped from DDP

@@ -94,7 +94,7 @@ def test_demo_quick(tmp_path):
     assert "## Dice" in md and "## HD95 (mm)" in md
     assert "TotalSegmentator" in md
     summary = json.loads((out / "eval" / "metrics_summary.json").read_text())
-    assert set(summary["metrics"]) == {"val_mean_dice", "val_hd95"}
+    assert set(summary["metrics"]) == {"val_mean_dice", "val_mean_dice_with_background", "val_hd95"}
     assert len(summary["cases"]) == len(datalist["validation"])
     assert (out / "models" / "model.pt").is_file()
     for log in ("3_pretrain.log", "4_export.log", "6_train.log", "7_evaluate.log", "8_inference.log"):

@@ -118,7 +118,9 @@ def test_evaluation_reports_dice_and_nsd_per_label(msd_root, runs, tmp_path):
                  bundle_root=str(runs), output_dir=str(tmp_path), num_folds=3, **MSD_SMALL)
     summary = json.loads((tmp_path / "metrics_summary.json").read_text())
     assert summary["organs"] == ["edema", "non-enhancing tumor", "enhancing tumour"]
-    assert set(summary["metrics"]) == {"val_mean_dice", "val_nsd"}
+    assert set(summary["metrics"]) == {"val_mean_dice", "val_mean_dice_with_background", "val_nsd"}
+    with_bg = summary["metrics"]["val_mean_dice_with_background"]["per_organ"]
+    assert list(with_bg)[1:] == summary["organs"] and len(with_bg) == 4  # the background first
     for name in ("val_mean_dice", "val_nsd"):
         rows = list(csv.DictReader((tmp_path / f"{name}_per_case.csv").open()))
         assert len(rows) == 1 and rows[0]["case"].startswith("BRATS_")
@@ -129,7 +131,7 @@ def test_evaluation_reports_dice_and_nsd_per_label(msd_root, runs, tmp_path):
 def test_two_process_ddp_training_of_a_multi_channel_task_on_cpu(msd_root, tmp_path):
     task = "Task05_Prostate"
     overrides = {**MSD_SMALL, "task": task, "dataset_dir": str(msd_root / task), "bundle_root": str(tmp_path),
-                 "num_folds": 3, "fold": 0, "max_epochs": 1, "val_interval": 1}
+                 "num_folds": 3, "fold": 0, "max_epochs": 1, "val_interval": 1, "lr_scaling": "linear"}
     args = [f"--{k}={v!r}" if isinstance(v, list) else f"--{k}={v}" for k, v in overrides.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29527",
            "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']", *args]
@@ -137,6 +139,7 @@ def test_two_process_ddp_training_of_a_multi_channel_task_on_cpu(msd_root, tmp_p
     result = subprocess.run(cmd, cwd=MSD_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Epoch: 1/1, Iter: 1/1" in result.stdout + result.stderr  # 2 training cases shared by 2 ranks
+    assert "effective learning rate 0.0002 (learning_rate 0.0001, lr_scaling linear, 2 processes)" in result.stdout
     model = torch.load(tmp_path / "models" / task / "fold0" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in model["model"])
     assert model["model"]["swinViT.patch_embed.proj.weight"].shape[1] == 2

@@ -10,7 +10,6 @@ step with ``configs/train.json``.
 from __future__ import annotations
 
 import json
-import re
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from tests.conftest import SSL_DIR, bundle_on_path
+from tests.fidelity_tables import fidelity_knobs, section
 
 TRAIN = json.loads((SSL_DIR / "configs" / "train.json").read_text())
 README = (SSL_DIR / "docs" / "README.md").read_text()
@@ -184,32 +184,13 @@ def test_ckpt_metric_research_preset_is_the_validation_l1(ssl_scripts):
         metrics("val_dice")
 
 
-def _fidelity_rows() -> list[list[str]]:
-    section = README.split("## Fidelity to the paper's recipe", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
-
-
-def _as_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def test_fidelity_table_states_the_configs_defaults():
-    header, _rule, *rows = _fidelity_rows()
-    assert header == ["Item", "Research code", "Paper", "This bundle", "Status"]
-    named = {}
-    for row in rows:
-        assert len(row) == 5, row  # item, research code, paper, this bundle, status
-        assert re.match(r"(same|deviation|knob)", row[4]), row
-        for knob, value in re.findall(r"`(\w+)` = `([^`]+)`", row[3]):
-            named[knob] = _as_value(value)
+    named = fidelity_knobs(section(README, "Fidelity to the paper's recipe"))
     for knob, value in named.items():
         assert knob in TRAIN, knob
         assert value == TRAIN[knob], (knob, value, TRAIN[knob])
     must = {"cutout_mode", "cutout_fraction", "cutout_max_box_size", "spacing", "hu_window", "roi_size",
             "temperature", "inpaint_weight", "contrast_weight", "rotation_weight", "learning_rate", "weight_decay",
-            "warmup_steps", "num_steps", "batch_size", "num_samples", "ckpt_metric", "amp", "feature_size"}
+            "warmup_steps", "num_steps", "batch_size", "num_samples", "ckpt_metric", "amp", "feature_size",
+            "lr_scaling"}
     assert must <= set(named), must - set(named)

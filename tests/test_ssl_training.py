@@ -182,7 +182,7 @@ def test_export_of_a_file_that_is_not_a_training_checkpoint_fails_clearly(tmp_pa
 
 def test_two_process_ddp_on_cpu_trains_and_checkpoints(ssl_corpus, tmp_path):
     configs = f"['{SSL_DIR / 'configs' / 'train.json'}','{SSL_DIR / 'configs' / 'multi_gpu_train.json'}']"
-    overrides = {**SSL_SMALL, "batch_size": 1, "num_steps": 1, "val_interval": 1}
+    overrides = {**SSL_SMALL, "batch_size": 1, "num_steps": 1, "val_interval": 1, "lr_scaling": "linear"}
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
             "-m", "monai.bundle", "run", "training", "--config_file", configs,
             "--meta_file", str(SSL_DIR / "configs" / "metadata.json"),
@@ -203,6 +203,7 @@ def test_two_process_ddp_on_cpu_trains_and_checkpoints(ssl_corpus, tmp_path):
     assert last["trainer"]["iteration"] == 1
     assert not any(k.startswith("module.") for k in last["model"])  # DDP's wrapper is not in the saved names
     assert (tmp_path / "models" / "model.pt").exists()
+    assert "effective learning rate 0.0008 (learning_rate 0.0004, lr_scaling linear, 2 processes)" in done.stdout
 
 
 @pytest.mark.slow

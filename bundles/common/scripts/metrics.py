@@ -17,7 +17,22 @@ from monai.utils import ImageMetaKey
 
 from .bundle_logger import logger
 
-__all__ = ["HausdorffDistanceMM", "OrganMetricsReport"]
+__all__ = ["BEST_METRICS", "HausdorffDistanceMM", "OrganMetricsReport", "split_key_metric"]
+
+# ``best_metric`` knob value -> the Dice handler's name: organs only, or with background as the research code
+BEST_METRICS = {"organs": "val_mean_dice", "with_background": "val_mean_dice_with_background"}
+
+
+def split_key_metric(metrics: Mapping[str, Any], best_metric: str) -> tuple[dict, dict]:
+    """Split named metric handlers into (key metric, the others) by the ``best_metric`` knob.
+
+    The key metric is the one the evaluator tracks as "best" and the checkpoint saver keeps
+    ``model.pt`` by; the others are reported beside it.
+    """
+    if best_metric not in BEST_METRICS:
+        raise ValueError(f"best_metric must be one of {sorted(BEST_METRICS)}, got {best_metric!r}")
+    key = BEST_METRICS[best_metric]
+    return {key: metrics[key]}, {k: v for k, v in metrics.items() if k != key}
 
 
 class HausdorffDistanceMM(HausdorffDistance):
@@ -47,6 +62,9 @@ class OrganMetricsReport:
     organ. Writes ``<output_dir>/<name>_per_case.csv`` and ``<output_dir>/metrics_summary.json``.
     Empty or undefined values (an organ absent from the reference, a prediction with no voxels
     of an organ for HD95) are written as empty cells and left out of the means, with counts.
+    A metric with one more column than there are organs (``include_background=True``) is reported
+    over every label, background first. ``mean`` averages the per-organ means; ``pooled_mean``
+    averages every defined (case, label) value, as MONAI's ``MeanDice`` and the research code do.
     """
 
     def __init__(self, output_dir: str, metric_names: Sequence[str], organ_names: Mapping[Any, str],
@@ -54,7 +72,8 @@ class OrganMetricsReport:
         self.output_dir = output_dir
         self.metric_names = list(metric_names)
         names = {int(k): v for k, v in organ_names.items()}
-        self.organs = [(i, names[i]) for i in sorted(names) if include_background or i != 0]
+        self.labels = [(i, names[i]) for i in sorted(names)]  # background included
+        self.organs = [(i, n) for i, n in self.labels if include_background or i != 0]
         self._cases: list[str] = []
 
     def attach(self, engine: Engine) -> None:
@@ -83,13 +102,13 @@ class OrganMetricsReport:
             values = details[name]
             values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
             values = values.reshape(len(self._cases), -1)
-            if values.shape[1] != len(self.organs):
-                raise ValueError(f"metric '{name}' has {values.shape[1]} columns, expected {len(self.organs)} organs")
-            self._write_csv(name, values)
-            per_organ = {organ: _finite_mean(values[:, j]) for j, (_, organ) in enumerate(self.organs)}
+            organs = self._columns(name, values.shape[1])
+            self._write_csv(name, values, organs)
+            per_organ = {organ: _finite_mean(values[:, j]) for j, (_, organ) in enumerate(organs)}
             case_means = [_finite_mean(row) for row in values]
             summary["metrics"][name] = {
                 "mean": _finite_mean(np.array([v for v in per_organ.values() if v is not None], dtype=float)),
+                "pooled_mean": _finite_mean(values.ravel()),
                 "per_organ": per_organ,
                 "per_case_mean": dict(zip(self._cases, case_means)),
                 "undefined_values": int((~np.isfinite(values)).sum()),
@@ -101,11 +120,18 @@ class OrganMetricsReport:
             logger.info(f"{name}: mean over organs {m['mean']}")
         logger.info(f"per-organ metrics written to {self.output_dir}")
 
-    def _write_csv(self, name: str, values: np.ndarray) -> None:
+    def _columns(self, name: str, count: int) -> list[tuple[int, str]]:
+        """The labels a metric's columns stand for: the organs, or every label for a background-inclusive one."""
+        for labels in (self.organs, self.labels):
+            if count == len(labels):
+                return labels
+        raise ValueError(f"metric '{name}' has {count} columns, expected {len(self.organs)} organs")
+
+    def _write_csv(self, name: str, values: np.ndarray, organs: list[tuple[int, str]]) -> None:
         path = os.path.join(self.output_dir, f"{name}_per_case.csv")
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["case"] + [organ for _, organ in self.organs] + ["mean"])
+            writer.writerow(["case"] + [organ for _, organ in organs] + ["mean"])
             for case, row in zip(self._cases, values):
                 mean = _finite_mean(row)
                 cells = ["" if not math.isfinite(v) else f"{v:.4f}" for v in row]
