@@ -259,6 +259,7 @@ def inference_overrides(device: torch.device, feature_size: int, roi_size: Seque
         "ckpt_path": str(ckpt_path),
         "output_dir": str(output_dir),
         "amp": bool(amp),
+        "overwrite": True,  # each timed repeat writes the same label map again
     }
     if not amp:
         overrides["channels_last"] = False

@@ -60,6 +60,7 @@ class SeriesReport:
     spacing: float | None = None
     ignored: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    non_image_only: bool = False
 
     def ignored_text(self) -> str:
         """``"2 non-image object(s) (RTSTRUCT rt.dcm, SEG seg.dcm)"`` for a log line."""
@@ -118,9 +119,12 @@ def _pixel_data_problem(ds, path: str) -> str | None:
     size = os.path.getsize(path)
     if start + length > size:
         return f"is truncated: {size} bytes on disk, its pixel data ends at byte {start + length}"
-    frames = int(_text(ds, "NumberOfFrames") or 1)
-    needed = int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1) or 1) * frames \
-        * ((int(ds.BitsAllocated) + 7) // 8)
+    try:
+        frames = int(_text(ds, "NumberOfFrames") or 1)
+        needed = int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1) or 1) * frames \
+            * ((int(ds.BitsAllocated) + 7) // 8)
+    except (AttributeError, TypeError, ValueError):
+        return "has an incomplete header (Rows, Columns or BitsAllocated missing)"
     if length < needed:
         return f"holds {length} bytes of pixel data, {ds.Rows} x {ds.Columns} x {frames} pixels need {needed}"
     return None
@@ -189,7 +193,7 @@ def _spacing_problems(report: SeriesReport, slices: list[tuple[str, object]]) ->
 
 
 def _read_all(folder: str, files: list[str], report: SeriesReport) -> list[tuple[str, object]]:
-    """Headers of the image files; unreadable files and non-image objects go to the report."""
+    """Headers of the complete image files; unreadable or incomplete files and non-image objects go to the report."""
     slices = []
     for path in files:
         try:
@@ -198,8 +202,11 @@ def _read_all(folder: str, files: list[str], report: SeriesReport) -> list[tuple
             report.problems.append(f"{folder}: slice file {path} cannot be read ({type(e).__name__}: {e})")
             continue
         kind = _non_image_kind(ds)
+        problem = None if kind else _pixel_data_problem(ds, path)
         if kind:
             report.ignored.append(f"{kind} {os.path.basename(path)}")
+        elif problem:
+            report.problems.append(f"{folder}: slice file {path} {problem}")
         else:
             slices.append((path, ds))
     return slices
@@ -223,6 +230,7 @@ def inspect_series(folder: str) -> SeriesReport:
     slices = _read_all(folder, files, report)
     if not slices:
         if not report.problems:
+            report.non_image_only = bool(report.ignored)
             what = f"only {report.ignored_text()}" if report.ignored else "no DICOM files"
             report.problems.append(f"{folder}: no image slices in the folder ({what})")
         return report
@@ -231,13 +239,9 @@ def inspect_series(folder: str) -> SeriesReport:
         return report
     report.series, report.modality = _series_key(slices[0][1], folder), _text(slices[0][1], "Modality").upper()
     report.num_slices = len(slices)
-    for path, ds in slices:
-        problem = _pixel_data_problem(ds, path)
-        if problem:
-            report.problems.append(f"{folder}: slice file {path} {problem}")
     frames = sum(int(_text(ds, "NumberOfFrames") or 1) for _, ds in slices)
     if len(slices) == 1 and frames == 1:
         report.problems.append(f"{folder}: a single image slice ({slices[0][0]}) is not a 3D volume")
-    elif len(slices) > 1:
+    elif len(slices) > 1 and not report.problems:  # an unreadable slice would also show as a gap
         report.problems += _spacing_problems(report, slices)
     return report
