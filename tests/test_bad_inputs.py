@@ -24,8 +24,8 @@ from monai.networks.nets import SwinUNETR
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.conftest import (BTCV_DIR, MSD_DIR, MSD_INFER_SMALL, SMALL, SSL_DIR, btcv_workflow, bundle_on_path, error_text,
-                            run_workflow)
+from tests.conftest import (BTCV_DIR, MSD_DIR, MSD_INFER_SMALL, SMALL, SSL_DIR, btcv_workflow, bundle_on_path,
+                            error_text, run_workflow)
 from tools.make_dicom_series import write_dicom_series
 from tools.make_phantoms import make_phantom
 
@@ -212,7 +212,8 @@ def tricky_inputs(series, tmp_path) -> dict:
         ds = pydicom.dcmread(f)
         ds.SeriesInstanceUID = ""
         ds.save_as(f)
-    images = [with_objects, anonymised, save_nifti(root / "p1" / "ct.nii.gz", 1), save_nifti(root / "p2" / "ct.nii.gz", 2)]
+    same_named = [save_nifti(root / folder / "ct.nii.gz", seed) for seed, folder in ((1, "p1"), (2, "p2"))]
+    images = [with_objects, anonymised, *same_named]
     datalist = root / "datalist.json"
     datalist.write_text(json.dumps({"testing": [{"image": str(p.relative_to(root))} for p in images]}))
     expected = {str(images[0]): f"{UIDS[0]}_seg.nii.gz", str(images[1]): f"{UIDS[1]}_seg.nii.gz",

@@ -71,7 +71,6 @@ import math
 import os
 import sys
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 

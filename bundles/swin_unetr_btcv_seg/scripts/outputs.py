@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -113,9 +113,9 @@ def plan_outputs(items: Sequence[dict], output_dir: str, postfix: str = "", over
                  image_key: str = "image") -> list[dict]:
     """The items, each with its output label map path under ``OUTPUT_KEY``; checked before any compute.
 
-    Raises ``InputDataError`` naming the inputs when two of them would write one file, and naming the
-    files when outputs exist already and ``overwrite`` is false. Entries of the manifest for the
-    outputs about to be written are dropped from it (each is added back once written).
+    Raises ``InputDataError`` naming the inputs when two of them would write one file, naming the
+    files when outputs exist already and ``overwrite`` is false, and naming an existing manifest that
+    cannot be read (it is never dropped).
     """
     items = [dict(item) for item in items]
     names = output_names([item[image_key] for item in items])
@@ -132,12 +132,7 @@ def plan_outputs(items: Sequence[dict], output_dir: str, postfix: str = "", over
                              "output_dir")
     if existing:
         logger.warning(f"overwrite is true: replacing {len(existing)} existing output file(s): {', '.join(existing)}")
-    manifest = os.path.join(output_dir, MANIFEST_NAME)
-    entries = _read_manifest(manifest)
-    planned = {_source(item[OUTPUT_KEY]) for item in items}
-    kept = [e for e in entries if not (isinstance(e, Mapping) and _source(e.get(OUTPUT_KEY, "")) in planned)]
-    if len(kept) != len(entries):
-        _write_manifest(manifest, kept)
+    _read_manifest(os.path.join(output_dir, MANIFEST_NAME))  # an unreadable one stops the run now, not midway
     renamed = sum(name != output_stem(item[image_key]) for item, name in zip(items, names))
     logger.info(f"{len(items)} output(s) planned in {output_dir}"
                 + (f" ({renamed} folder-qualified: inputs with the same name)" if renamed else ""))
@@ -171,7 +166,11 @@ class OutputNames:
 
 
 class RecordOutputd(MapTransform):
-    """After ``SaveImaged(savepath_in_metadict=True)``: add ``{"input", "output"}`` to ``<output_dir>/manifest.json``."""
+    """After ``SaveImaged(savepath_in_metadict=True)``: add ``{"input", "output"}`` to ``<output_dir>/manifest.json``.
+
+    An earlier entry for the same output file (written again with ``overwrite``) is replaced; the
+    manifest is rewritten atomically after each label map, so it lists what was written so far.
+    """
 
     def __init__(self, keys, output_dir: str, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -183,7 +182,9 @@ class RecordOutputd(MapTransform):
             meta = getattr(d[key], "meta", {})
             if not meta.get("saved_to"):
                 continue  # nothing was saved (e.g. MONAI Label dropped SaveImaged)
-            entries = _read_manifest(self.manifest)
-            entries.append({"input": str(meta.get("filename_or_obj", "")), OUTPUT_KEY: str(meta.get("saved_to", ""))})
+            output = str(meta["saved_to"])
+            entries = [e for e in _read_manifest(self.manifest)
+                       if not (isinstance(e, Mapping) and _source(e.get(OUTPUT_KEY, "")) == _source(output))]
+            entries.append({"input": str(meta.get("filename_or_obj", "")), OUTPUT_KEY: output})
             _write_manifest(self.manifest, entries)
         return d
