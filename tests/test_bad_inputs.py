@@ -342,7 +342,7 @@ def test_truncated_ssl_checkpoint_is_named_at_export(ckpt, tmp_path):
 BROKEN_JSON = '{\n  "training": [\n    {"image": "a.nii.gz", "label": "b.nii.gz"},\n  ]\n}\n'
 
 
-@pytest.mark.parametrize("workflow", ["train", "infer"])
+@pytest.mark.parametrize("workflow", ["train", "infer", "ssl_train"])
 def test_datalist_with_a_json_syntax_error_is_named_with_its_line(workflow, phantom_dir, ckpt, tmp_path, out_dir,
                                                                   forward_calls):
     datalist = tmp_path / "datalist.json"
@@ -351,6 +351,8 @@ def test_datalist_with_a_json_syntax_error_is_named_with_its_line(workflow, phan
     with pytest.raises(Exception) as info:
         if workflow == "train":
             run_workflow(["train.json"], "train", max_epochs=1, **common, **SMALL)
+        elif workflow == "ssl_train":
+            run_workflow(["train.json"], "train", SSL_DIR, num_steps=1, **common)
         else:
             run_workflow(["inference.json"], "infer", ckpt_path=str(ckpt), output_dir=str(out_dir), **common,
                          **INFER_SMALL)
@@ -393,3 +395,14 @@ def test_ssl_datalist_reports_every_damaged_series_at_once_and_keeps_the_good_on
     text = str(info.value)
     assert "2 problem(s)" in text and str(victim) in text and str(gap) in text and "missing" in text
     assert output.read_text() == "{}"
+
+
+def test_output_names_qualify_only_clashing_names_with_as_few_folders_as_needed(tmp_path):
+    uid_folder = tmp_path / "series" / UIDS[0]
+    uid_folder.mkdir(parents=True)
+    with bundle_on_path(BTCV_DIR):
+        from scripts.outputs import output_names
+
+        names = output_names(["/d/a/x/ct.nii.gz", "/d/b/x/ct.nii.gz", "/d/c/ct.nii", "/d/y/1.2.3.nii.gz",
+                              str(uid_folder), "/d/z/scan.mha"])
+    assert names == ["a_x_ct", "b_x_ct", "d_c_ct", "1.2.3", UIDS[0], "scan"]
