@@ -443,7 +443,7 @@ def _stage_of(transform: Any, phase: str) -> str:
     """Stage name of one transform: load / preprocess / postprocess / save."""
     name = type(transform).__name__
     if phase == "pre":
-        return "load" if name == "LoadImaged" else "preprocess"
+        return "load" if name in ("LoadImaged", "DicomLoadImaged") else "preprocess"
     return "save" if name == "SaveImaged" else "postprocess"
 
 
