@@ -72,7 +72,11 @@ def test_inference_reproduces_input_geometry(trained, phantom_dir, sample_ct, tm
     # coarser spacing and overlap keep the ~250 windows of the recipe to a few dozen on CPU
     run_workflow(["inference.json"], "infer", dataset_dir=str(inputs), ckpt_path=str(trained["model"]),
                  output_dir=str(out), spacing=[2.5, 2.5, 2.5], overlap=0.25, num_workers=0, **INFER_SMALL)
-    assert sorted(p.name for p in out.iterdir()) == ["oblique_phantom_seg.nii.gz", "sample_ct_seg.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "oblique_phantom_seg.nii.gz",
+                                                    "sample_ct_seg.nii.gz"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted((Path(e["input"]).name, Path(e["output"]).name) for e in manifest) == [
+        ("oblique_phantom.nii.gz", "oblique_phantom_seg.nii.gz"), ("sample_ct.nii.gz", "sample_ct_seg.nii.gz")]
     _assert_same_geometry(out / "sample_ct_seg.nii.gz", inputs / "sample_ct.nii.gz")
     _assert_same_geometry(out / "oblique_phantom_seg.nii.gz", inputs / "oblique_phantom.nii.gz")
 
@@ -82,7 +86,7 @@ def test_inference_datalist_testing_entries_relative_to_dataset_dir(trained, pha
                  ckpt_path=str(trained["model"]), output_dir=str(tmp_path), num_workers=0, **INFER_SMALL)
     image = phantom_dir / json.loads((phantom_dir / "datalist.json").read_text())["testing"][0]["image"]
     expected = image.name.replace(".nii.gz", "_seg.nii.gz")
-    assert [p.name for p in tmp_path.iterdir()] == [expected]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([expected, "manifest.json"])
     _assert_same_geometry(tmp_path / expected, image)
 
 
@@ -128,7 +132,7 @@ def test_inference_on_a_dicom_series_folder(trained, tmp_path):
     out = tmp_path / "predictions"
     run_workflow(["inference.json"], "infer", dataset_dir=str(tmp_path / "inputs"), ckpt_path=str(trained["model"]),
                  output_dir=str(out), num_workers=0, **INFER_SMALL)
-    assert [p.name for p in out.iterdir()] == ["series_a_seg.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "series_a_seg.nii.gz"]
     pred = nib.load(out / "series_a_seg.nii.gz")
     assert pred.shape == image.shape
     np.testing.assert_allclose(pred.affine, affine, atol=1e-4)
@@ -181,7 +185,7 @@ def test_channels_last_cpu_inference_agrees_with_the_float32_reference(trained, 
         else:
             assert "InstanceNorm3d" in norms and "GroupNorm" not in norms
             assert conv.weight.is_contiguous()
-        (path,) = out.iterdir()
+        (path,) = out.glob("*.nii.gz")
         labels[channels_last] = np.asarray(nib.load(path).dataobj)
     assert np.mean(labels[True] == labels[False]) >= 0.999
 
@@ -198,7 +202,7 @@ def test_bf16_cpu_inference_agrees_with_float32_on_a_trained_model(trained, phan
         run_workflow(["inference.json"], "infer", dataset_dir=str(phantom_dir),
                      datalist=str(phantom_dir / "datalist.json"), ckpt_path=str(trained["model"]),
                      output_dir=str(out), num_workers=0, amp=amp, **INFER_SMALL)
-        (path,) = out.iterdir()
+        (path,) = out.glob("*.nii.gz")
         labels[amp] = np.asarray(nib.load(path).dataobj)
     agreement = np.mean(labels[True] == labels[False])
     print(f"bf16 vs float32 label agreement: {agreement:.5f}")

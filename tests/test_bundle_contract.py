@@ -163,7 +163,7 @@ def test_evaluation_inserts_the_original_label_copy_by_group_name(bundle, phanto
         train = [type(t).__name__ for t in parser.get_parsed_content("train#deterministic_transforms")]
         loading = parser.get_parsed_content("train#loading")
         evaluate = [type(t).__name__ for t in parser.get_parsed_content("validate#preprocessing").transforms]
-    assert [type(t).__name__ for t in loading] == ["LoadImaged", "EnsureChannelFirstd"]
+    assert [type(t).__name__ for t in loading] == ["DicomLoadImaged", "EnsureChannelFirstd"]
     assert evaluate == train[:2] + ["CopyItemsd"] + train[2:]
     assert train[2:4] == ["Orientationd", "PathTolerantSpacingd"] and train[-1] == "EnsureTyped"
 

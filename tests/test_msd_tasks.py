@@ -64,7 +64,7 @@ def test_task_trains_and_writes_submission_ready_predictions(task, msd_root, run
                  bundle_root=str(runs), **MSD_INFER_SMALL)
     out_dir = runs / "predictions" / task
     images = _test_images(msd_root / task)
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted(i.name for i in images)
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([i.name for i in images] + ["manifest.json"])
     num_labels = len(json.loads((msd_root / task / "dataset.json").read_text())["labels"])
     for image in images:
         _assert_prediction_matches(out_dir / image.name, image, num_labels)

@@ -127,6 +127,7 @@ def inference_overrides(device: torch.device, feature_size: int, roi_size: Seque
         "ckpt_path": str(ckpt_path),
         "output_dir": str(output_dir),
         "amp": bool(amp),
+        "overwrite": True,  # each timed repeat writes the same label map again
     }
     if not amp:
         overrides["channels_last"] = False
@@ -310,7 +311,7 @@ def _stage_of(transform: Any, phase: str) -> str:
     """Stage name of one transform: load / preprocess / postprocess / save."""
     name = type(transform).__name__
     if phase == "pre":
-        return "load" if name == "LoadImaged" else "preprocess"
+        return "load" if name in ("LoadImaged", "DicomLoadImaged") else "preprocess"
     return "save" if name == "SaveImaged" else "postprocess"
 
 

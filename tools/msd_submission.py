@@ -2,7 +2,8 @@
 
 Each prediction folder (as written by ``bundles/swin_unetr_msd`` inference into
 ``predictions/TaskXX_Name/``) must be named like one of the ten MSD tasks and hold only ``.nii.gz``
-label maps (hidden files such as macOS ``._*`` are ignored). Every file must be a readable 3D NIfTI
+label maps (hidden files such as macOS ``._*`` and the inference's ``manifest.json`` are ignored;
+neither goes into the zip). Every file must be a readable 3D NIfTI
 of an integer type. With ``data_root`` (the folder holding ``TaskXX_Name/dataset.json`` and
 ``imagesTs/``), each task's predictions must match its test images one to one by file name, with the
 image's spatial shape and affine, and hold only the task's label ids.
@@ -31,6 +32,8 @@ from tools.make_msd_tasks import MSD_TASKS
 
 __all__ = ["SubmissionError", "make_submission"]
 
+INFERENCE_MANIFEST = "manifest.json"
+"""The inference's input-to-output list in a prediction folder: not a prediction, not zipped."""
 AFFINE_ATOL = 1e-3
 """Largest difference allowed between a prediction's affine and its image's."""
 
@@ -47,7 +50,7 @@ def _prediction_files(folder: Path, problems: list[str]) -> list[Path]:
     """The ``.nii.gz`` files of ``folder``; anything else (but hidden files) is a problem."""
     files = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
+        if path.name.startswith(".") or path.name == INFERENCE_MANIFEST:
             continue
         if path.is_file() and path.name.endswith(".nii.gz"):
             files.append(path)

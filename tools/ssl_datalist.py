@@ -4,12 +4,18 @@ Used by the ``swin_unetr_ssl_pretrain`` bundle. Each data set is given as a name
 directory (plus an optional layout preset); its volumes are discovered under the base directory:
 
 * volume files ``.nii``, ``.nii.gz``, ``.mhd``, ``.nrrd`` (any case): one file is one volume;
-* DICOM series folders: a folder that *directly* holds DICOM files (``.dcm``, or files with no
-  extension, or a digits-only one as in UID-named files, that carry the ``DICM`` magic at byte
-  offset 128) is ONE series = one volume, and its entry is the folder path. Every file's header is
-  read (pydicom, ``stop_before_pixels=True``): a folder holding more than one SeriesInstanceUID is
-  an error. Series whose Modality (first file) is not in ``modalities`` (default ``CT``) are
-  skipped with a warning naming the folder (SEG, RTSTRUCT, SR, PT, DX, ... folders).
+* DICOM series folders: a folder that *directly* holds DICOM files (``.dcm``/``.ima``, or any
+  other file that carries the ``DICM`` magic at byte offset 128) is ONE series = one volume, and its
+  entry is the folder path. Every file's header is read and checked by the bundles' own code,
+  ``bundles/common/scripts/dicom_series.py`` (loaded by path): non-image objects beside the slices
+  (RTSTRUCT, SEG, SR, ... by SOPClassUID) are left aside with a log line; the image files must be
+  readable and complete (a truncated slice is an error), ONE series (an empty SeriesInstanceUID
+  counts as the folder's series), evenly spaced (a missing slice is an error). Folders whose series'
+  Modality is not in ``modalities`` (default ``CT``), or that hold only non-image objects, are
+  skipped with a warning naming the folder (PT, DX, RTSTRUCT, SEG ... folders).
+
+Every problem of every data set (both lists, all files) is collected and raised together in one
+``CorpusError``, so one run shows everything to fix.
 
 Hidden files and folders (names starting with ``.``) and ``DICOMDIR`` files are ignored.
 Everything is sorted, so the same tree gives the same datalist.
@@ -58,12 +64,13 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import importlib.util
 import json
 import logging
 import math
 import os
+import sys
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +78,24 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+
+def _load_common_module(name: str):
+    """A module of ``bundles/common/scripts`` that imports nothing from its package, loaded from its file."""
+    path = Path(__file__).resolve().parents[1] / "bundles" / "common" / "scripts" / f"{name}.py"
+    module_name = f"bundles_common_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
+
+
+dicom_series = _load_common_module("dicom_series")
+
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".nrrd")
 """File name endings (case-insensitive) of single-file volumes."""
 DEFAULT_MODALITIES = ("CT",)
 """DICOM Modality values kept by default."""
-_DICM_OFFSET = 128
 
 
 class CorpusError(ValueError):
@@ -127,74 +147,28 @@ def _is_volume_file(name: str) -> bool:
     return name.lower().endswith(VOLUME_EXTENSIONS)
 
 
-def _has_dicm_magic(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_DICM_OFFSET + 4)
-    except OSError:
-        return False
-    return len(head) == _DICM_OFFSET + 4 and head[_DICM_OFFSET:] == b"DICM"
-
-
-def _is_dicom_file(path: str) -> bool:
-    """``.dcm`` files, and extension-less (or digits-only extension) files with the DICM magic."""
-    name = os.path.basename(path)
-    if name.startswith(".") or name.upper() == "DICOMDIR":
-        return False
-    ext = os.path.splitext(name)[1]
-    if ext.lower() == ".dcm":
-        return True
-    if ext == "" or ext[1:].isdigit():
-        return _has_dicm_magic(path)
-    return False
-
-
 def dicom_files(folder: str | os.PathLike) -> list[str]:
     """Sorted paths of the DICOM files directly inside ``folder`` (not in its subfolders)."""
-    folder = os.fspath(folder)
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        return dicom_series.dicom_files(os.fspath(folder))
     except OSError as exc:
-        raise CorpusError(f"cannot list folder {folder}: {exc}") from exc
-    return [e.path for e in entries if e.is_file() and _is_dicom_file(e.path)]
+        raise CorpusError(f"cannot list folder {os.fspath(folder)}: {exc}") from exc
 
 
-def _read_header(path: str):
-    import pydicom
-
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                               specific_tags=["SeriesInstanceUID", "Modality"])
-    except Exception as exc:  # pydicom raises many types on broken files
-        raise CorpusError(f"cannot read DICOM header of {path}: {exc}") from exc
-
-
-def series_info(folder: str | os.PathLike) -> dict:
-    """Check that a DICOM folder holds exactly one series; return its uid, modality and file count.
-
-    Raises CorpusError naming the folder when its files hold several SeriesInstanceUIDs (listing
-    them), or naming the file when a header cannot be read or has no SeriesInstanceUID.
-    """
-    files = dicom_files(folder)
-    if not files:
-        raise CorpusError(f"no DICOM files directly in folder {os.fspath(folder)}")
-    uids: Counter = Counter()
-    modality = None
-    for path in files:
-        ds = _read_header(path)
-        uid = str(getattr(ds, "SeriesInstanceUID", "") or "").strip()
-        if not uid:
-            raise CorpusError(f"DICOM file {path} has no SeriesInstanceUID")
-        uids[uid] += 1
-        if modality is None:
-            modality = str(getattr(ds, "Modality", "") or "").strip().upper()
-    if len(uids) > 1:
-        listing = ", ".join(f"{uid} ({n} files)" for uid, n in sorted(uids.items()))
-        raise CorpusError(
-            f"DICOM folder {os.fspath(folder)} mixes {len(uids)} series (SeriesInstanceUID {listing}); "
-            "one folder must hold one series: move each series into its own folder"
-        )
-    return {"series_uid": next(iter(uids)), "modality": modality, "num_files": len(files)}
+def _keep_series(folder: str, keep: tuple[str, ...] | None, problems: list[str]) -> bool:
+    """Whether a DICOM folder is a volume to keep; its problems go to ``problems``, skipped folders to the log."""
+    report = dicom_series.inspect_series(folder)
+    if report.ignored:
+        logger.info("DICOM folder %s: leaving aside %s", folder, report.ignored_text())
+    if report.non_image_only:
+        logger.warning("skipping DICOM folder %s: it holds only %s", folder, report.ignored_text())
+        return False
+    if report.series and keep is not None and report.modality not in keep:
+        logger.warning("skipping DICOM series folder %s: Modality %r is not one of %s (%d files)",
+                       folder, report.modality or "(missing)", list(keep), report.num_slices)
+        return False
+    problems.extend(report.problems)
+    return not report.problems
 
 
 def _glob_rel(base_dir: str, pattern: str, want_dirs: bool) -> set[str]:
@@ -221,15 +195,19 @@ def _normalize_modalities(modalities) -> tuple[str, ...] | None:
 
 
 def find_volumes(base_dir: str | os.PathLike, preset: str | Preset | None = None,
-                 modalities=DEFAULT_MODALITIES) -> list[str]:
+                 modalities=DEFAULT_MODALITIES, problems: list[str] | None = None) -> list[str]:
     """Volumes of one data set: sorted ``os.path.join(base_dir, relative)`` paths (files and DICOM series folders).
 
     ``preset`` (name or ``Preset``) restricts the search to a public set's layout; None discovers
     volume files and DICOM series folders anywhere. DICOM series whose Modality is not in
     ``modalities`` (None or ``"any"``: keep all) are skipped with a warning. Raises CorpusError
-    when ``base_dir`` is not a folder, a DICOM folder mixes series, or no volume is found.
+    when ``base_dir`` is not a folder or no volume is found, and listing every problem of its DICOM
+    folders (``dicom_series.inspect_series``); with a ``problems`` list, those are added to it instead.
     """
     base = os.fspath(base_dir)
+    own_problems = problems is None
+    problems = [] if problems is None else problems
+    problems_before = len(problems)
     preset = get_preset(preset)
     keep = _normalize_modalities(modalities)
     if not os.path.isdir(base):
@@ -253,14 +231,12 @@ def find_volumes(base_dir: str | os.PathLike, preset: str | Preset | None = None
             if any(fnmatch.fnmatch(os.path.basename(rel), x) for x in exclude):
                 continue
             folder = os.path.join(base, rel) if rel else base
-            if not dicom_files(folder):
-                continue
-            info = series_info(folder)
-            if keep is not None and info["modality"] not in keep:
-                logger.warning("skipping DICOM series folder %s: Modality %r is not one of %s (%d files)",
-                               folder, info["modality"] or "(missing)", list(keep), info["num_files"])
-                continue
-            found.add(rel)
+            if dicom_files(folder) and _keep_series(folder, keep, problems):
+                found.add(rel)
+    if own_problems and problems:
+        raise CorpusError(f"{len(problems)} problem(s) in data set base dir {base}:\n- " + "\n- ".join(problems))
+    if not found and len(problems) > problems_before:
+        return []  # the problems say why
     if not found:
         where = f"preset {preset.name!r} ({preset.description}: {', '.join(preset.patterns)})" if preset \
             else "volume files (" + ", ".join(VOLUME_EXTENSIONS) + ") or DICOM series folders"
@@ -320,7 +296,14 @@ def build_datalist(datasets: dict, val_fraction: float = 0.05, seed: int = 0,
         raise CorpusError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
     specs = {str(name): _dataset_spec(str(name), spec) for name, spec in datasets.items()}
-    volumes = {name: find_volumes(base, preset, modalities) for name, (base, preset) in sorted(specs.items())}
+    volumes, problems = {}, []
+    for name, (base, preset) in sorted(specs.items()):
+        try:
+            volumes[name] = find_volumes(base, preset, modalities, problems)
+        except CorpusError as e:
+            problems.append(f"data set {name!r}: {e}")
+    if problems:
+        raise CorpusError(f"{len(problems)} problem(s) in the data sets; nothing written:\n- " + "\n- ".join(problems))
 
     owner: dict[str, tuple[str, str]] = {}
     for name, paths in volumes.items():

@@ -2,7 +2,9 @@
 """Up-front checks of input files, so bad data stops a run before any compute is spent.
 
 Every problem found is reported with the file it concerns; all problems of a datalist are
-collected and raised together in one ``InputDataError``.
+collected and raised together in one ``InputDataError``. A DICOM series folder is checked slice by
+slice first (``dicom_series.inspect_series``: every file readable and complete, one series, even
+slice spacing); its non-image objects (RTSTRUCT, SEG, SR ...) are logged and left aside.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 from monai.transforms import LoadImage
 
 from .bundle_logger import logger
+from .dicom_series import inspect_series
+from .transforms import DicomSeriesReader
 
 __all__ = ["InputDataError", "check_datalist", "check_images"]
 
@@ -29,7 +33,9 @@ class InputDataError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def _loader() -> LoadImage:
-    return LoadImage(image_only=True)
+    loader = LoadImage(image_only=True)
+    loader.register(DicomSeriesReader())  # as the bundles' DicomLoadImaged
+    return loader
 
 
 def _load(path: str) -> Any:
@@ -49,7 +55,24 @@ def _spatial_and_channels(array: Any) -> tuple[tuple[int, ...], int]:
     raise ValueError(f"expected a 3D volume (or 4D with channels last), got shape {shape}")
 
 
+def _dicom_folder_ok(path: str, problems: list[str]) -> bool:
+    """For a DICOM series folder, its slice-level problems (added to ``problems``); True for anything else."""
+    if not os.path.isdir(path):
+        return True
+    report = inspect_series(path)
+    if report.ignored:
+        logger.info(f"{path}: leaving aside {report.ignored_text()} beside the image series")
+    if report.problems:
+        problems.extend(report.problems)
+        return False
+    logger.info(f"{path}: DICOM series {report.series}, {report.modality}, {report.num_slices} slices"
+                + (f" {report.spacing:.3g} mm apart" if report.spacing else ""))
+    return True
+
+
 def _check_image(path: str, in_channels: int, problems: list[str]) -> Any | None:
+    if not _dicom_folder_ok(path, problems):
+        return None
     try:
         image = _load(path)
         spatial, channels = _spatial_and_channels(image)
@@ -68,6 +91,8 @@ def _check_image(path: str, in_channels: int, problems: list[str]) -> Any | None
 
 
 def _check_label(path: str, image: Any, image_path: str, num_classes: int, problems: list[str]) -> None:
+    if not _dicom_folder_ok(path, problems):
+        return
     try:
         label = _load(path)
         spatial, channels = _spatial_and_channels(label)

@@ -1,32 +1,50 @@
 # Generated from bundles/common/scripts/datalists.py by tools/sync_bundle_code.py: edit that file, then run it.
-"""Inference inputs: a datalist's ``testing`` list, or every image in a folder."""
+"""Datalists: reading one with errors that name the file; inference inputs (a ``testing`` list, or a folder)."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from .bundle_logger import logger
+from monai.data import load_decathlon_datalist
 
-__all__ = ["inference_items", "IMAGE_SUFFIXES"]
+from .bundle_logger import logger
+from .dicom_series import dicom_files
+
+__all__ = ["inference_items", "IMAGE_SUFFIXES", "read_json", "load_datalist"]
 
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
 def _is_dicom_series_dir(path: str) -> bool:
-    """A folder holding DICOM files (by suffix or by the DICM magic at byte 128) is one series."""
-    for name in sorted(os.listdir(path))[:5]:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            continue
-        if name.lower().endswith((".dcm", ".ima")):
-            return True
-        with open(file, "rb") as f:
-            f.seek(128)
-            if f.read(4) == b"DICM":
-                return True
-    return False
+    """A folder directly holding DICOM files (``dicom_series.is_dicom_file``) is one series."""
+    return bool(dicom_files(path))
+
+
+def read_json(path: str, what: str = "datalist") -> dict:
+    """The JSON object in ``path``; a missing file, a syntax error or another type is an error naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: {what} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: {what} cannot be read ({e})") from e
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object with lists such as 'training', "
+                         f"got a {type(content).__name__}")
+    return content
+
+
+def load_datalist(datalist: str, is_segmentation: bool, key: str, base_dir: str) -> list[dict]:
+    """``monai.data.load_decathlon_datalist`` after ``read_json``, so a broken file is named with its problem."""
+    content = read_json(datalist)
+    if key not in content:
+        raise KeyError(f"{datalist}: no '{key}' list (found: {sorted(content)})")
+    return load_decathlon_datalist(datalist, is_segmentation, key, base_dir)
 
 
 def _resolve(path: str, base_dir: str) -> str:
@@ -41,10 +59,7 @@ def inference_items(datalist: str, dataset_dir: str, key: str = "testing") -> li
     DICOM series folder directly in ``dataset_dir``, sorted by name.
     """
     if datalist:
-        if not os.path.isfile(datalist):
-            raise FileNotFoundError(f"datalist not found: {datalist}")
-        with open(datalist) as f:
-            content = json.load(f)
+        content = read_json(datalist)
         if key not in content:
             raise KeyError(f"{datalist}: no '{key}' list (found: {sorted(content)})")
         entries = [e if isinstance(e, dict) else {"image": e} for e in content[key]]

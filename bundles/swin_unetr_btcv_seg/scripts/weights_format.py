@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ __all__ = [
     "RECORD_KEY",
     "detect_weights_format",
     "detect_merging_order",
+    "UnreadableWeightsError",
+    "checked_torch_file",
 ]
 
 # Patch-merging orders (see patch_merging): the values a weights file records as "patch_merging"
@@ -64,8 +67,39 @@ def _few(items, limit: int = _MAX_LISTED) -> str:
     return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+class UnreadableWeightsError(ValueError):
+    """A weights or checkpoint file cannot be read at all (missing, truncated, not a PyTorch file)."""
+
+
+def _unreadable(path: str, err: BaseException) -> UnreadableWeightsError:
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return UnreadableWeightsError(f"{path}: cannot be read as a PyTorch weights file: truncated (e.g. an interrupted "
+                                  f"copy or download) or not a torch.save file ({type(err).__name__}: {first})")
+
+
+def checked_torch_file(path: str, what: str = "checkpoint") -> str:
+    """``path``, after a cheap check that it is a whole PyTorch file; an error naming it otherwise.
+
+    ``torch.save`` writes a zip archive whose directory sits at its end: a truncated file has none.
+    Files of the older, non-zip format are only checked to exist.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # a pickle: torch.save(..., _use_new_zipfile_serialization=False)
+        if not legacy:
+            raise _unreadable(path, ValueError("no zip directory at the end of the file"))
+    return path
+
+
 def _torch_load(path: str) -> Any:
-    """``torch.load`` on CPU, tensors-and-plain-types only where the file allows it."""
+    """``torch.load`` on CPU, tensors-and-plain-types only where the file allows it.
+
+    A file that cannot be read at all raises ``UnreadableWeightsError`` naming it, not PyTorch's
+    bare "failed finding central directory".
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -75,7 +109,12 @@ def _torch_load(path: str) -> Any:
             path,
             str(err).splitlines()[0] if str(err) else type(err).__name__,
         )
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err2:
+            raise _unreadable(path, err2) from err2
+    except (RuntimeError, EOFError, OSError) as err:
+        raise _unreadable(path, err) from err
 
 
 def _is_tensor_mapping(obj: Any) -> bool:

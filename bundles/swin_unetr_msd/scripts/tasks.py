@@ -150,8 +150,7 @@ def write_task_metadata(metadata_file: str, settings: dict[str, Any], output_fil
     bundle's metadata, which describes the default task; this copy (e.g. ``configs/metadata_<task>.json``,
     passed with ``--meta_file``) describes another one. Returns ``output_file``.
     """
-    with open(metadata_file) as f:
-        meta = json.load(f)
+    meta = _read_json(metadata_file, "bundle metadata file")
     task = settings["task"]
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ from .bundle_logger import logger
 from .encoder_weights import save_encoder
 from .model import SwinSSLNet
 from .patch_merging import resolve_downsample
-from .weights_format import RECORD_KEY
+from .weights_format import RECORD_KEY, UnreadableWeightsError
 
 __all__ = ["build_from_checkpoint", "export_encoder"]
 
@@ -38,7 +39,12 @@ def build_from_checkpoint(ckpt_path: str) -> SwinSSLNet:
     """
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"training checkpoint not found: {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise UnreadableWeightsError(f"{ckpt_path}: training checkpoint cannot be read: truncated (an interrupted "
+                                     f"copy or write?) or not a torch.save file ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0] if str(err) else ''})") from err
     state = _model_state(checkpoint, ckpt_path)
     feature_size, in_channels = (int(n) for n in state[_PATCH_EMBED].shape[:2])
     if RECORD_KEY not in checkpoint:
