@@ -328,6 +328,17 @@ def test_truncated_pretrained_path_is_named_before_training(phantom_dir, ckpt, t
     assert forward_calls == [] and not (tmp_path / "run" / "models").exists()
 
 
+def test_truncated_resume_checkpoint_is_named_before_training(phantom_dir, ckpt, tmp_path, forward_calls):
+    broken = tmp_path / "checkpoint_epoch=3.pt"
+    broken.write_bytes(ckpt.read_bytes()[:5000])
+    with pytest.raises(Exception) as info:
+        run_workflow(["train.json"], "train", dataset_dir=str(phantom_dir), datalist=str(phantom_dir / "datalist.json"),
+                     bundle_root=str(tmp_path / "run"), resume_from=str(broken), max_epochs=1, **SMALL)
+    text = error_text(info.value)
+    assert str(broken) in text and "truncated" in text
+    assert forward_calls == [] and not (tmp_path / "run" / "models").exists()
+
+
 def test_truncated_ssl_checkpoint_is_named_at_export(ckpt, tmp_path):
     broken = tmp_path / "model.pt"
     broken.write_bytes(ckpt.read_bytes()[:5000])

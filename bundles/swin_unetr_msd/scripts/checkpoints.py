@@ -17,6 +17,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointSaver
 
 from .bundle_logger import logger
+from .weights_format import checked_torch_file
 
 __all__ = ["AtomicDiskSaver", "AtomicCheckpointSaver", "atomic_torch_save", "latest_checkpoint", "resume_path",
            "LATEST"]
@@ -188,5 +189,5 @@ def resume_path(resume: Any, ckpt_dir: str) -> str:
     if text in (LATEST, "true"):
         return latest_checkpoint(ckpt_dir)
     if isinstance(resume, str):
-        return resume
+        return checked_torch_file(resume, "resume checkpoint")
     raise ValueError(f"resume must be '{LATEST}', true, false or a checkpoint path, not {resume!r}.")

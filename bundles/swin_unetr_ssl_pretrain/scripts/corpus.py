@@ -11,6 +11,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import LoadImage
 
 from .bundle_logger import logger
+from .transforms import DicomSeriesReader
 
 __all__ = ["CorpusError", "ON_BAD_CHOICES", "check_corpora", "check_corpus", "make_dataset"]
 
@@ -52,6 +53,7 @@ def _check_items(items: Sequence[dict], roi_size: Sequence[int], spacing: Sequen
                  image_key: str) -> tuple[list[dict], list[str]]:
     """Read every volume of one list once: (usable items, one problem line per unusable item)."""
     loader = LoadImage(image_only=True, ensure_channel_first=False)
+    loader.register(DicomSeriesReader())  # the image series of a DICOM folder, not a SEG beside it
     good, problems = [], []
     for item in items:
         path = item.get(image_key)
