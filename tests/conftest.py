@@ -12,6 +12,7 @@ from monai.bundle import create_workflow
 
 from tools.common.bundles import BTCV_DIR, MSD_DIR, SSL_DIR, bundle_on_path, forget_scripts_modules  # noqa: F401
 from tools.common.bundles import REPO_ROOT as REPO
+
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 
 # Small settings that keep a CPU run to seconds: 64^3 is the smallest crop that trains
@@ -50,8 +51,9 @@ MSD_PHANTOM_SHAPE = (40, 40, 24)
 def btcv_workflow(configs: list[str], workflow_type: str, bundle_dir: Path = BTCV_DIR, **overrides):
     """``create_workflow`` on a bundle's config files (names under configs/; BTCV by default), as a user would."""
     files = [str(bundle_dir / "configs" / c) for c in configs]
-    workflow = create_workflow(config_file=files if len(files) > 1 else files[0], workflow_type=workflow_type,
-                               **overrides)
+    workflow = create_workflow(
+        config_file=files if len(files) > 1 else files[0], workflow_type=workflow_type, **overrides
+    )
     return workflow
 
 
@@ -71,7 +73,8 @@ def train_until_failure(workflow) -> tuple[BaseException, list[int]]:
     workflow.initialize()
     with pytest.raises(Exception) as info:
         workflow.parser.get_parsed_content("train#trainer").add_event_handler(
-            "iteration_started", lambda e: steps.append(e.state.iteration))
+            "iteration_started", lambda e: steps.append(e.state.iteration)
+        )
         workflow.run()
     return info.value, steps
 
@@ -79,8 +82,20 @@ def train_until_failure(workflow) -> tuple[BaseException, list[int]]:
 def verify_metadata(meta_file: Path, bundle_dir: Path) -> str:
     """Check ``meta_file`` against the MONAI metadata schema (``monai.bundle verify_metadata``); return its output."""
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file),
-         "--filepath", str(SCHEMA)], capture_output=True, text=True, cwd=bundle_dir)
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(meta_file),
+            "--filepath",
+            str(SCHEMA),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=bundle_dir,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
 
@@ -123,11 +138,21 @@ def trained(tmp_path_factory, phantom_dir) -> dict:
     """One small training run: 2 iterations (one epoch of 2 cases) and a validation."""
     out = tmp_path_factory.mktemp("trained")
     workflow = run_workflow(
-        ["train.json"], "train", dataset_dir=str(phantom_dir), datalist=str(phantom_dir / "datalist.json"),
-        bundle_root=str(out), max_epochs=1, val_interval=1, **SMALL,
+        ["train.json"],
+        "train",
+        dataset_dir=str(phantom_dir),
+        datalist=str(phantom_dir / "datalist.json"),
+        bundle_root=str(out),
+        max_epochs=1,
+        val_interval=1,
+        **SMALL,
     )
-    return {"root": out, "workflow": workflow, "model": out / "models" / "model.pt",
-            "last": out / "models" / "checkpoint_last.pt"}
+    return {
+        "root": out,
+        "workflow": workflow,
+        "model": out / "models" / "model.pt",
+        "last": out / "models" / "checkpoint_last.pt",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -147,11 +172,21 @@ def ssl_trained(tmp_path_factory, ssl_corpus) -> dict:
     """A small pre-training run: 2 optimiser steps, validating after each."""
     out = tmp_path_factory.mktemp("ssl_trained")
     workflow = run_workflow(
-        ["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus), bundle_root=str(out),
-        num_steps=2, val_interval=1, **SSL_SMALL,
+        ["train.json"],
+        "train",
+        SSL_DIR,
+        dataset_dir=str(ssl_corpus),
+        bundle_root=str(out),
+        num_steps=2,
+        val_interval=1,
+        **SSL_SMALL,
     )
-    return {"root": out, "workflow": workflow, "model": out / "models" / "model.pt",
-            "last": out / "models" / "checkpoint_last.pt"}
+    return {
+        "root": out,
+        "workflow": workflow,
+        "model": out / "models" / "model.pt",
+        "last": out / "models" / "checkpoint_last.pt",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -168,5 +203,13 @@ def msd_root(tmp_path_factory) -> Path:
 def train_msd_fold(root: Path, bundle_root: Path, task: str, fold: int = 0, **overrides):
     """Train ``task``'s ``fold`` (3 folds of 3 cases: 2 iterations and a validation); return the workflow."""
     settings = {**MSD_SMALL, "num_folds": 3, "max_epochs": 1, "val_interval": 1, **overrides}
-    return run_workflow(["train.json"], "train", MSD_DIR, task=task, dataset_dir=str(root / task),
-                        bundle_root=str(bundle_root), fold=fold, **settings)
+    return run_workflow(
+        ["train.json"],
+        "train",
+        MSD_DIR,
+        task=task,
+        dataset_dir=str(root / task),
+        bundle_root=str(bundle_root),
+        fold=fold,
+        **settings,
+    )

@@ -24,8 +24,17 @@ from monai.networks.nets import SwinUNETR
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.conftest import (BTCV_DIR, MSD_DIR, MSD_INFER_SMALL, SMALL, SSL_DIR, btcv_workflow, bundle_on_path,
-                            error_text, run_workflow)
+from tests.conftest import (
+    BTCV_DIR,
+    MSD_DIR,
+    MSD_INFER_SMALL,
+    SMALL,
+    SSL_DIR,
+    btcv_workflow,
+    bundle_on_path,
+    error_text,
+    run_workflow,
+)
 from tools.make_dicom_series import write_dicom_series
 from tools.make_phantoms import make_phantom
 
@@ -64,8 +73,9 @@ def slices(folder: Path) -> list[Path]:
     return sorted(folder.glob("slice*.dcm"))
 
 
-def add_object(folder: Path, name: str, sop_class: str, modality: str, series_uid: str | None = None,
-               pixels: bool = False) -> Path:
+def add_object(
+    folder: Path, name: str, sop_class: str, modality: str, series_uid: str | None = None, pixels: bool = False
+) -> Path:
     """A non-image object beside the slices: an RT structure set (no pixels) or a SEG (with pixel frames)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
@@ -140,8 +150,9 @@ def assert_nothing_lost(out: Path) -> None:
 def infer_fails(out: Path, ckpt: Path, calls: list, **overrides) -> str:
     """Run BTCV inference, expecting an error before any forward; return the error text."""
     with pytest.raises(Exception) as info:
-        run_workflow(["inference.json"], "infer", ckpt_path=str(ckpt), output_dir=str(out),
-                     **{**INFER_SMALL, **overrides})
+        run_workflow(
+            ["inference.json"], "infer", ckpt_path=str(ckpt), output_dir=str(out), **{**INFER_SMALL, **overrides}
+        )
     assert calls == [], "the network ran before the error"
     return error_text(info.value)
 
@@ -182,10 +193,8 @@ def _only_non_image(folder: Path) -> tuple[list[str], str]:
     return [str(folder), "RTSTRUCT rtstruct.dcm"], "no image slices"
 
 
-@pytest.mark.parametrize("damage", [_truncated_slice, _cut_pixel_data, _removed_slice, _second_series,
-                                    _only_non_image])
-def test_damaged_dicom_series_stops_inference_before_compute(damage, series, ckpt, out_dir, tmp_path,
-                                                             forward_calls):
+@pytest.mark.parametrize("damage", [_truncated_slice, _cut_pixel_data, _removed_slice, _second_series, _only_non_image])
+def test_damaged_dicom_series_stops_inference_before_compute(damage, series, ckpt, out_dir, tmp_path, forward_calls):
     inputs = tmp_path / "inputs"
     save_nifti(inputs / "good.nii.gz", seed=1)  # checked too, but not the problem
     names, problem = damage(copy_series(series, inputs / "series_a"))
@@ -216,17 +225,27 @@ def tricky_inputs(series, tmp_path) -> dict:
     images = [with_objects, anonymised, *same_named]
     datalist = root / "datalist.json"
     datalist.write_text(json.dumps({"testing": [{"image": str(p.relative_to(root))} for p in images]}))
-    expected = {str(images[0]): f"{UIDS[0]}_seg.nii.gz", str(images[1]): f"{UIDS[1]}_seg.nii.gz",
-                str(images[2]): "p1_ct_seg.nii.gz", str(images[3]): "p2_ct_seg.nii.gz"}
+    expected = {
+        str(images[0]): f"{UIDS[0]}_seg.nii.gz",
+        str(images[1]): f"{UIDS[1]}_seg.nii.gz",
+        str(images[2]): "p1_ct_seg.nii.gz",
+        str(images[3]): "p2_ct_seg.nii.gz",
+    }
     return {"root": root, "datalist": datalist, "expected": expected}
 
 
-def test_outputs_are_distinct_named_after_the_input_and_never_overwritten_unasked(tricky_inputs, ckpt, tmp_path,
-                                                                                    forward_calls, caplog):
+def test_outputs_are_distinct_named_after_the_input_and_never_overwritten_unasked(
+    tricky_inputs, ckpt, tmp_path, forward_calls, caplog
+):
     root, expected = tricky_inputs["root"], tricky_inputs["expected"]
     out = tmp_path / "predictions"
-    settings = dict(dataset_dir=str(root), datalist=str(tricky_inputs["datalist"]), ckpt_path=str(ckpt),
-                    output_dir=str(out), **INFER_SMALL)
+    settings = dict(
+        dataset_dir=str(root),
+        datalist=str(tricky_inputs["datalist"]),
+        ckpt_path=str(ckpt),
+        output_dir=str(out),
+        **INFER_SMALL,
+    )
     with bundle_on_path(BTCV_DIR):
         workflow = btcv_workflow(["inference.json"], "infer", **settings)
         bundle_logger = logging.getLogger("swin_unetr_btcv_seg")  # the config's logging set-up happened above
@@ -321,8 +340,16 @@ def test_truncated_pretrained_path_is_named_before_training(phantom_dir, ckpt, t
     broken = tmp_path / "model_swinvit.pt"
     broken.write_bytes(ckpt.read_bytes()[:5000])
     with pytest.raises(Exception) as info:
-        run_workflow(["train.json"], "train", dataset_dir=str(phantom_dir), datalist=str(phantom_dir / "datalist.json"),
-                     bundle_root=str(tmp_path / "run"), pretrained_path=str(broken), max_epochs=1, **SMALL)
+        run_workflow(
+            ["train.json"],
+            "train",
+            dataset_dir=str(phantom_dir),
+            datalist=str(phantom_dir / "datalist.json"),
+            bundle_root=str(tmp_path / "run"),
+            pretrained_path=str(broken),
+            max_epochs=1,
+            **SMALL,
+        )
     text = error_text(info.value)
     assert str(broken) in text and "truncated" in text
     assert forward_calls == [] and not (tmp_path / "run" / "models").exists()
@@ -332,8 +359,16 @@ def test_truncated_resume_checkpoint_is_named_before_training(phantom_dir, ckpt,
     broken = tmp_path / "checkpoint_epoch=3.pt"
     broken.write_bytes(ckpt.read_bytes()[:5000])
     with pytest.raises(Exception) as info:
-        run_workflow(["train.json"], "train", dataset_dir=str(phantom_dir), datalist=str(phantom_dir / "datalist.json"),
-                     bundle_root=str(tmp_path / "run"), resume_from=str(broken), max_epochs=1, **SMALL)
+        run_workflow(
+            ["train.json"],
+            "train",
+            dataset_dir=str(phantom_dir),
+            datalist=str(phantom_dir / "datalist.json"),
+            bundle_root=str(tmp_path / "run"),
+            resume_from=str(broken),
+            max_epochs=1,
+            **SMALL,
+        )
     text = error_text(info.value)
     assert str(broken) in text and "truncated" in text
     assert forward_calls == [] and not (tmp_path / "run" / "models").exists()
@@ -354,8 +389,9 @@ BROKEN_JSON = '{\n  "training": [\n    {"image": "a.nii.gz", "label": "b.nii.gz"
 
 
 @pytest.mark.parametrize("workflow", ["train", "infer", "ssl_train"])
-def test_datalist_with_a_json_syntax_error_is_named_with_its_line(workflow, phantom_dir, ckpt, tmp_path, out_dir,
-                                                                  forward_calls):
+def test_datalist_with_a_json_syntax_error_is_named_with_its_line(
+    workflow, phantom_dir, ckpt, tmp_path, out_dir, forward_calls
+):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(BROKEN_JSON)
     common = dict(dataset_dir=str(phantom_dir), datalist=str(datalist), bundle_root=str(tmp_path / "run"))
@@ -365,8 +401,9 @@ def test_datalist_with_a_json_syntax_error_is_named_with_its_line(workflow, phan
         elif workflow == "ssl_train":
             run_workflow(["train.json"], "train", SSL_DIR, num_steps=1, **common)
         else:
-            run_workflow(["inference.json"], "infer", ckpt_path=str(ckpt), output_dir=str(out_dir), **common,
-                         **INFER_SMALL)
+            run_workflow(
+                ["inference.json"], "infer", ckpt_path=str(ckpt), output_dir=str(out_dir), **common, **INFER_SMALL
+            )
     text = error_text(info.value)
     assert f"{datalist}: datalist is not valid JSON" in text and "line 4" in text
     assert forward_calls == []
@@ -414,6 +451,14 @@ def test_output_names_qualify_only_clashing_names_with_as_few_folders_as_needed(
     with bundle_on_path(BTCV_DIR):
         from scripts.outputs import output_names
 
-        names = output_names(["/d/a/x/ct.nii.gz", "/d/b/x/ct.nii.gz", "/d/c/ct.nii", "/d/y/1.2.3.nii.gz",
-                              str(uid_folder), "/d/z/scan.mha"])
+        names = output_names(
+            [
+                "/d/a/x/ct.nii.gz",
+                "/d/b/x/ct.nii.gz",
+                "/d/c/ct.nii",
+                "/d/y/1.2.3.nii.gz",
+                str(uid_folder),
+                "/d/z/scan.mha",
+            ]
+        )
     assert names == ["a_x_ct", "b_x_ct", "d_c_ct", "1.2.3", UIDS[0], "scan"]

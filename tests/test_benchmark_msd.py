@@ -51,9 +51,19 @@ def bench(tmp_path_factory):
     output = tmp_path_factory.mktemp("bench_msd") / "msd_cpu.json"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "path", list(sys.path))
-        result = bm.run_benchmark(tasks=TASKS, device="cpu", feature_size=FEATURE_SIZE, roi_size=ROI,
-                                  num_samples=NUM_SAMPLES, iterations=ITERATIONS, warmup=WARMUP, shape=SHAPE,
-                                  cases=CASES, output=str(output), timeout_s=300)
+        result = bm.run_benchmark(
+            tasks=TASKS,
+            device="cpu",
+            feature_size=FEATURE_SIZE,
+            roi_size=ROI,
+            num_samples=NUM_SAMPLES,
+            iterations=ITERATIONS,
+            warmup=WARMUP,
+            shape=SHAPE,
+            cases=CASES,
+            output=str(output),
+            timeout_s=300,
+        )
         report = bm.format_report(result)
     forget_scripts_modules()
     return result, output, report
@@ -72,8 +82,18 @@ def test_machine_settings_and_load_average(bench):
     _, output, _ = bench
     r = json.loads(output.read_text())
     m = r["machine"]
-    for key in ("cpu_model", "cpu_count", "cpus_usable", "torch_threads", "cpu_capability", "gpu", "torch", "monai",
-                "python", "device"):
+    for key in (
+        "cpu_model",
+        "cpu_count",
+        "cpus_usable",
+        "torch_threads",
+        "cpu_capability",
+        "gpu",
+        "torch",
+        "monai",
+        "python",
+        "device",
+    ):
         assert key in m, key
     assert m["device"] == "cpu" and m["gpu"] is None
     s = r["settings"]
@@ -102,8 +122,18 @@ def test_task(bench, task):
     # the bundle's own knobs where not overridden; no autocast on CPU
     assert r["use_checkpoint"] is True and r["amp"] is False and r["precision"] == "float32"
     # every number positive (or zero where a count or size may be zero) and finite
-    for key in ("seconds_per_iteration", "min_seconds_per_iteration", "iterations_per_second", "crops_per_second",
-                "data_seconds_per_iteration", "peak_memory_mib", "peak_rss_mib", "setup_s", "run_s", "parameters"):
+    for key in (
+        "seconds_per_iteration",
+        "min_seconds_per_iteration",
+        "iterations_per_second",
+        "crops_per_second",
+        "data_seconds_per_iteration",
+        "peak_memory_mib",
+        "peak_rss_mib",
+        "setup_s",
+        "run_s",
+        "parameters",
+    ):
         assert _positive(r[key]), (key, r[key])
     assert all(_positive(t) for t in r["iteration_times_s"] + r["warmup_times_s"])
     assert all(math.isfinite(x) for x in _numbers(r))

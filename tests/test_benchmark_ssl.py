@@ -34,8 +34,17 @@ def bench(tmp_path_factory):
     output = tmp_path_factory.mktemp("bench_ssl") / "ssl_cpu.json"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "path", list(sys.path))
-        result = bs.run_benchmark(device="cpu", feature_size=FEATURE_SIZE, roi_size=ROI, batch_size=BATCH_SIZE,
-                                  num_samples=NUM_SAMPLES, warmup=0, steps=1, output=str(output), timeout_s=300)
+        result = bs.run_benchmark(
+            device="cpu",
+            feature_size=FEATURE_SIZE,
+            roi_size=ROI,
+            batch_size=BATCH_SIZE,
+            num_samples=NUM_SAMPLES,
+            warmup=0,
+            steps=1,
+            output=str(output),
+            timeout_s=300,
+        )
         report = bs.format_report(result)
     forget_scripts_modules()
     return result, json.loads(output.read_text()), report
@@ -50,8 +59,19 @@ def test_json_is_the_result(bench):
 def test_machine_and_settings(bench):
     _, r, _ = bench
     m = r["machine"]
-    for key in ("cpu_model", "cpu_count", "cpus_usable", "torch_threads", "cpu_capability", "gpu", "torch", "monai",
-                "python", "device", "psutil"):
+    for key in (
+        "cpu_model",
+        "cpu_count",
+        "cpus_usable",
+        "torch_threads",
+        "cpu_capability",
+        "gpu",
+        "torch",
+        "monai",
+        "python",
+        "device",
+        "psutil",
+    ):
         assert key in m, key
     assert m["cpu_count"] >= 1 and m["device"] == "cpu" and m["gpu"] is None
     s = r["settings"]
@@ -106,8 +126,9 @@ def test_comparison_and_report(bench):
     _, r, report = bench
     c = r["comparison"]
     b, res = r["modes"]["bundle"], r["modes"]["research"]
-    assert math.isclose(c["time_ratio_research_over_bundle"],
-                        res["seconds_per_iteration"] / b["seconds_per_iteration"], rel_tol=1e-9)
+    assert math.isclose(
+        c["time_ratio_research_over_bundle"], res["seconds_per_iteration"] / b["seconds_per_iteration"], rel_tol=1e-9
+    )
     assert _positive(c["speedup_bundle_iterations_per_second_over_research"])
     assert _positive(c["peak_memory_ratio_research_over_bundle"])
     for text in ("bundle", "research", "s/step", "it/s", "peak MiB", "research / bundle"):

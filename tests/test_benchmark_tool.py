@@ -44,10 +44,21 @@ def bench(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "path", list(sys.path))
         forget_scripts_modules()
-        result = bb.run_benchmark(str(image_path), ckpt_path=None, feature_size=FEATURE_SIZE, roi_size=ROI,
-                                  device="cpu", train_steps=1, output_json=str(output_json), repeats=1,
-                                  warmup=False, train_warmup_steps=0, train_crops=1, forward_batch=1,
-                                  skip_identical_fp32=False)
+        result = bb.run_benchmark(
+            str(image_path),
+            ckpt_path=None,
+            feature_size=FEATURE_SIZE,
+            roi_size=ROI,
+            device="cpu",
+            train_steps=1,
+            output_json=str(output_json),
+            repeats=1,
+            warmup=False,
+            train_warmup_steps=0,
+            train_crops=1,
+            forward_batch=1,
+            skip_identical_fp32=False,
+        )
         report = bb.format_report(result)
     forget_scripts_modules()
     return result, json.loads(output_json.read_text()), image_path, report
@@ -101,8 +112,12 @@ def test_comparison(bench):
     c = r["comparison"]
     assert _positive(c["speed_ratio_model_zoo_over_bundle"])
     assert _positive(c["sliding_window_ratio_model_zoo_over_bundle"])
-    for key in ("agreement_bundle_vs_bundle_fp32", "agreement_bundle_vs_model_zoo",
-                "organ_agreement_bundle_vs_bundle_fp32", "organ_agreement_bundle_vs_model_zoo"):
+    for key in (
+        "agreement_bundle_vs_bundle_fp32",
+        "agreement_bundle_vs_model_zoo",
+        "organ_agreement_bundle_vs_bundle_fp32",
+        "organ_agreement_bundle_vs_model_zoo",
+    ):
         assert 0.0 <= c[key] <= 1.0, key
     bundle, fp32 = r["end_to_end"]["bundle"], r["end_to_end"]["bundle_fp32"]
     # on CPU the bundle runs channels-last (GroupNorm for InstanceNorm), the reference plain NCDHW float32

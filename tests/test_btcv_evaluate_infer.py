@@ -17,16 +17,22 @@ import torch
 
 from tests.conftest import BTCV_DIR, SMALL, btcv_workflow, bundle_on_path, error_text, run_workflow
 
-ORGANS = json.loads((BTCV_DIR / "configs" / "metadata.json").read_text())[
-    "network_data_format"]["outputs"]["pred"]["channel_def"]
+ORGANS = json.loads((BTCV_DIR / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"][
+    "channel_def"
+]
 INFER_SMALL = {k: SMALL[k] for k in ("feature_size", "roi_size", "sw_batch_size")}
 
 
 def test_evaluation_writes_per_organ_dice_and_hd95(trained, phantom_dir, tmp_path):
     workflow = run_workflow(
-        ["train.json", "evaluate.json"], "eval", dataset_dir=str(phantom_dir),
-        datalist=str(phantom_dir / "datalist.json"), bundle_root=str(trained["root"]),
-        ckpt_path=str(trained["model"]), output_dir=str(tmp_path), **SMALL,
+        ["train.json", "evaluate.json"],
+        "eval",
+        dataset_dir=str(phantom_dir),
+        datalist=str(phantom_dir / "datalist.json"),
+        bundle_root=str(trained["root"]),
+        ckpt_path=str(trained["model"]),
+        output_dir=str(tmp_path),
+        **SMALL,
     )
     summary = json.loads((tmp_path / "metrics_summary.json").read_text())
     organs = [ORGANS[str(i)] for i in range(1, 14)]
@@ -46,7 +52,9 @@ def test_evaluation_writes_per_organ_dice_and_hd95(trained, phantom_dir, tmp_pat
     with_bg = summary["metrics"]["val_mean_dice_with_background"]  # the research code's average, background in
     assert list(with_bg["per_organ"]) == [ORGANS["0"], *organs]
     assert all(with_bg["per_organ"][o] == v for o, v in summary["metrics"]["val_mean_dice"]["per_organ"].items())
-    engine_with_bg = workflow.parser.get_parsed_content("validate#evaluator").state.metrics["val_mean_dice_with_background"]
+    engine_with_bg = workflow.parser.get_parsed_content("validate#evaluator").state.metrics[
+        "val_mean_dice_with_background"
+    ]
     assert math.isclose(with_bg["pooled_mean"], engine_with_bg, rel_tol=1e-5)
 
 
@@ -70,20 +78,42 @@ def test_inference_reproduces_input_geometry(trained, phantom_dir, sample_ct, tm
     assert not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3])))  # oblique
     out = tmp_path / "predictions"
     # coarser spacing and overlap keep the ~250 windows of the recipe to a few dozen on CPU
-    run_workflow(["inference.json"], "infer", dataset_dir=str(inputs), ckpt_path=str(trained["model"]),
-                 output_dir=str(out), spacing=[2.5, 2.5, 2.5], overlap=0.25, num_workers=0, **INFER_SMALL)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "oblique_phantom_seg.nii.gz",
-                                                    "sample_ct_seg.nii.gz"]
+    run_workflow(
+        ["inference.json"],
+        "infer",
+        dataset_dir=str(inputs),
+        ckpt_path=str(trained["model"]),
+        output_dir=str(out),
+        spacing=[2.5, 2.5, 2.5],
+        overlap=0.25,
+        num_workers=0,
+        **INFER_SMALL,
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "oblique_phantom_seg.nii.gz",
+        "sample_ct_seg.nii.gz",
+    ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted((Path(e["input"]).name, Path(e["output"]).name) for e in manifest) == [
-        ("oblique_phantom.nii.gz", "oblique_phantom_seg.nii.gz"), ("sample_ct.nii.gz", "sample_ct_seg.nii.gz")]
+        ("oblique_phantom.nii.gz", "oblique_phantom_seg.nii.gz"),
+        ("sample_ct.nii.gz", "sample_ct_seg.nii.gz"),
+    ]
     _assert_same_geometry(out / "sample_ct_seg.nii.gz", inputs / "sample_ct.nii.gz")
     _assert_same_geometry(out / "oblique_phantom_seg.nii.gz", inputs / "oblique_phantom.nii.gz")
 
 
 def test_inference_datalist_testing_entries_relative_to_dataset_dir(trained, phantom_dir, tmp_path):
-    run_workflow(["inference.json"], "infer", dataset_dir=str(phantom_dir), datalist=str(phantom_dir / "datalist.json"),
-                 ckpt_path=str(trained["model"]), output_dir=str(tmp_path), num_workers=0, **INFER_SMALL)
+    run_workflow(
+        ["inference.json"],
+        "infer",
+        dataset_dir=str(phantom_dir),
+        datalist=str(phantom_dir / "datalist.json"),
+        ckpt_path=str(trained["model"]),
+        output_dir=str(tmp_path),
+        num_workers=0,
+        **INFER_SMALL,
+    )
     image = phantom_dir / json.loads((phantom_dir / "datalist.json").read_text())["testing"][0]["image"]
     expected = image.name.replace(".nii.gz", "_seg.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([expected, "manifest.json"])
@@ -92,9 +122,15 @@ def test_inference_datalist_testing_entries_relative_to_dataset_dir(trained, pha
 
 def test_inference_workflow_properties_and_monai_label_keys(trained, phantom_dir, tmp_path):
     with bundle_on_path():
-        workflow = btcv_workflow(["inference.json"], "infer", dataset_dir=str(phantom_dir),
-                                 datalist=str(phantom_dir / "datalist.json"), ckpt_path=str(trained["model"]),
-                                 bundle_root=str(tmp_path), **INFER_SMALL)
+        workflow = btcv_workflow(
+            ["inference.json"],
+            "infer",
+            dataset_dir=str(phantom_dir),
+            datalist=str(phantom_dir / "datalist.json"),
+            ckpt_path=str(trained["model"]),
+            bundle_root=str(tmp_path),
+            **INFER_SMALL,
+        )
         assert workflow.check_properties() in (None, [])
         for key in ("run", "network_def", "preprocessing", "postprocessing", "inferer", "device"):
             assert key in workflow.parser
@@ -114,8 +150,15 @@ def test_truncated_nifti_at_inference_names_the_file(trained, phantom_dir, tmp_p
     broken = inputs / "truncated.nii.gz"
     broken.write_bytes(gzip.compress(raw[: len(raw) // 2]))
     with pytest.raises(Exception) as info:
-        run_workflow(["inference.json"], "infer", dataset_dir=str(inputs), ckpt_path=str(trained["model"]),
-                     output_dir=str(tmp_path / "out"), num_workers=0, **INFER_SMALL)
+        run_workflow(
+            ["inference.json"],
+            "infer",
+            dataset_dir=str(inputs),
+            ckpt_path=str(trained["model"]),
+            output_dir=str(tmp_path / "out"),
+            num_workers=0,
+            **INFER_SMALL,
+        )
     text = error_text(info.value)
     assert str(broken) in text and "cannot be read" in text
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
@@ -130,8 +173,15 @@ def test_inference_on_a_dicom_series_folder(trained, tmp_path):
         affine[:, 2] *= -1
     write_dicom_series(image, affine, tmp_path / "inputs" / "series_a")
     out = tmp_path / "predictions"
-    run_workflow(["inference.json"], "infer", dataset_dir=str(tmp_path / "inputs"), ckpt_path=str(trained["model"]),
-                 output_dir=str(out), num_workers=0, **INFER_SMALL)
+    run_workflow(
+        ["inference.json"],
+        "infer",
+        dataset_dir=str(tmp_path / "inputs"),
+        ckpt_path=str(trained["model"]),
+        output_dir=str(out),
+        num_workers=0,
+        **INFER_SMALL,
+    )
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "series_a_seg.nii.gz"]
     pred = nib.load(out / "series_a_seg.nii.gz")
     assert pred.shape == image.shape
@@ -148,12 +198,34 @@ def test_torchscript_export_for_monai_deploy_matches_the_checkpoint(trained, tmp
     from monai.networks.nets import SwinUNETR
 
     ts_path = tmp_path / "model.ts"
-    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_path),
-           "--ckpt_file", str(trained["model"]), "--key_in_ckpt", "model", "--ckpt_path", str(trained["model"]),
-           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--use_trace", "True",
-           "--input_shape", "[1, 1, 64, 64, 64]", "--feature_size", "12"]
-    result = subprocess.run(cmd, cwd=BTCV_DIR, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(BTCV_DIR)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(ts_path),
+        "--ckpt_file",
+        str(trained["model"]),
+        "--key_in_ckpt",
+        "model",
+        "--ckpt_path",
+        str(trained["model"]),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--use_trace",
+        "True",
+        "--input_shape",
+        "[1, 1, 64, 64, 64]",
+        "--feature_size",
+        "12",
+    ]
+    result = subprocess.run(
+        cmd, cwd=BTCV_DIR, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(BTCV_DIR)}
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     traced = torch.jit.load(str(ts_path))
     eager = SwinUNETR(1, 14, feature_size=12)
@@ -172,10 +244,18 @@ def test_channels_last_cpu_inference_agrees_with_the_float32_reference(trained, 
     labels = {}
     for channels_last in (True, False):
         out = tmp_path / f"channels_last_{channels_last}"
-        workflow = run_workflow(["inference.json"], "infer", dataset_dir=str(phantom_dir),
-                                datalist=str(phantom_dir / "datalist.json"), ckpt_path=str(trained["model"]),
-                                output_dir=str(out), num_workers=0, channels_last=channels_last, amp=False,
-                                **INFER_SMALL)
+        workflow = run_workflow(
+            ["inference.json"],
+            "infer",
+            dataset_dir=str(phantom_dir),
+            datalist=str(phantom_dir / "datalist.json"),
+            ckpt_path=str(trained["model"]),
+            output_dir=str(out),
+            num_workers=0,
+            channels_last=channels_last,
+            amp=False,
+            **INFER_SMALL,
+        )
         network = workflow.parser.get_parsed_content("network")
         norms = {type(m).__name__ for m in network.modules() if "Norm" in type(m).__name__}
         conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))
@@ -199,9 +279,17 @@ def test_bf16_cpu_inference_agrees_with_float32_on_a_trained_model(trained, phan
     labels = {}
     for amp in (True, False):
         out = tmp_path / f"amp_{amp}"
-        run_workflow(["inference.json"], "infer", dataset_dir=str(phantom_dir),
-                     datalist=str(phantom_dir / "datalist.json"), ckpt_path=str(trained["model"]),
-                     output_dir=str(out), num_workers=0, amp=amp, **INFER_SMALL)
+        run_workflow(
+            ["inference.json"],
+            "infer",
+            dataset_dir=str(phantom_dir),
+            datalist=str(phantom_dir / "datalist.json"),
+            ckpt_path=str(trained["model"]),
+            output_dir=str(out),
+            num_workers=0,
+            amp=amp,
+            **INFER_SMALL,
+        )
         (path,) = out.glob("*.nii.gz")
         labels[amp] = np.asarray(nib.load(path).dataobj)
     agreement = np.mean(labels[True] == labels[False])

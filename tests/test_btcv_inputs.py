@@ -15,8 +15,10 @@ def _case(folder, name, image, label, affine=None, label_affine=None):
     affine = np.diag([1.5, 1.5, 2.0, 1.0]) if affine is None else affine
     nib.save(nib.Nifti1Image(image.astype(np.float32), affine), folder / f"{name}_img.nii.gz")
     if label is not None:
-        nib.save(nib.Nifti1Image(label.astype(np.uint8), affine if label_affine is None else label_affine),
-                 folder / f"{name}_label.nii.gz")
+        nib.save(
+            nib.Nifti1Image(label.astype(np.uint8), affine if label_affine is None else label_affine),
+            folder / f"{name}_label.nii.gz",
+        )
     return {"image": f"{name}_img.nii.gz", "label": f"{name}_label.nii.gz"}
 
 
@@ -29,18 +31,36 @@ def _good():
 
 
 BAD_CASES = {
-    "missing file": (lambda f: {"image": "nowhere_img.nii.gz", "label": "nowhere_label.nii.gz"},
-                     "nowhere_img.nii.gz", "file not found"),
-    "shape mismatch": (lambda f: _case(f, "shape", _good()[0], np.zeros((40, 40, 31))),
-                       "shape_label.nii.gz", "differs from image shape"),
-    "affine mismatch": (lambda f: _case(f, "affine", *_good(), label_affine=np.diag([1.0, 1.5, 2.0, 1.0])),
-                        "affine_label.nii.gz", "label affine differs"),
-    "label ids outside 0..13": (lambda f: _case(f, "ids", _good()[0], _good()[1] * 3),
-                                "ids_label.nii.gz", "label ids [18] are outside 0..13"),
-    "wrong channel count": (lambda f: _case(f, "chan", np.zeros((40, 40, 30, 2)), _good()[1]),
-                            "chan_img.nii.gz", "has 2 channel(s), the network expects 1"),
-    "non-finite image": (lambda f: _case(f, "nan", np.where(_good()[1] > 0, np.nan, _good()[0]), _good()[1]),
-                         "nan_img.nii.gz", "non-finite"),
+    "missing file": (
+        lambda f: {"image": "nowhere_img.nii.gz", "label": "nowhere_label.nii.gz"},
+        "nowhere_img.nii.gz",
+        "file not found",
+    ),
+    "shape mismatch": (
+        lambda f: _case(f, "shape", _good()[0], np.zeros((40, 40, 31))),
+        "shape_label.nii.gz",
+        "differs from image shape",
+    ),
+    "affine mismatch": (
+        lambda f: _case(f, "affine", *_good(), label_affine=np.diag([1.0, 1.5, 2.0, 1.0])),
+        "affine_label.nii.gz",
+        "label affine differs",
+    ),
+    "label ids outside 0..13": (
+        lambda f: _case(f, "ids", _good()[0], _good()[1] * 3),
+        "ids_label.nii.gz",
+        "label ids [18] are outside 0..13",
+    ),
+    "wrong channel count": (
+        lambda f: _case(f, "chan", np.zeros((40, 40, 30, 2)), _good()[1]),
+        "chan_img.nii.gz",
+        "has 2 channel(s), the network expects 1",
+    ),
+    "non-finite image": (
+        lambda f: _case(f, "nan", np.where(_good()[1] > 0, np.nan, _good()[0]), _good()[1]),
+        "nan_img.nii.gz",
+        "non-finite",
+    ),
 }
 
 
@@ -51,8 +71,9 @@ def test_bad_training_input_is_reported_before_training(problem, tmp_path):
     bad = make(tmp_path)
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [good, bad], "validation": [good]}))
     with bundle_on_path():
-        workflow = btcv_workflow(["train.json"], "train", dataset_dir=str(tmp_path), bundle_root=str(tmp_path / "run"),
-                                 max_epochs=1, **SMALL)
+        workflow = btcv_workflow(
+            ["train.json"], "train", dataset_dir=str(tmp_path), bundle_root=str(tmp_path / "run"), max_epochs=1, **SMALL
+        )
         error, steps = train_until_failure(workflow)
     text = error_text(error)
     assert str(tmp_path / culprit) in text

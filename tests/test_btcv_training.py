@@ -12,7 +12,7 @@ import pytest
 import torch
 from monai.networks.nets import SwinUNETR
 
-from tests.conftest import BTCV_DIR, REPO, SMALL, btcv_workflow, bundle_on_path, error_text, run_workflow
+from tests.conftest import BTCV_DIR, REPO, SMALL, btcv_workflow, bundle_on_path, error_text
 
 
 def test_training_two_iterations_and_validation_leave_checkpoints(trained):
@@ -42,8 +42,14 @@ def test_resume_continues_from_the_saved_step(trained, phantom_dir, tmp_path):
     steps_run = []
     with bundle_on_path():
         workflow = btcv_workflow(
-            ["train.json"], "train", dataset_dir=str(phantom_dir), bundle_root=str(tmp_path),
-            resume_from=str(trained["last"]), max_epochs=2, val_interval=5, **SMALL,
+            ["train.json"],
+            "train",
+            dataset_dir=str(phantom_dir),
+            bundle_root=str(tmp_path),
+            resume_from=str(trained["last"]),
+            max_epochs=2,
+            val_interval=5,
+            **SMALL,
         )
         workflow.initialize()
         trainer = workflow.trainer
@@ -78,8 +84,14 @@ def test_pretrained_path_loads_official_encoder_into_parsed_network(tmp_path, ph
     path = tmp_path / "model_swinvit.pt"
     source = _official_encoder_file(path, feature_size=48)
     with bundle_on_path():
-        workflow = btcv_workflow(["train.json"], "train", dataset_dir=str(phantom_dir), bundle_root=str(tmp_path),
-                                 pretrained_path=str(path), feature_size=48)
+        workflow = btcv_workflow(
+            ["train.json"],
+            "train",
+            dataset_dir=str(phantom_dir),
+            bundle_root=str(tmp_path),
+            pretrained_path=str(path),
+            feature_size=48,
+        )
         # the bundle's logging.conf replaces the root handlers, pytest's capture among them
         bundle_logger = logging.getLogger("swin_unetr_btcv_seg")
         bundle_logger.addHandler(caplog.handler)
@@ -89,9 +101,15 @@ def test_pretrained_path_loads_official_encoder_into_parsed_network(tmp_path, ph
             bundle_logger.removeHandler(caplog.handler)
         from scripts.patch_merging import LegacyPatchMerging
 
-    assert all(isinstance(layer[0].downsample, LegacyPatchMerging)
-               for layer in (network.swinViT.layers1, network.swinViT.layers2, network.swinViT.layers3,
-                             network.swinViT.layers4))
+    assert all(
+        isinstance(layer[0].downsample, LegacyPatchMerging)
+        for layer in (
+            network.swinViT.layers1,
+            network.swinViT.layers2,
+            network.swinViT.layers3,
+            network.swinViT.layers4,
+        )
+    )
     loaded = network.swinViT.state_dict()
     assert len(loaded) == len(source) == 126
     assert all(torch.equal(loaded[k], source[k]) for k in source)
@@ -102,8 +120,14 @@ def test_pretrained_path_with_other_feature_size_fails_clearly(tmp_path, phantom
     path = tmp_path / "fs24.pt"
     _official_encoder_file(path, feature_size=24)
     with bundle_on_path():
-        workflow = btcv_workflow(["train.json"], "train", dataset_dir=str(phantom_dir), bundle_root=str(tmp_path),
-                                 pretrained_path=str(path), feature_size=12)
+        workflow = btcv_workflow(
+            ["train.json"],
+            "train",
+            dataset_dir=str(phantom_dir),
+            bundle_root=str(tmp_path),
+            pretrained_path=str(path),
+            feature_size=12,
+        )
         with pytest.raises(Exception) as info:
             workflow.parser.get_parsed_content("network")
     text = error_text(info.value)
@@ -111,12 +135,29 @@ def test_pretrained_path_with_other_feature_size_fails_clearly(tmp_path, phantom
 
 
 def test_two_process_ddp_training_on_cpu(phantom_dir, tmp_path):
-    overrides = {**SMALL, "max_epochs": 1, "val_interval": 1, "dataset_dir": str(phantom_dir),
-                 "datalist": str(phantom_dir / "datalist.json"), "bundle_root": str(tmp_path), "lr_scaling": "linear"}
+    overrides = {
+        **SMALL,
+        "max_epochs": 1,
+        "val_interval": 1,
+        "dataset_dir": str(phantom_dir),
+        "datalist": str(phantom_dir / "datalist.json"),
+        "bundle_root": str(tmp_path),
+        "lr_scaling": "linear",
+    }
     args = [f"--{k}={v!r}" if isinstance(v, list) else f"--{k}={v}" for k, v in overrides.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "monai.bundle", "run", "--config_file",
-           "['configs/train.json','configs/multi_gpu_train.json']", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+        *args,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(BTCV_DIR)]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=BTCV_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -12,8 +12,17 @@ from tools.sync_bundle_code import HEADER_START, check, expected_copies, load_ma
 BTCV, MSD, SSL = "swin_unetr_btcv_seg", "swin_unetr_msd", "swin_unetr_ssl_pretrain"
 # The modules that were kept identical by hand before the manifest: they must stay shared.
 SHARED_WITH_BTCV = {
-    MSD: ("allocator.py", "checkpoints.py", "checks.py", "datalists.py", "encoder_weights.py", "inferers.py",
-          "metrics.py", "patch_merging.py", "transforms.py"),
+    MSD: (
+        "allocator.py",
+        "checkpoints.py",
+        "checks.py",
+        "datalists.py",
+        "encoder_weights.py",
+        "inferers.py",
+        "metrics.py",
+        "patch_merging.py",
+        "transforms.py",
+    ),
     SSL: ("allocator.py", "checkpoints.py", "encoder_weights.py", "patch_merging.py"),
 }
 
@@ -30,8 +39,9 @@ def _tmp_tree(tmp_path):
 
 def test_every_copy_in_the_repository_is_in_sync():
     assert check(REPO) == []
-    result = subprocess.run([sys.executable, "tools/sync_bundle_code.py", "--check"], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "tools/sync_bundle_code.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -58,9 +68,11 @@ def test_a_drifted_or_missing_copy_is_named_and_sync_repairs_it(tmp_path, capsys
     missing.unlink()
     stale = root / "bundles" / SSL / "scripts" / "old_shared.py"
     stale.write_text(f"{HEADER_START}bundles/common/scripts/old_shared.py by tools/sync_bundle_code.py\n")
-    assert check(root) == [f"differs from its source: bundles/{MSD}/scripts/checks.py",
-                           f"missing: bundles/{SSL}/scripts/patch_merging.py",
-                           f"not in the manifest: bundles/{SSL}/scripts/old_shared.py"]
+    assert check(root) == [
+        f"differs from its source: bundles/{MSD}/scripts/checks.py",
+        f"missing: bundles/{SSL}/scripts/patch_merging.py",
+        f"not in the manifest: bundles/{SSL}/scripts/old_shared.py",
+    ]
     assert main(["--check", "--root", str(root)]) == 1
     out = capsys.readouterr()
     assert f"bundles/{MSD}/scripts/checks.py" in out.out and "out of sync" in out.err

@@ -16,8 +16,18 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from monai.networks.nets import SwinUNETR
 
-from tests.conftest import (BTCV_DIR, MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, SCHEMA, SMALL, SSL_DIR, SSL_SMALL,
-                            btcv_workflow, bundle_on_path)
+from tests.conftest import (
+    BTCV_DIR,
+    MSD_DIR,
+    MSD_INFER_SMALL,
+    MSD_SMALL,
+    SCHEMA,
+    SMALL,
+    SSL_DIR,
+    SSL_SMALL,
+    btcv_workflow,
+    bundle_on_path,
+)
 from tools.make_msd_tasks import write_msd_task
 
 BUNDLES = {"btcv": BTCV_DIR, "msd": MSD_DIR, "ssl": SSL_DIR}
@@ -26,18 +36,84 @@ MSD_TASK = "Task09_Spleen"
 
 # Knobs a user overrides, named by each bundle's model card (beyond the literal-valued top-level keys).
 PUBLIC_KNOBS = {
-    "btcv": ["dataset_dir", "datalist", "output_dir", "device", "amp", "roi_size", "spacing", "feature_size",
-             "sw_batch_size", "overlap", "num_workers", "learning_rate", "max_epochs", "val_interval",
-             "pretrained_path"],
-    "msd": ["task", "dataset_dir", "dataset_json", "datalist", "fold", "num_folds", "split_seed", "output_dir",
-            "ckpt_dir", "device", "amp", "spacing", "roi_size", "intensity", "augmentation", "feature_size",
-            "pretrained_path", "patch_merging", "in_channel_rule", "resume_from", "batch_size", "num_samples",
-            "num_workers", "learning_rate", "max_epochs", "val_interval", "sw_batch_size", "overlap"],
-    "ssl": ["dataset_dir", "datalist", "output_dir", "ckpt_dir", "device", "amp", "roi_size", "spacing",
-            "hu_window", "feature_size", "pretrained_path", "patch_merging", "resume", "on_bad_volume",
-            "dataset_type", "cache_dir", "batch_size", "num_samples", "cutout_fraction", "temperature",
-            "inpaint_weight", "contrast_weight", "rotation_weight", "learning_rate", "warmup_steps", "num_steps",
-            "accumulation_steps", "val_interval", "ckpt_metric"],
+    "btcv": [
+        "dataset_dir",
+        "datalist",
+        "output_dir",
+        "device",
+        "amp",
+        "roi_size",
+        "spacing",
+        "feature_size",
+        "sw_batch_size",
+        "overlap",
+        "num_workers",
+        "learning_rate",
+        "max_epochs",
+        "val_interval",
+        "pretrained_path",
+    ],
+    "msd": [
+        "task",
+        "dataset_dir",
+        "dataset_json",
+        "datalist",
+        "fold",
+        "num_folds",
+        "split_seed",
+        "output_dir",
+        "ckpt_dir",
+        "device",
+        "amp",
+        "spacing",
+        "roi_size",
+        "intensity",
+        "augmentation",
+        "feature_size",
+        "pretrained_path",
+        "patch_merging",
+        "in_channel_rule",
+        "resume_from",
+        "batch_size",
+        "num_samples",
+        "num_workers",
+        "learning_rate",
+        "max_epochs",
+        "val_interval",
+        "sw_batch_size",
+        "overlap",
+    ],
+    "ssl": [
+        "dataset_dir",
+        "datalist",
+        "output_dir",
+        "ckpt_dir",
+        "device",
+        "amp",
+        "roi_size",
+        "spacing",
+        "hu_window",
+        "feature_size",
+        "pretrained_path",
+        "patch_merging",
+        "resume",
+        "on_bad_volume",
+        "dataset_type",
+        "cache_dir",
+        "batch_size",
+        "num_samples",
+        "cutout_fraction",
+        "temperature",
+        "inpaint_weight",
+        "contrast_weight",
+        "rotation_weight",
+        "learning_rate",
+        "warmup_steps",
+        "num_steps",
+        "accumulation_steps",
+        "val_interval",
+        "ckpt_metric",
+    ],
 }
 # Knobs of the other configs: {config: knobs that it defines and the model card documents}
 OTHER_CONFIG_KNOBS = {
@@ -45,8 +121,20 @@ OTHER_CONFIG_KNOBS = {
     "msd": {"inference.json": ["ckpt_path", "folds_dir", "tta_flips"]},
     "ssl": {"export.json": ["ckpt_path", "encoder_path"]},
 }
-BTCV_INFERENCE_KNOBS = ["dataset_dir", "datalist", "output_dir", "device", "amp", "roi_size", "spacing",
-                        "feature_size", "sw_batch_size", "overlap", "num_workers", "ckpt_path"]
+BTCV_INFERENCE_KNOBS = [
+    "dataset_dir",
+    "datalist",
+    "output_dir",
+    "device",
+    "amp",
+    "roi_size",
+    "spacing",
+    "feature_size",
+    "sw_batch_size",
+    "overlap",
+    "num_workers",
+    "ckpt_path",
+]
 # Literal-valued top-level keys that are not knobs: MONAI's bundle root, and the network shape that
 # the metadata fixes (checked against it below and in the per-bundle tests).
 NOT_KNOBS = {"bundle_root", "in_channels", "num_classes"}
@@ -138,8 +226,9 @@ def test_run_ids_are_present(bundle):
 def test_multi_gpu_initialize_keeps_every_single_process_step(bundle):
     """Parsed as monai.bundle run merges the two files: train.json's steps first, then the DDP ones."""
     train = _config(bundle, "train.json")["initialize"]
-    merged = ConfigParser.load_config_files([str(BUNDLES[bundle] / "configs" / name)
-                                             for name in ("train.json", "multi_gpu_train.json")])
+    merged = ConfigParser.load_config_files(
+        [str(BUNDLES[bundle] / "configs" / name) for name in ("train.json", "multi_gpu_train.json")]
+    )
     assert merged["initialize"][: len(train)] == train
     assert "$scripts.allocator.reuse_freed_memory(@reuse_cpu_memory and @device.type == 'cpu')" in train
     assert len(merged["initialize"]) > len(train)
@@ -154,8 +243,11 @@ def test_multi_gpu_initialize_keeps_every_single_process_step(bundle):
 @pytest.mark.parametrize("bundle", WITH_INFERENCE)
 def test_evaluation_inserts_the_original_label_copy_by_group_name(bundle, phantom_dir, msd_task_root, tmp_path):
     """evaluate.json's preprocessing is train.json's deterministic transforms plus one copy after loading."""
-    overrides = ({"dataset_dir": str(phantom_dir), "datalist": str(phantom_dir / "datalist.json")} if bundle == "btcv"
-                 else {"task": MSD_TASK, "dataset_dir": str(msd_task_root / MSD_TASK), "num_folds": 3})
+    overrides = (
+        {"dataset_dir": str(phantom_dir), "datalist": str(phantom_dir / "datalist.json")}
+        if bundle == "btcv"
+        else {"task": MSD_TASK, "dataset_dir": str(msd_task_root / MSD_TASK), "num_folds": 3}
+    )
     files = [str(BUNDLES[bundle] / "configs" / name) for name in ("train.json", "evaluate.json")]
     with bundle_on_path(BUNDLES[bundle]):
         parser = ConfigParser(ConfigParser.load_config_files(files))
@@ -177,8 +269,11 @@ def _settings(bundle: str, phantom_dir: Path, msd_task_root: Path, ssl_corpus: P
     """(train overrides, inference overrides or None) for a small, fast workflow of ``bundle``."""
     if bundle == "btcv":
         data = {"dataset_dir": str(phantom_dir), "datalist": str(phantom_dir / "datalist.json")}
-        infer = {**data, "ckpt_path": _checkpoint(tmp_path / "model.pt", 1, 14),
-                 **{k: SMALL[k] for k in ("feature_size", "roi_size", "sw_batch_size")}}
+        infer = {
+            **data,
+            "ckpt_path": _checkpoint(tmp_path / "model.pt", 1, 14),
+            **{k: SMALL[k] for k in ("feature_size", "roi_size", "sw_batch_size")},
+        }
         return {**data, **SMALL}, infer
     if bundle == "msd":
         data = {"task": MSD_TASK, "dataset_dir": str(msd_task_root / MSD_TASK)}
@@ -196,8 +291,9 @@ def test_train_and_infer_workflows_pass_check_properties(bundle, phantom_dir, ms
         for run_id in ("run", "training"):
             assert run_id in train.parser
         if infer_settings is not None:
-            infer = btcv_workflow(["inference.json"], "infer", BUNDLES[bundle], bundle_root=str(tmp_path),
-                                  **infer_settings)
+            infer = btcv_workflow(
+                ["inference.json"], "infer", BUNDLES[bundle], bundle_root=str(tmp_path), **infer_settings
+            )
             assert infer.check_properties() in (None, [])
 
 
@@ -206,13 +302,19 @@ def test_network_def_matches_network_data_format(bundle, msd_task_root, tmp_path
     """monai.bundle.verify_net_in_out on inference.json's network_def (fs 12, CPU); SSL has no inference config."""
     configs = BUNDLES[bundle] / "configs"
     out_channels = json.loads((configs / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"][
-        "num_channels"]
+        "num_channels"
+    ]
     overrides = {"feature_size": 12, "ckpt_path": _checkpoint(tmp_path / "model.pt", 1, out_channels)}
     if bundle == "msd":
         overrides.update(task=MSD_TASK, dataset_dir=str(msd_task_root / MSD_TASK))
     with bundle_on_path(BUNDLES[bundle]):
-        verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
-                          config_file=str(configs / "inference.json"), device="cpu", **overrides)
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=str(configs / "metadata.json"),
+            config_file=str(configs / "inference.json"),
+            device="cpu",
+            **overrides,
+        )
 
 
 @pytest.mark.parametrize("bundle", list(BUNDLES))
@@ -237,11 +339,17 @@ def test_bundle_scripts_import_one_way_and_at_module_level(bundle):
         tree = ast.parse(path.read_text())
         for func in ast.walk(tree):
             if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                hidden += [f"{path.name}:{func.name}" for node in ast.walk(func)
-                           if isinstance(node, (ast.Import, ast.ImportFrom))]
+                hidden += [
+                    f"{path.name}:{func.name}"
+                    for node in ast.walk(func)
+                    if isinstance(node, (ast.Import, ast.ImportFrom))
+                ]
         if path.stem != "__init__":
-            graph[path.stem] = {node.module.split(".")[0] for node in tree.body
-                                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+            graph[path.stem] = {
+                node.module.split(".")[0]
+                for node in tree.body
+                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+            }
     assert hidden == []
     done: set[str] = set()
 

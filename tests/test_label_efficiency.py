@@ -76,8 +76,13 @@ def test_subsets_nested_seeded_at_least_one():
 
 
 def test_budget_math():
-    assert le.plan_budget(100) == {"iterations": 100, "epoch_length": 1, "max_epochs": 100,
-                                   "val_interval": 100, "num_validations": 1}
+    assert le.plan_budget(100) == {
+        "iterations": 100,
+        "epoch_length": 1,
+        "max_epochs": 100,
+        "val_interval": 100,
+        "num_validations": 1,
+    }
     b = le.plan_budget(120, epoch_length=4, val_interval=10)
     assert (b["max_epochs"], b["num_validations"]) == (30, 3)
     assert b["max_epochs"] * b["epoch_length"] == 120
@@ -91,14 +96,18 @@ def test_budget_math():
 
 def test_overrides_parsing(tmp_path):
     assert le.parse_overrides('{"feature_size": 12, "roi_size": [64, 64, 64]}') == {
-        "feature_size": 12, "roi_size": [64, 64, 64]}
+        "feature_size": 12,
+        "roi_size": [64, 64, 64],
+    }
     f = tmp_path / "o.json"
     f.write_text('{"use_checkpoint": false}')
     assert le.parse_overrides(str(f)) == {"use_checkpoint": False}
     assert le.parse_overrides(None) == {}
     # fire reads '{"use_checkpoint": false}' from the command line as {"use_checkpoint": "false"}
     assert le.parse_overrides({"use_checkpoint": "false", "a": ["null", "true"]}) == {
-        "use_checkpoint": False, "a": [None, True]}
+        "use_checkpoint": False,
+        "a": [None, True],
+    }
     with pytest.raises(ValueError, match="max_epochs"):
         le.parse_overrides({"max_epochs": 3})
     # the budget and data settings of a run are the runner's, the rest passes through
@@ -142,7 +151,8 @@ def _check_outputs(out: Path, fractions, iterations, overrides, pretrained):
     assert len(rows) == 2 * len(fractions)
     assert list(rows[0]) == list(le.CSV_FIELDS)
     assert sorted({(float(r["fraction"]), r["init"]) for r in rows}) == sorted(
-        (f, i) for f in fractions for i in ("ssl", "scratch"))
+        (f, i) for f in fractions for i in ("ssl", "scratch")
+    )
     for r in rows:
         assert int(r["iterations"]) == iterations
         assert 0.0 <= float(r["best_val_dice"]) <= 1.0 and 0.0 <= float(r["final_val_dice"]) <= 1.0
@@ -154,8 +164,14 @@ def _check_outputs(out: Path, fractions, iterations, overrides, pretrained):
     assert s["pretrained_path"] == str(pretrained) and s["seed"] == 3 and s["machine"]["python"]
     md = (out / "label_efficiency.md").read_text()
     assert md.count("\n| ") == 1 + len(rows)  # header + one line per run
-    for text in (json.dumps(overrides, sort_keys=True), str(pretrained), f"{iterations} iterations", "seed: 3",
-                 "machine:", s["date"]):
+    for text in (
+        json.dumps(overrides, sort_keys=True),
+        str(pretrained),
+        f"{iterations} iterations",
+        "seed: 3",
+        "machine:",
+        s["date"],
+    ):
         assert text in md, text
     assert (out / "label_efficiency.png").read_bytes()[:8] == PNG_MAGIC
     return rows, record
@@ -168,14 +184,23 @@ def test_study_orchestration(phantoms, tmp_path, monkeypatch):
     pretrained.write_bytes(b"weights")
     overrides = {**SMALL, "spacing": [1.5, 1.5, 2.0]}
     out = tmp_path / "study"
-    result = le.label_efficiency(str(phantoms / "datalist.json"), str(pretrained), iterations=6, output_dir=str(out),
-                                 fractions=[0.5, 0.25, 1.0], seed=3, val_interval=2, overrides=json.dumps(overrides))
+    result = le.label_efficiency(
+        str(phantoms / "datalist.json"),
+        str(pretrained),
+        iterations=6,
+        output_dir=str(out),
+        fractions=[0.5, 0.25, 1.0],
+        seed=3,
+        val_interval=2,
+        overrides=json.dumps(overrides),
+    )
     rows, record = _check_outputs(out, [0.25, 0.5, 1.0], 6, overrides, pretrained)
     assert len(result["rows"]) == 6
 
     # every run: the same budget and validation cadence, the ssl/scratch pair of a fraction on the same cases
     assert {(c["--max_epochs"], c["--train#trainer#epoch_length"], c["--val_interval"]) for c in calls} == {
-        ("6", "1", "2")}
+        ("6", "1", "2")
+    }
     assert [c.get("--pretrained_path") for c in calls] == [str(pretrained), None] * 3
     subsets = [json.loads(Path(c["--datalist"]).read_text()) for c in calls]
     images = [[d["image"] for d in s["training"]] for s in subsets]
@@ -229,8 +254,9 @@ def test_real_run_ssl_one_iteration(phantoms, encoder_file, tmp_path):
     """One real bundle subprocess: SSL weights loaded, 1 iteration, Dice read back from the events."""
     data = json.loads((phantoms / "datalist.json").read_text())
     run_dir = tmp_path / "runs" / "f0.25_ssl"
-    summary = le.run_one(run_dir, data["training"][:1], data["validation"], phantoms, le.plan_budget(1), 0,
-                         encoder_file, SMALL)
+    summary = le.run_one(
+        run_dir, data["training"][:1], data["validation"], phantoms, le.plan_budget(1), 0, encoder_file, SMALL
+    )
     assert 0.0 <= summary["best_val_dice"] <= 1.0
     assert summary["final_val_dice"] == summary["best_val_dice"] and summary["val_curve"][0][0] == 1
     log = (run_dir / "train.log").read_text()
@@ -243,10 +269,31 @@ def test_cli_end_to_end(phantoms, encoder_file, tmp_path):
     """The whole study from the command line: fractions 0.5 and 1, 2 iterations, 4 real runs (minutes)."""
     out = tmp_path / "study"
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.label_efficiency", "--datalist", str(phantoms / "datalist.json"),
-         "--pretrained_path", str(encoder_file), "--iterations", "2", "--val_interval", "1",
-         "--fractions", "[0.5,1.0]", "--seed", "3", "--output_dir", str(out), "--overrides", json.dumps(SMALL)],
-        cwd=REPO, capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            "-m",
+            "tools.label_efficiency",
+            "--datalist",
+            str(phantoms / "datalist.json"),
+            "--pretrained_path",
+            str(encoder_file),
+            "--iterations",
+            "2",
+            "--val_interval",
+            "1",
+            "--fractions",
+            "[0.5,1.0]",
+            "--seed",
+            "3",
+            "--output_dir",
+            str(out),
+            "--overrides",
+            json.dumps(SMALL),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert proc.returncode == 0, f"{proc.stdout[-5000:]}\n{proc.stderr[-3000:]}"
     rows, record = _check_outputs(out, [0.5, 1.0], 2, SMALL, encoder_file)

@@ -17,18 +17,31 @@ import pytest
 import torch
 from monai.networks.nets import SwinUNETR
 
-from tests.conftest import (MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, btcv_workflow, train_until_failure, verify_metadata,
-                            bundle_on_path, error_text)
+from tests.conftest import (
+    MSD_DIR,
+    MSD_INFER_SMALL,
+    MSD_SMALL,
+    btcv_workflow,
+    bundle_on_path,
+    error_text,
+    train_until_failure,
+    verify_metadata,
+)
 from tools.make_msd_tasks import MSD_TASKS, write_msd_task
 
 CONFIGS = MSD_DIR / "configs"
 N_ENCODER = 126
 EXPECTED = {  # task: (input channels, labels incl. background, intensity rule)
-    "Task01_BrainTumour": (4, 4, "zscore_nonzero"), "Task02_Heart": (1, 2, "zscore_nonzero"),
-    "Task03_Liver": (1, 3, "ct_window"), "Task04_Hippocampus": (1, 3, "zscore_nonzero"),
-    "Task05_Prostate": (2, 3, "zscore_nonzero"), "Task06_Lung": (1, 2, "ct_window"),
-    "Task07_Pancreas": (1, 3, "ct_window"), "Task08_HepaticVessel": (1, 3, "ct_window"),
-    "Task09_Spleen": (1, 2, "ct_window"), "Task10_Colon": (1, 2, "ct_window"),
+    "Task01_BrainTumour": (4, 4, "zscore_nonzero"),
+    "Task02_Heart": (1, 2, "zscore_nonzero"),
+    "Task03_Liver": (1, 3, "ct_window"),
+    "Task04_Hippocampus": (1, 3, "zscore_nonzero"),
+    "Task05_Prostate": (2, 3, "zscore_nonzero"),
+    "Task06_Lung": (1, 2, "ct_window"),
+    "Task07_Pancreas": (1, 3, "ct_window"),
+    "Task08_HepaticVessel": (1, 3, "ct_window"),
+    "Task09_Spleen": (1, 2, "ct_window"),
+    "Task10_Colon": (1, 2, "ct_window"),
 }
 
 
@@ -69,8 +82,9 @@ def test_task_settings_come_from_the_task_file_and_dataset_json(task, tasks_root
 def _spleen_folder_error(tasks_root, task: str, key: str) -> str:
     """The error text of parsing ``key`` for ``task`` on the Task09_Spleen folder (which must fail)."""
     with bundle_on_path(MSD_DIR):
-        parser = btcv_workflow(["train.json"], "train", MSD_DIR, task=task,
-                               dataset_dir=str(tasks_root / "Task09_Spleen")).parser
+        parser = btcv_workflow(
+            ["train.json"], "train", MSD_DIR, task=task, dataset_dir=str(tasks_root / "Task09_Spleen")
+        ).parser
         with pytest.raises(Exception) as info:
             parser.get_parsed_content(key)
     return error_text(info.value)
@@ -92,8 +106,9 @@ def test_five_fold_split_is_disjoint_covers_all_cases_and_is_seeded(tmp_path):
     with bundle_on_path(MSD_DIR):
         splits = []
         for fold in range(5):
-            parser = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task04_Hippocampus",
-                                   dataset_dir=str(folder), fold=fold).parser
+            parser = btcv_workflow(
+                ["train.json"], "train", MSD_DIR, task="Task04_Hippocampus", dataset_dir=str(folder), fold=fold
+            ).parser
             splits.append(parser.get_parsed_content("train#split"))
         from scripts.msd_data import fold_indices
     every = sorted(str(folder / "imagesTr" / f"hippocampus_{n:03d}.nii.gz") for n in range(1, 14))
@@ -119,8 +134,9 @@ def test_without_a_training_list_images_and_labels_are_paired_by_name(tmp_path):
     (folder / "dataset.json").write_text(json.dumps(dataset))
     (folder / "imagesTr" / "._la_001.nii.gz").write_bytes(b"macOS resource fork")
     with bundle_on_path(MSD_DIR):
-        split = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task02_Heart", dataset_dir=str(folder),
-                              num_folds=2).parser.get_parsed_content("train#split")
+        split = btcv_workflow(
+            ["train.json"], "train", MSD_DIR, task="Task02_Heart", dataset_dir=str(folder), num_folds=2
+        ).parser.get_parsed_content("train#split")
     cases = split["training"] + split["validation"]
     assert sorted(c["image"] for c in cases) == [str(folder / "imagesTr" / f"la_{n:03d}.nii.gz") for n in range(1, 5)]
     assert all(c["label"] == c["image"].replace("imagesTr", "labelsTr") for c in cases)
@@ -133,8 +149,11 @@ def _replace(path, data, affine=None):
 
 BAD_INPUTS = {
     "wrong channel count": ("imagesTr", lambda a: a[..., :3], "has 3 channel(s), the network expects 4"),
-    "label ids outside the task's labels": ("labelsTr", lambda a: (a > 0).astype(np.uint8) * 7,
-                                            "label ids [7] are outside 0..3"),
+    "label ids outside the task's labels": (
+        "labelsTr",
+        lambda a: (a > 0).astype(np.uint8) * 7,
+        "label ids [7] are outside 0..3",
+    ),
     "non-finite image": ("imagesTr", lambda a: np.where(a > 400, np.nan, a).astype(np.float32), "non-finite"),
     "missing file": ("imagesTr", None, "file not found"),
 }
@@ -150,8 +169,18 @@ def test_bad_training_input_stops_before_training_naming_the_file(problem, tmp_p
     else:
         _replace(culprit, change(np.asarray(nib.load(str(culprit)).dataobj)))
     with bundle_on_path(MSD_DIR):
-        workflow = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task01_BrainTumour", dataset_dir=str(folder),
-                                 bundle_root=str(tmp_path / "run"), num_folds=3, fold=2, max_epochs=1, **MSD_SMALL)
+        workflow = btcv_workflow(
+            ["train.json"],
+            "train",
+            MSD_DIR,
+            task="Task01_BrainTumour",
+            dataset_dir=str(folder),
+            bundle_root=str(tmp_path / "run"),
+            num_folds=3,
+            fold=2,
+            max_epochs=1,
+            **MSD_SMALL,
+        )
         error, steps = train_until_failure(workflow)
     text = error_text(error)
     assert str(culprit) in text and message in text
@@ -162,8 +191,10 @@ def _official_encoder_file(path, feature_size):
     """An official-format (model_swinvit.pt layout) single-channel encoder file from a random encoder."""
     torch.manual_seed(3)
     encoder = SwinUNETR(1, 2, feature_size=feature_size).swinViT
-    state = {f"module.{k}".replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v
-             for k, v in encoder.state_dict().items()}
+    state = {
+        f"module.{k}".replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v
+        for k, v in encoder.state_dict().items()
+    }
     torch.save({"state_dict": state}, path)
     return state["module.patch_embed.proj.weight"]
 
@@ -175,8 +206,9 @@ def test_multi_channel_task_loads_every_encoder_tensor_with_the_documented_rule(
     with bundle_on_path(MSD_DIR):
         logging.getLogger("swin_unetr_msd").addHandler(caplog.handler)
         caplog.set_level(logging.INFO, logger="swin_unetr_msd")
-        parser = _workflow(["train.json"], "train", task, tasks_root, pretrained_path=str(tmp_path / "model_swinvit.pt"),
-                           **MSD_SMALL).parser
+        parser = _workflow(
+            ["train.json"], "train", task, tasks_root, pretrained_path=str(tmp_path / "model_swinvit.pt"), **MSD_SMALL
+        ).parser
         network = parser.get_parsed_content("network")
     assert f"loaded {N_ENCODER}/{N_ENCODER} encoder tensors" in caplog.text
     assert f"adapted the single-channel patch embedding to {channels} input channels" in caplog.text
@@ -185,19 +217,29 @@ def test_multi_channel_task_loads_every_encoder_tensor_with_the_documented_rule(
     torch.testing.assert_close(weight, kernel.repeat(1, channels, 1, 1, 1) / channels)
     # equal channels give exactly what the single-channel encoder computes (legacy merging: official file)
     single = SwinUNETR(1, 2, feature_size=12, downsample=network.swinViT.layers1[0].downsample.__class__).swinViT
-    single.load_state_dict({k: v for k, v in network.swinViT.state_dict().items() if k != "patch_embed.proj.weight"}
-                           | {"patch_embed.proj.weight": kernel}, strict=True)
+    single.load_state_dict(
+        {k: v for k, v in network.swinViT.state_dict().items() if k != "patch_embed.proj.weight"}
+        | {"patch_embed.proj.weight": kernel},
+        strict=True,
+    )
     x = torch.randn(1, 1, 64, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(network.swinViT(x.repeat(1, channels, 1, 1, 1))[-1], single(x)[-1],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            network.swinViT(x.repeat(1, channels, 1, 1, 1))[-1], single(x)[-1], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_feature_size_mismatch_is_a_clear_error(tasks_root, tmp_path):
     _official_encoder_file(tmp_path / "fs24.pt", 24)
     with bundle_on_path(MSD_DIR):
-        parser = _workflow(["train.json"], "train", "Task01_BrainTumour", tasks_root,
-                           pretrained_path=str(tmp_path / "fs24.pt"), **MSD_SMALL).parser
+        parser = _workflow(
+            ["train.json"],
+            "train",
+            "Task01_BrainTumour",
+            tasks_root,
+            pretrained_path=str(tmp_path / "fs24.pt"),
+            **MSD_SMALL,
+        ).parser
         with pytest.raises(Exception) as info:
             parser.get_parsed_content("network")
     text = error_text(info.value)
@@ -208,6 +250,7 @@ def test_feature_size_mismatch_is_a_clear_error(tasks_root, tmp_path):
 def test_nsd_is_measured_in_millimetres():
     with bundle_on_path(MSD_DIR):
         from monai.data import MetaTensor
+
         from scripts.surface_dice import NormalisedSurfaceDistance
 
         label = torch.zeros(2, 20, 20, 20)
@@ -230,15 +273,28 @@ def test_metadata_describes_the_default_task():
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     spleen = json.loads((CONFIGS / "tasks" / "Task09_Spleen.json").read_text())
     train = json.loads((CONFIGS / "train.json").read_text())
-    assert train["task"] == "Task09_Spleen" and spleen["num_labels"] == meta["network_data_format"]["outputs"]["pred"][
-        "num_channels"]
+    assert (
+        train["task"] == "Task09_Spleen"
+        and spleen["num_labels"] == meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+    )
 
 
 def test_a_metadata_copy_for_another_task_names_its_channels_and_labels(tasks_root, tmp_path):
     task, out = "Task05_Prostate", tmp_path / "metadata_Task05_Prostate.json"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           "['configs/train.json','configs/task_metadata.json']", "--task", task,
-           "--dataset_dir", str(tasks_root / task), "--task_metadata_file", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/task_metadata.json']",
+        "--task",
+        task,
+        "--dataset_dir",
+        str(tasks_root / task),
+        "--task_metadata_file",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=MSD_DIR, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     verify_metadata(out, MSD_DIR)
@@ -253,15 +309,25 @@ def test_a_metadata_copy_for_another_task_names_its_channels_and_labels(tasks_ro
 def test_train_and_infer_workflows_pass_check_properties(tasks_root, tmp_path):
     task = "Task05_Prostate"
     with bundle_on_path(MSD_DIR):
-        train = _workflow(["train.json"], "train", task, tasks_root, bundle_root=str(tmp_path), num_folds=3, **MSD_SMALL)
+        train = _workflow(
+            ["train.json"], "train", task, tasks_root, bundle_root=str(tmp_path), num_folds=3, **MSD_SMALL
+        )
         assert train.check_properties() in (None, [])
         ckpt = tmp_path / "model.pt"
         torch.save({"model": SwinUNETR(2, 3, feature_size=12).state_dict()}, ckpt)
-        infer = _workflow(["inference.json"], "infer", task, tasks_root, ckpt_path=str(ckpt), bundle_root=str(tmp_path),
-                          **MSD_INFER_SMALL)
+        infer = _workflow(
+            ["inference.json"],
+            "infer",
+            task,
+            tasks_root,
+            ckpt_path=str(ckpt),
+            bundle_root=str(tmp_path),
+            **MSD_INFER_SMALL,
+        )
         assert infer.check_properties() in (None, [])
         for key in ("run", "network_def", "preprocessing", "postprocessing", "inferer", "device"):
             assert key in infer.parser
         sample = infer.parser.get_parsed_content("preprocessing")(
-            {"image": str(tasks_root / task / "imagesTs" / "prostate_004.nii.gz"), "image_path": "x"})
+            {"image": str(tasks_root / task / "imagesTs" / "prostate_004.nii.gz"), "image_path": "x"}
+        )
     assert sample["image"].shape[0] == 2 and sample["image_path"] == "x"

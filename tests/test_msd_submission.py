@@ -59,10 +59,17 @@ def test_good_submission_zips_each_task_folder_byte_for_byte(submission):
     summary = make_submission([str(d) for d in folders.values()], str(zip_path), str(data_root))
 
     expected = {f"{task}/{p.name}": p for task, d in folders.items() for p in d.glob("*.nii.gz")}
-    assert summary == {"zip_path": str(zip_path), "num_files": 4,
-                       "tasks": {"Task09_Spleen": 2, "Task01_BrainTumour": 2}}
-    assert sorted(expected) == ["Task01_BrainTumour/BRATS_002.nii.gz", "Task01_BrainTumour/BRATS_003.nii.gz",
-                                "Task09_Spleen/spleen_002.nii.gz", "Task09_Spleen/spleen_003.nii.gz"]
+    assert summary == {
+        "zip_path": str(zip_path),
+        "num_files": 4,
+        "tasks": {"Task09_Spleen": 2, "Task01_BrainTumour": 2},
+    }
+    assert sorted(expected) == [
+        "Task01_BrainTumour/BRATS_002.nii.gz",
+        "Task01_BrainTumour/BRATS_003.nii.gz",
+        "Task09_Spleen/spleen_002.nii.gz",
+        "Task09_Spleen/spleen_003.nii.gz",
+    ]
     with zipfile.ZipFile(zip_path) as archive:
         assert sorted(archive.namelist()) == sorted(expected)
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_DEFLATED}
@@ -145,8 +152,21 @@ def empty_folder(folders):
     return folders["Task09_Spleen"]
 
 
-@pytest.mark.parametrize("break_it", [missing, extra, wrong_shape, wrong_affine, label_out_of_range, float_data,
-                                      four_dimensional, unreadable, not_nifti, empty_folder])
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        missing,
+        extra,
+        wrong_shape,
+        wrong_affine,
+        label_out_of_range,
+        float_data,
+        four_dimensional,
+        unreadable,
+        not_nifti,
+        empty_folder,
+    ],
+)
 def test_bad_prediction_is_rejected_naming_the_file(submission, break_it):
     data_root, folders, zip_path = submission
     offending = break_it(folders)
@@ -159,8 +179,9 @@ def test_folder_not_named_like_a_task_and_duplicate_task_are_rejected(submission
     renamed = folders["Task09_Spleen"].rename(tmp_path / "predictions" / "Spleen")
     duplicate = tmp_path / "second_run" / "Task01_BrainTumour"
     shutil.copytree(folders["Task01_BrainTumour"], duplicate)
-    error = assert_rejected([renamed, folders["Task01_BrainTumour"], duplicate], zip_path, data_root,
-                            renamed, duplicate)
+    error = assert_rejected(
+        [renamed, folders["Task01_BrainTumour"], duplicate], zip_path, data_root, renamed, duplicate
+    )
     assert len(error.problems) == 2, error.problems
 
 
@@ -187,8 +208,9 @@ def test_checks_without_data_root_are_format_only(submission):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tools.msd_submission", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tools.msd_submission", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_command_line_prints_the_summary_and_fails_on_problems(submission):

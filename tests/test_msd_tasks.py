@@ -21,8 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import (MSD_DIR, MSD_INFER_SMALL, MSD_SMALL, REPO, btcv_workflow, bundle_on_path, run_workflow,
-                            train_msd_fold)
+from tests.conftest import (
+    MSD_DIR,
+    MSD_INFER_SMALL,
+    MSD_SMALL,
+    REPO,
+    btcv_workflow,
+    bundle_on_path,
+    run_workflow,
+    train_msd_fold,
+)
 from tools.make_msd_tasks import MSD_TASKS
 
 CHANNELS = {"Task01_BrainTumour": 4, "Task05_Prostate": 2}
@@ -58,10 +66,19 @@ def test_task_trains_and_writes_submission_ready_predictions(task, msd_root, run
     assert model.is_file()
     network = workflow.parser.get_parsed_content("network")
     assert network.swinViT.patch_embed.proj.in_channels == CHANNELS.get(task, 1)
-    assert network.out.conv.conv.out_channels == len(json.loads((msd_root / task / "dataset.json").read_text())["labels"])
+    assert network.out.conv.conv.out_channels == len(
+        json.loads((msd_root / task / "dataset.json").read_text())["labels"]
+    )
 
-    run_workflow(["inference.json"], "infer", MSD_DIR, task=task, dataset_dir=str(msd_root / task),
-                 bundle_root=str(runs), **MSD_INFER_SMALL)
+    run_workflow(
+        ["inference.json"],
+        "infer",
+        MSD_DIR,
+        task=task,
+        dataset_dir=str(msd_root / task),
+        bundle_root=str(runs),
+        **MSD_INFER_SMALL,
+    )
     out_dir = runs / "predictions" / task
     images = _test_images(msd_root / task)
     assert sorted(p.name for p in out_dir.iterdir()) == sorted([i.name for i in images] + ["manifest.json"])
@@ -76,9 +93,17 @@ def test_two_fold_ensemble_with_flip_tta_runs(msd_root, runs, tmp_path, caplog):
         train_msd_fold(msd_root, runs, task, fold=0)
     train_msd_fold(msd_root, runs, task, fold=1)
     with bundle_on_path(MSD_DIR):
-        workflow = btcv_workflow(["inference.json"], "infer", MSD_DIR, task=task, dataset_dir=str(msd_root / task),
-                                 bundle_root=str(runs), output_dir=str(tmp_path / task), tta_flips=[[0], [2]],
-                                 **MSD_INFER_SMALL)
+        workflow = btcv_workflow(
+            ["inference.json"],
+            "infer",
+            MSD_DIR,
+            task=task,
+            dataset_dir=str(msd_root / task),
+            bundle_root=str(runs),
+            output_dir=str(tmp_path / task),
+            tta_flips=[[0], [2]],
+            **MSD_INFER_SMALL,
+        )
         logging.getLogger("swin_unetr_msd").addHandler(caplog.handler)
         caplog.set_level(logging.INFO, logger="swin_unetr_msd")
         workflow.initialize()
@@ -90,8 +115,9 @@ def test_two_fold_ensemble_with_flip_tta_runs(msd_root, runs, tmp_path, caplog):
     assert "ensemble of 2 model(s) x 3 view(s)" in caplog.text
     assert caplog.text.count("loaded 159/159 model tensors") == 2
     # the two folds are different models, so the ensemble is not one of them
-    first, second = (p.detach() for p in (ensemble.networks[0].out.conv.conv.weight,
-                                          ensemble.networks[1].out.conv.conv.weight))
+    first, second = (
+        p.detach() for p in (ensemble.networks[0].out.conv.conv.weight, ensemble.networks[1].out.conv.conv.weight)
+    )
     assert not torch.equal(first, second)
     for image in _test_images(msd_root / task):
         _assert_prediction_matches(tmp_path / task / image.name, image, 4)
@@ -114,8 +140,17 @@ def test_evaluation_reports_dice_and_nsd_per_label(msd_root, runs, tmp_path):
     task = "Task01_BrainTumour"
     if not (runs / "models" / task / "fold0" / "model.pt").is_file():
         train_msd_fold(msd_root, runs, task, fold=0)
-    run_workflow(["train.json", "evaluate.json"], "eval", MSD_DIR, task=task, dataset_dir=str(msd_root / task),
-                 bundle_root=str(runs), output_dir=str(tmp_path), num_folds=3, **MSD_SMALL)
+    run_workflow(
+        ["train.json", "evaluate.json"],
+        "eval",
+        MSD_DIR,
+        task=task,
+        dataset_dir=str(msd_root / task),
+        bundle_root=str(runs),
+        output_dir=str(tmp_path),
+        num_folds=3,
+        **MSD_SMALL,
+    )
     summary = json.loads((tmp_path / "metrics_summary.json").read_text())
     assert summary["organs"] == ["edema", "non-enhancing tumor", "enhancing tumour"]
     assert set(summary["metrics"]) == {"val_mean_dice", "val_mean_dice_with_background", "val_nsd"}
@@ -130,11 +165,31 @@ def test_evaluation_reports_dice_and_nsd_per_label(msd_root, runs, tmp_path):
 
 def test_two_process_ddp_training_of_a_multi_channel_task_on_cpu(msd_root, tmp_path):
     task = "Task05_Prostate"
-    overrides = {**MSD_SMALL, "task": task, "dataset_dir": str(msd_root / task), "bundle_root": str(tmp_path),
-                 "num_folds": 3, "fold": 0, "max_epochs": 1, "val_interval": 1, "lr_scaling": "linear"}
+    overrides = {
+        **MSD_SMALL,
+        "task": task,
+        "dataset_dir": str(msd_root / task),
+        "bundle_root": str(tmp_path),
+        "num_folds": 3,
+        "fold": 0,
+        "max_epochs": 1,
+        "val_interval": 1,
+        "lr_scaling": "linear",
+    }
     args = [f"--{k}={v!r}" if isinstance(v, list) else f"--{k}={v}" for k, v in overrides.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29527",
-           "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29527",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+        *args,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(MSD_DIR)]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=MSD_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -88,8 +88,15 @@ def test_best_metric_knob_picks_the_key_metric(bundle):
 
 def test_with_background_keeps_model_pt_by_that_mean(phantom_dir, tmp_path):
     workflow = run_workflow(
-        ["train.json"], "train", dataset_dir=str(phantom_dir), datalist=str(phantom_dir / "datalist.json"),
-        bundle_root=str(tmp_path), max_epochs=1, val_interval=1, best_metric="with_background", **SMALL,
+        ["train.json"],
+        "train",
+        dataset_dir=str(phantom_dir),
+        datalist=str(phantom_dir / "datalist.json"),
+        bundle_root=str(tmp_path),
+        max_epochs=1,
+        val_interval=1,
+        best_metric="with_background",
+        **SMALL,
     )
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
     assert evaluator.state.key_metric_name == WITH_BG
@@ -114,20 +121,63 @@ def test_lr_scaling_multiplies_by_the_world_size_in_multi_gpu_train(bundle, monk
     assert "effective learning rate 0.0001 (learning_rate 0.0001, lr_scaling linear, 1 process)" in caplog.text
 
 
-
 def _train_defaults(bundle) -> dict:
     return json.loads((bundle / "configs" / "train.json").read_text())
 
 
-@pytest.mark.parametrize("bundle, must", [
-    (BTCV_DIR, {"feature_size", "in_channels", "num_classes", "use_checkpoint", "patch_merging", "spacing",
-                "hu_window", "roi_size", "num_samples", "learning_rate", "weight_decay", "lr_scaling",
-                "warmup_epochs", "batch_size", "max_epochs", "val_interval", "overlap", "sw_batch_size",
-                "best_metric", "amp"}),
-    (MSD_DIR, {"task", "feature_size", "use_checkpoint", "in_channel_rule", "num_samples", "learning_rate",
-               "weight_decay", "lr_scaling", "warmup_epochs", "batch_size", "max_epochs", "val_interval",
-               "overlap", "sw_batch_size", "num_folds", "best_metric", "amp"}),
-], ids=["btcv", "msd"])
+@pytest.mark.parametrize(
+    "bundle, must",
+    [
+        (
+            BTCV_DIR,
+            {
+                "feature_size",
+                "in_channels",
+                "num_classes",
+                "use_checkpoint",
+                "patch_merging",
+                "spacing",
+                "hu_window",
+                "roi_size",
+                "num_samples",
+                "learning_rate",
+                "weight_decay",
+                "lr_scaling",
+                "warmup_epochs",
+                "batch_size",
+                "max_epochs",
+                "val_interval",
+                "overlap",
+                "sw_batch_size",
+                "best_metric",
+                "amp",
+            },
+        ),
+        (
+            MSD_DIR,
+            {
+                "task",
+                "feature_size",
+                "use_checkpoint",
+                "in_channel_rule",
+                "num_samples",
+                "learning_rate",
+                "weight_decay",
+                "lr_scaling",
+                "warmup_epochs",
+                "batch_size",
+                "max_epochs",
+                "val_interval",
+                "overlap",
+                "sw_batch_size",
+                "num_folds",
+                "best_metric",
+                "amp",
+            },
+        ),
+    ],
+    ids=["btcv", "msd"],
+)
 def test_fidelity_table_states_the_configs_defaults(bundle, must):
     readme = (bundle / "docs" / "README.md").read_text()
     named = fidelity_knobs(section(readme, "Fidelity to the research recipe"))

@@ -55,8 +55,11 @@ def test_every_bad_volume_is_reported_with_its_file_and_reason(corpus, corpus_ch
         corpus_checks.check_corpus(items, roi_size=(32, 64, 64), spacing=(1.5, 1.5, 2.0), on_bad="error")
     text = str(err.value)
     assert "4 of 5 volume(s)" in text
-    lines = {name: next(line for line in text.splitlines() if path in line) for name, path in corpus.items()
-             if name != "good"}
+    lines = {
+        name: next(line for line in text.splitlines() if path in line)
+        for name, path in corpus.items()
+        if name != "good"
+    }
     assert "does not look like CT in Hounsfield units" in lines["mr"]
     assert "smaller than the ROI (32, 64, 64)" in lines["small"] and "(20, 40, 40)" in lines["small"]
     assert "cannot be read" in lines["broken"]
@@ -88,12 +91,15 @@ def test_skip_mode_with_nothing_usable_is_still_an_error(corpus, corpus_checks):
 
 
 def test_the_bundle_refuses_a_bad_corpus_before_training(corpus, tmp_path):
-    datalist = {"training": [{"image": corpus["good"]}, {"image": corpus["mr"]}],
-                "validation": [{"image": corpus["good"]}]}
+    datalist = {
+        "training": [{"image": corpus["good"]}, {"image": corpus["mr"]}],
+        "validation": [{"image": corpus["good"]}],
+    }
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     with bundle_on_path(SSL_DIR):
-        workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(tmp_path),
-                                 bundle_root=str(tmp_path / "run"), **SSL_SMALL)
+        workflow = btcv_workflow(
+            ["train.json"], "train", SSL_DIR, dataset_dir=str(tmp_path), bundle_root=str(tmp_path / "run"), **SSL_SMALL
+        )
         workflow.initialize()
         with pytest.raises(Exception) as err:
             workflow.run()
@@ -110,8 +116,9 @@ def test_a_dicom_series_folder_is_a_usable_volume_through_the_bundle_preprocessi
     items = corpus_checks.check_corpus([{"image": str(series)}], roi_size=(32, 64, 64), spacing=(1.5, 1.5, 2.0))
     assert items == [{"image": str(series)}]
     with bundle_on_path(SSL_DIR):
-        workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(tmp_path),
-                                 bundle_root=str(tmp_path / "run"), **SSL_SMALL)
+        workflow = btcv_workflow(
+            ["train.json"], "train", SSL_DIR, dataset_dir=str(tmp_path), bundle_root=str(tmp_path / "run"), **SSL_SMALL
+        )
         workflow.initialize()
         preprocessing = workflow.parser.get_parsed_content("train#preprocessing")
     crops = preprocessing({"image": str(series)})
@@ -130,13 +137,22 @@ def test_skip_mode_with_nothing_usable_does_not_advise_setting_skip(corpus, corp
 
 
 def test_the_bundle_reports_training_and_validation_problems_in_one_error(corpus, tmp_path):
-    datalist = {"training": [{"image": corpus["good"]}, {"image": corpus["mr"]}],
-                "validation": [{"image": corpus["good"]}, {"image": corpus["small"]}]}
+    datalist = {
+        "training": [{"image": corpus["good"]}, {"image": corpus["mr"]}],
+        "validation": [{"image": corpus["good"]}, {"image": corpus["small"]}],
+    }
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     for on_bad, advice in (("error", "set on_bad_volume 'skip'"), ("skip", None)):
         with bundle_on_path(SSL_DIR):
-            workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(tmp_path),
-                                     bundle_root=str(tmp_path / "run"), on_bad_volume=on_bad, **SSL_SMALL)
+            workflow = btcv_workflow(
+                ["train.json"],
+                "train",
+                SSL_DIR,
+                dataset_dir=str(tmp_path),
+                bundle_root=str(tmp_path / "run"),
+                on_bad_volume=on_bad,
+                **SSL_SMALL,
+            )
             if advice is None:  # skip mode: both lists keep a usable volume, so training may start
                 checked = workflow.parser.get_parsed_content("checked_corpus")
                 assert checked == {"training": [{"image": corpus["good"]}], "validation": [{"image": corpus["good"]}]}
@@ -150,8 +166,10 @@ def test_the_bundle_reports_training_and_validation_problems_in_one_error(corpus
 
 
 def test_skip_mode_names_each_list_left_with_nothing(corpus, corpus_checks):
-    lists = {"training": [{"image": corpus["good"]}, {"image": corpus["broken"]}],
-             "validation": [{"image": corpus["missing"]}]}
+    lists = {
+        "training": [{"image": corpus["good"]}, {"image": corpus["broken"]}],
+        "validation": [{"image": corpus["missing"]}],
+    }
     with pytest.raises(corpus_checks.CorpusError) as err:
         corpus_checks.check_corpora(lists, roi_size=(32, 64, 64), on_bad="skip")
     text = str(err.value)

@@ -86,15 +86,20 @@ def test_dicom_folder_and_nifti_folder_give_a_datalist_monai_loads(tmp_path, ser
     written = write_datalist({"dcm": str(dicom_root), "nii": str(nifti_root)}, out, val_fraction=0.5, seed=0)
     items = written["training"] + written["validation"]
     assert sorted(i["image"] for i in items) == sorted(
-        [str(dicom_root / "patient1" / "study" / "series"), str(nifti_root / "a.nii.gz"),
-         str(nifti_root / "sub" / "b.nii")])
+        [
+            str(dicom_root / "patient1" / "study" / "series"),
+            str(nifti_root / "a.nii.gz"),
+            str(nifti_root / "sub" / "b.nii"),
+        ]
+    )
     assert {i["dataset"] for i in items} == {"dcm", "nii"}
     meta = written["metadata"]
     assert meta["datasets"]["nii"]["num_volumes"] == 2 and meta["datasets"]["dcm"]["num_volumes"] == 1
     assert meta["seed"] == 0 and meta["val_fraction"] == 0.5
 
     loaded = load_decathlon_datalist(str(out), False, "training", str(tmp_path)) + load_decathlon_datalist(
-        str(out), False, "validation", str(tmp_path))
+        str(out), False, "validation", str(tmp_path)
+    )
     assert len(loaded) == 3
     load = LoadImaged(keys="image", image_only=True)
     for item in loaded:
@@ -122,8 +127,10 @@ def test_two_datasets_with_the_same_file_names_give_distinct_entries(tmp_path):
     dl = build_datalist({"hnscc": str(tmp_path / "hnscc"), "colon": str(tmp_path / "colon")}, val_fraction=0.0)
     images = [i["image"] for i in dl["training"]]
     assert len(images) == len(set(images)) == 6 and dl["validation"] == []
-    assert {(Path(i["image"]).parts[-3], i["dataset"]) for i in dl["training"]} == {("hnscc", "hnscc"),
-                                                                                      ("colon", "colon")}
+    assert {(Path(i["image"]).parts[-3], i["dataset"]) for i in dl["training"]} == {
+        ("hnscc", "hnscc"),
+        ("colon", "colon"),
+    }
     assert all(os.path.isabs(p) for p in images)
 
 
@@ -133,8 +140,13 @@ def test_relative_to_writes_paths_that_load_decathlon_datalist_resolves(tmp_path
     for i in range(4):
         touch(tmp_path / "data" / "luna" / f"subset{i % 2}" / f"scan{i}.mhd")
     out_dir = tmp_path / "lists"
-    dl = write_datalist({"luna": (str(tmp_path / "data" / "luna"), "luna16")}, out_dir / "d.json",
-                        val_fraction=0.25, seed=1, relative_to=out_dir)
+    dl = write_datalist(
+        {"luna": (str(tmp_path / "data" / "luna"), "luna16")},
+        out_dir / "d.json",
+        val_fraction=0.25,
+        seed=1,
+        relative_to=out_dir,
+    )
     assert all(not os.path.isabs(i["image"]) and i["image"].startswith("..") for i in dl["training"])
     loaded = load_decathlon_datalist(str(out_dir / "d.json"), False, "training", str(out_dir))
     assert len(loaded) == 3 and all(os.path.isfile(i["image"]) for i in loaded)
@@ -164,7 +176,10 @@ def test_split_is_seeded_reproducible_and_stratified(tmp_path):
     assert per_set == {"a": 4, "b": 2, "c": 0}
     meta = first["metadata"]["datasets"]
     assert {n: (m["num_training"], m["num_validation"]) for n, m in meta.items()} == {
-        "a": (36, 4), "b": (18, 2), "c": (1, 0)}
+        "a": (36, 4),
+        "b": (18, 2),
+        "c": (1, 0),
+    }
     train = {i["image"] for i in first["training"]}
     val = {i["image"] for i in first["validation"]}
     assert not train & val and len(train | val) == 61
@@ -277,13 +292,21 @@ def test_luna16_preset_finds_subset_mhd_files_only(tmp_path):
 
 def test_covid19_preset_skips_label_files(tmp_path):
     root = tmp_path / "covid"
-    names = ["volume-covid19-A-0003.nii.gz", "volume-covid19-A-0011_ct.nii.gz", "volume-covid19-A-0011_seg.nii.gz",
-             "volume-covid19-A-0721_day008.nii.gz", "other.nii.gz"]
+    names = [
+        "volume-covid19-A-0003.nii.gz",
+        "volume-covid19-A-0011_ct.nii.gz",
+        "volume-covid19-A-0011_seg.nii.gz",
+        "volume-covid19-A-0721_day008.nii.gz",
+        "other.nii.gz",
+    ]
     for n in names:
         touch(root / "data" / n)
     found = [os.path.basename(p) for p in find_volumes(root, "tcia_covid19")]
-    assert found == ["volume-covid19-A-0003.nii.gz", "volume-covid19-A-0011_ct.nii.gz",
-                     "volume-covid19-A-0721_day008.nii.gz"]
+    assert found == [
+        "volume-covid19-A-0003.nii.gz",
+        "volume-covid19-A-0011_ct.nii.gz",
+        "volume-covid19-A-0721_day008.nii.gz",
+    ]
 
 
 def test_presets_cover_the_five_paper_datasets():
@@ -312,9 +335,24 @@ def test_cli_module_writes_json_relative_to(tmp_path):
     touch(tmp_path / "LUNA16" / "seg-lungs-LUNA16" / "s0.mhd")
     out = tmp_path / "ssl.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.ssl_datalist", f"luna:luna16={tmp_path / 'LUNA16'}", "--output", str(out),
-         "--val_fraction", "0.34", "--seed", "7", "--relative_to", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "tools.ssl_datalist",
+            f"luna:luna16={tmp_path / 'LUNA16'}",
+            "--output",
+            str(out),
+            "--val_fraction",
+            "0.34",
+            "--seed",
+            "7",
+            "--relative_to",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
@@ -322,6 +360,10 @@ def test_cli_module_writes_json_relative_to(tmp_path):
     assert images == [f"LUNA16/subset0/s{i}.mhd" for i in range(3)]
     assert len(data["validation"]) == 1
     assert data["metadata"]["datasets"]["luna"] == {
-        "base_dir": str(tmp_path / "LUNA16"), "preset": "luna16", "num_volumes": 3, "num_training": 2,
-        "num_validation": 1}
+        "base_dir": str(tmp_path / "LUNA16"),
+        "preset": "luna16",
+        "num_volumes": 3,
+        "num_training": 2,
+        "num_validation": 1,
+    }
     assert data["metadata"]["seed"] == 7 and data["metadata"]["val_fraction"] == 0.34

@@ -189,8 +189,26 @@ def test_fidelity_table_states_the_configs_defaults():
     for knob, value in named.items():
         assert knob in TRAIN, knob
         assert value == TRAIN[knob], (knob, value, TRAIN[knob])
-    must = {"cutout_mode", "cutout_fraction", "cutout_max_box_size", "spacing", "hu_window", "roi_size",
-            "temperature", "inpaint_weight", "contrast_weight", "rotation_weight", "learning_rate", "weight_decay",
-            "warmup_steps", "num_steps", "batch_size", "num_samples", "ckpt_metric", "amp", "feature_size",
-            "lr_scaling"}
+    must = {
+        "cutout_mode",
+        "cutout_fraction",
+        "cutout_max_box_size",
+        "spacing",
+        "hu_window",
+        "roi_size",
+        "temperature",
+        "inpaint_weight",
+        "contrast_weight",
+        "rotation_weight",
+        "learning_rate",
+        "weight_decay",
+        "warmup_steps",
+        "num_steps",
+        "batch_size",
+        "num_samples",
+        "ckpt_metric",
+        "amp",
+        "feature_size",
+        "lr_scaling",
+    }
     assert must <= set(named), must - set(named)

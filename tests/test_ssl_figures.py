@@ -102,8 +102,13 @@ def tiny_checkpoint(tmp_path):
         torch.manual_seed(0)
         net = SwinSSLNet(feature_size=12)
     path = tmp_path / "model.pt"
-    torch.save({"model": net.state_dict(),
-                "network_record": {"patch_merging": "current", "feature_size": 12, "format_version": 1}}, path)
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "network_record": {"patch_merging": "current", "feature_size": 12, "format_version": 1},
+        },
+        path,
+    )
     return path
 
 

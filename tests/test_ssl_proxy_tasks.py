@@ -96,7 +96,8 @@ def test_proxy_task_views_are_seeded_and_pair_two_views_of_each_crop(ssl_scripts
 
 def test_loss_terms_equal_their_definitions_and_monai_contrastive_loss(ssl_scripts):
     outputs = ssl_scripts.model.SSLOutputs(
-        rotation=torch.randn(6, 4), contrastive=torch.randn(6, 32), reconstruction=torch.rand(6, 1, 8, 8, 8))
+        rotation=torch.randn(6, 4), contrastive=torch.randn(6, 32), reconstruction=torch.rand(6, 1, 8, 8, 8)
+    )
     targets, rotations = torch.rand(6, 1, 8, 8, 8), torch.tensor([0, 1, 2, 3, 1, 0])
     loss = ssl_scripts.losses.SSLLoss(inpaint_weight=2.0, contrast_weight=0.5, rotation_weight=3.0, temperature=0.3)
     terms = loss(outputs, targets, rotations)
@@ -116,8 +117,10 @@ def test_network_heads_follow_feature_size_and_the_encoder_drops_into_swin_unetr
         out = net(torch.rand(2, 1, 32, 64, 64))
     assert out.rotation.shape == (2, 4) and out.contrastive.shape == (2, 512)
     assert out.reconstruction.shape == (2, 1, 32, 64, 64)
-    encoder = {k[len("swinViT."):]: v.shape for k, v in net.state_dict().items() if k.startswith("swinViT.")}
-    reference = {k: v.shape for k, v in SwinUNETR(in_channels=1, out_channels=14, feature_size=12).swinViT.state_dict().items()}
+    encoder = {k[len("swinViT.") :]: v.shape for k, v in net.state_dict().items() if k.startswith("swinViT.")}
+    reference = {
+        k: v.shape for k, v in SwinUNETR(in_channels=1, out_channels=14, feature_size=12).swinViT.state_dict().items()
+    }
     assert encoder == reference
     with pytest.raises(ValueError, match="2 tokens"):
         net(torch.rand(1, 1, 32, 32, 32))

@@ -16,8 +16,7 @@ from ignite.engine import Events
 from monai.networks.nets import SwinUNETR
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import (BTCV_DIR, SMALL, SSL_DIR, SSL_SMALL, btcv_workflow, bundle_on_path, error_text,
-                            run_workflow)
+from tests.conftest import BTCV_DIR, SMALL, SSL_DIR, SSL_SMALL, btcv_workflow, bundle_on_path, error_text, run_workflow
 
 TERMS = ("loss", "inpaint_loss", "contrast_loss", "rotation_loss")
 
@@ -66,8 +65,9 @@ def test_pretraining_writes_full_state_checkpoints_and_logs_every_term(ssl_train
 
 def test_train_workflow_has_the_required_properties(ssl_corpus, tmp_path):
     with bundle_on_path(SSL_DIR):
-        workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus),
-                                 bundle_root=str(tmp_path), **SSL_SMALL)
+        workflow = btcv_workflow(
+            ["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus), bundle_root=str(tmp_path), **SSL_SMALL
+        )
         assert workflow.check_properties() in (None, [])
         workflow.initialize()
         metrics = workflow.parser.get_parsed_content("validate#metrics")
@@ -77,13 +77,27 @@ def test_train_workflow_has_the_required_properties(ssl_corpus, tmp_path):
 
 def test_checkpoint_metric_is_a_knob(ssl_corpus, tmp_path):
     with bundle_on_path(SSL_DIR):
-        workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus),
-                                 bundle_root=str(tmp_path), ckpt_metric="val_inpaint_loss", **SSL_SMALL)
+        workflow = btcv_workflow(
+            ["train.json"],
+            "train",
+            SSL_DIR,
+            dataset_dir=str(ssl_corpus),
+            bundle_root=str(tmp_path),
+            ckpt_metric="val_inpaint_loss",
+            **SSL_SMALL,
+        )
         workflow.initialize()
         key, others = workflow.parser.get_parsed_content("validate#metrics")
         assert list(key) == ["val_inpaint_loss"] and "val_loss" in others
-        workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus),
-                                 bundle_root=str(tmp_path), ckpt_metric="dice", **SSL_SMALL)
+        workflow = btcv_workflow(
+            ["train.json"],
+            "train",
+            SSL_DIR,
+            dataset_dir=str(ssl_corpus),
+            bundle_root=str(tmp_path),
+            ckpt_metric="dice",
+            **SSL_SMALL,
+        )
         workflow.initialize()
         with pytest.raises(Exception) as err:
             workflow.parser.get_parsed_content("validate#metrics")
@@ -103,8 +117,17 @@ def test_resume_continues_at_the_next_step_with_the_saved_optimiser_state(ssl_tr
             seen["lr"] = engine.optimizer.param_groups[0]["lr"]
 
     with bundle_on_path(SSL_DIR):
-        workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus), bundle_root=str(root),
-                                 num_steps=3, val_interval=1, resume=True, **SSL_SMALL)
+        workflow = btcv_workflow(
+            ["train.json"],
+            "train",
+            SSL_DIR,
+            dataset_dir=str(ssl_corpus),
+            bundle_root=str(root),
+            num_steps=3,
+            val_interval=1,
+            resume=True,
+            **SSL_SMALL,
+        )
         workflow.initialize()
         workflow.trainer.add_event_handler(Events.ITERATION_STARTED, record)
         workflow.run()
@@ -120,8 +143,15 @@ def test_resume_continues_at_the_next_step_with_the_saved_optimiser_state(ssl_tr
 
 def test_resume_without_a_checkpoint_fails_instead_of_starting_afresh(ssl_corpus, tmp_path):
     with bundle_on_path(SSL_DIR):
-        workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus),
-                                 bundle_root=str(tmp_path), resume=True, **SSL_SMALL)
+        workflow = btcv_workflow(
+            ["train.json"],
+            "train",
+            SSL_DIR,
+            dataset_dir=str(ssl_corpus),
+            bundle_root=str(tmp_path),
+            resume=True,
+            **SSL_SMALL,
+        )
         workflow.initialize()
         with pytest.raises(Exception) as err:
             workflow.run()
@@ -144,8 +174,14 @@ def test_export_loads_into_the_btcv_bundle_with_every_encoder_tensor(ssl_trained
 
     caplog.set_level("INFO")
     with bundle_on_path(BTCV_DIR):
-        workflow = btcv_workflow(["train.json"], "train", dataset_dir=str(phantom_dir), bundle_root=str(tmp_path),
-                                 pretrained_path=str(encoder_path), **SMALL)
+        workflow = btcv_workflow(
+            ["train.json"],
+            "train",
+            dataset_dir=str(phantom_dir),
+            bundle_root=str(tmp_path),
+            pretrained_path=str(encoder_path),
+            **SMALL,
+        )
         bundle_logger = logging.getLogger("swin_unetr_btcv_seg")
         bundle_logger.addHandler(caplog.handler)  # the bundle's logging.conf replaces the root handlers
         try:
@@ -183,11 +219,29 @@ def test_export_of_a_file_that_is_not_a_training_checkpoint_fails_clearly(tmp_pa
 def test_two_process_ddp_on_cpu_trains_and_checkpoints(ssl_corpus, tmp_path):
     configs = f"['{SSL_DIR / 'configs' / 'train.json'}','{SSL_DIR / 'configs' / 'multi_gpu_train.json'}']"
     overrides = {**SSL_SMALL, "batch_size": 1, "num_steps": 1, "val_interval": 1, "lr_scaling": "linear"}
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-            "-m", "monai.bundle", "run", "training", "--config_file", configs,
-            "--meta_file", str(SSL_DIR / "configs" / "metadata.json"),
-            "--logging_file", str(SSL_DIR / "configs" / "logging.conf"),
-            "--dataset_dir", str(ssl_corpus), "--bundle_root", str(tmp_path)]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs,
+        "--meta_file",
+        str(SSL_DIR / "configs" / "metadata.json"),
+        "--logging_file",
+        str(SSL_DIR / "configs" / "logging.conf"),
+        "--dataset_dir",
+        str(ssl_corpus),
+        "--bundle_root",
+        str(tmp_path),
+    ]
     for key, value in overrides.items():
         args += [f"--{key}", str(value).replace(" ", "")]
     # each rank validates at least one volume: MONAI's DistributedSampler refuses fewer volumes than ranks
@@ -212,17 +266,31 @@ def test_thirty_steps_on_one_fixed_batch_halve_the_total_loss(ssl_corpus, tmp_pa
     from monai.engines import SupervisedTrainer
 
     with bundle_on_path(SSL_DIR):
-        workflow = btcv_workflow(["train.json"], "train", SSL_DIR, dataset_dir=str(ssl_corpus),
-                                 bundle_root=str(tmp_path), num_steps=30, learning_rate=1e-3, weight_decay=0.0,
-                                 **SSL_SMALL)
+        workflow = btcv_workflow(
+            ["train.json"],
+            "train",
+            SSL_DIR,
+            dataset_dir=str(ssl_corpus),
+            bundle_root=str(tmp_path),
+            num_steps=30,
+            learning_rate=1e-3,
+            weight_decay=0.0,
+            **SSL_SMALL,
+        )
         workflow.initialize()
         parse = workflow.parser.get_parsed_content
         preprocessing, datalist = parse("train#preprocessing"), parse("train#datalist")
         batch = list_data_collate([preprocessing(item)[0] for item in datalist])  # one crop of each volume
         losses = []
-        trainer = SupervisedTrainer(device=parse("device"), max_epochs=1, train_data_loader=[batch] * 30,
-                                    network=parse("network"), optimizer=parse("optimizer"), loss_function=parse("loss"),
-                                    iteration_update=parse("train#iteration"))
+        trainer = SupervisedTrainer(
+            device=parse("device"),
+            max_epochs=1,
+            train_data_loader=[batch] * 30,
+            network=parse("network"),
+            optimizer=parse("optimizer"),
+            loss_function=parse("loss"),
+            iteration_update=parse("train#iteration"),
+        )
         # one fixed batch: the same crops, rotations and boxes at every step (the proxy tasks re-seeded)
         proxy_tasks = parse("proxy_tasks")
         trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: proxy_tasks.set_random_state(0))

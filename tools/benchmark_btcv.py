@@ -114,8 +114,9 @@ def bundle_autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.float16 if device.type == "cuda" else torch.bfloat16  # older bundle: always autocast
 
 
-def inference_overrides(device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str,
-                        output_dir: str, amp: bool) -> dict[str, Any]:
+def inference_overrides(
+    device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str, output_dir: str, amp: bool
+) -> dict[str, Any]:
     """Overrides of inference.json for one benchmark variant.
 
     ``amp`` false gives the float32 reference: no autocast and the plain NCDHW layout (no channels-last).
@@ -140,8 +141,9 @@ def write_random_checkpoint(path: Path, feature_size: int, seed: int) -> str:
     Format as written by the bundle's training: ``{"model": state dict, "network_record": ...}``,
     so every variant loads the same weights through its own checkpoint loader.
     """
-    parser = bundle_parser("inference.json", {"feature_size": int(feature_size), "ckpt_path": "",
-                                              "device": "$torch.device('cpu')"})
+    parser = bundle_parser(
+        "inference.json", {"feature_size": int(feature_size), "ckpt_path": "", "device": "$torch.device('cpu')"}
+    )
     torch.manual_seed(int(seed))
     network = parser.get_parsed_content("network_def")
     record = use_bundle_scripts(BUNDLE_DIR).encoder_weights.NetworkRecord(network).state_dict()
@@ -158,13 +160,15 @@ def load_checkpoint(loader: Any, network: torch.nn.Module) -> None:
     network.eval()
 
 
-def bundle_pipeline(device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str,
-                    output_dir: str, amp: bool) -> dict[str, Any]:
+def bundle_pipeline(
+    device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str, output_dir: str, amp: bool
+) -> dict[str, Any]:
     """The bundle's inference pipeline parsed from inference.json, weights loaded by its CheckpointLoader."""
     from monai.handlers import CheckpointLoader
 
-    parser = bundle_parser("inference.json",
-                           inference_overrides(device, feature_size, roi_size, ckpt_path, output_dir, amp))
+    parser = bundle_parser(
+        "inference.json", inference_overrides(device, feature_size, roi_size, ckpt_path, output_dir, amp)
+    )
     network = parser.get_parsed_content("network")
     loaders = [h for h in parser.get_parsed_content("handlers") if isinstance(h, CheckpointLoader)]
     if len(loaders) != 1:
@@ -211,13 +215,19 @@ def model_zoo_network(feature_size: int, downsample: Any) -> torch.nn.Module:
     """
     from monai.networks.nets import SwinUNETR
 
-    return SwinUNETR(in_channels=IN_CHANNELS, out_channels=NUM_CLASSES, feature_size=int(feature_size),
-                     use_checkpoint=False, use_flash_attention=MODEL_ZOO["use_flash_attention"],
-                     downsample=downsample)
+    return SwinUNETR(
+        in_channels=IN_CHANNELS,
+        out_channels=NUM_CLASSES,
+        feature_size=int(feature_size),
+        use_checkpoint=False,
+        use_flash_attention=MODEL_ZOO["use_flash_attention"],
+        downsample=downsample,
+    )
 
 
-def model_zoo_pipeline(device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str,
-                       output_dir: str) -> dict[str, Any]:
+def model_zoo_pipeline(
+    device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str, output_dir: str
+) -> dict[str, Any]:
     """The model-zoo 0.5.x inference pipeline built from MONAI transforms, same weights as the bundle."""
     from monai.handlers import CheckpointLoader
     from monai.inferers import SlidingWindowInferer
@@ -236,29 +246,34 @@ def model_zoo_pipeline(device: torch.device, feature_size: int, roi_size: Sequen
     )
 
     downsample = bundle_parser("inference.json", {"ckpt_path": str(ckpt_path)}).get_parsed_content(
-        "network_def#downsample")
+        "network_def#downsample"
+    )
     network = model_zoo_network(feature_size, downsample).to(device)
-    load_checkpoint(CheckpointLoader(load_path=str(ckpt_path), load_dict={"model": network}, map_location=device),
-                    network)
+    load_checkpoint(
+        CheckpointLoader(load_path=str(ckpt_path), load_dict={"model": network}, map_location=device), network
+    )
     a_min, a_max = MODEL_ZOO["hu_window"]
     b_min, b_max = MODEL_ZOO["intensity_range"]
-    preprocessing = Compose([
-        LoadImaged(keys="image", reader=MODEL_ZOO["reader"]),
-        EnsureChannelFirstd(keys="image"),
-        Orientationd(keys="image", axcodes=MODEL_ZOO["axcodes"]),
-        Spacingd(keys="image", pixdim=MODEL_ZOO["spacing"], mode=MODEL_ZOO["spacing_mode"]),
-        ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=True),
-        EnsureTyped(keys="image"),
-    ])
-    postprocessing = Compose([
-        Activationsd(keys="pred", softmax=True),
-        Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
-        AsDiscreted(keys="pred", argmax=True),
-        SaveImaged(keys="pred", output_dir=str(output_dir)),
-    ])
+    preprocessing = Compose(
+        [
+            LoadImaged(keys="image", reader=MODEL_ZOO["reader"]),
+            EnsureChannelFirstd(keys="image"),
+            Orientationd(keys="image", axcodes=MODEL_ZOO["axcodes"]),
+            Spacingd(keys="image", pixdim=MODEL_ZOO["spacing"], mode=MODEL_ZOO["spacing_mode"]),
+            ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=True),
+            EnsureTyped(keys="image"),
+        ]
+    )
+    postprocessing = Compose(
+        [
+            Activationsd(keys="pred", softmax=True),
+            Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
+            AsDiscreted(keys="pred", argmax=True),
+            SaveImaged(keys="pred", output_dir=str(output_dir)),
+        ]
+    )
     roi = list(roi_size)
-    inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=MODEL_ZOO["sw_batch_size"],
-                                   overlap=MODEL_ZOO["overlap"])
+    inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=MODEL_ZOO["sw_batch_size"], overlap=MODEL_ZOO["overlap"])
     evaluator_autocast = MODEL_ZOO["evaluator_amp"] and device.type == "cuda"
 
     def forward_context() -> Any:
@@ -286,7 +301,7 @@ def model_zoo_pipeline(device: torch.device, feature_size: int, roi_size: Sequen
             "foreground_crop": False,
             "patch_merging": type(network.swinViT.layers1[0].downsample).__name__,
             "patch_merging_note": "the bundle's choice for these weights, so both compute the same function "
-                                  "(the model zoo on monai 1.6.1 would always build 'merging')",
+            "(the model zoo on monai 1.6.1 would always build 'merging')",
         },
         "roi_size": roi,
         "overlap": float(MODEL_ZOO["overlap"]),
@@ -315,8 +330,9 @@ def _stage_of(transform: Any, phase: str) -> str:
     return "save" if name == "SaveImaged" else "postprocess"
 
 
-def apply_timed(transforms: Any, data: dict, phase: str, stages: dict[str, float], steps: list[dict],
-                device: torch.device) -> dict:
+def apply_timed(
+    transforms: Any, data: dict, phase: str, stages: dict[str, float], steps: list[dict], device: torch.device
+) -> dict:
     """Apply a Compose's transforms one by one, adding each one's seconds to its stage."""
     from monai.transforms import apply_transform
 
@@ -357,8 +373,9 @@ def find_output(output_dir: Path, image_path: str, since: float) -> str | None:
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
-def run_end_to_end(pipeline: dict[str, Any], image_path: str, device: torch.device, output_dir: Path,
-                   warmup: bool = True) -> dict[str, Any]:
+def run_end_to_end(
+    pipeline: dict[str, Any], image_path: str, device: torch.device, output_dir: Path, warmup: bool = True
+) -> dict[str, Any]:
     """Run one volume through a pipeline; return stage seconds, total, window count and the saved label map."""
     import nibabel as nib
     from monai.data import decollate_batch, list_data_collate
@@ -391,8 +408,11 @@ def run_end_to_end(pipeline: dict[str, Any], image_path: str, device: torch.devi
     return {
         "precision": pipeline["precision"],
         "settings": pipeline["settings"],
-        "stages_s": {k: stages[k] for k in ("input_check", "load", "preprocess", "sliding_window", "postprocess",
-                                            "save") if k in stages},
+        "stages_s": {
+            k: stages[k]
+            for k in ("input_check", "load", "preprocess", "sliding_window", "postprocess", "save")
+            if k in stages
+        },
         "transforms_s": steps,
         "total_s": total,
         "warmup_forward_s": warmup_s,
@@ -429,15 +449,24 @@ def image_info(image_path: str) -> dict[str, Any]:
     import nibabel as nib
 
     img = nib.load(image_path)
-    return {"path": str(image_path), "shape": [int(s) for s in img.shape],
-            "spacing_mm": [round(float(s), 4) for s in img.header.get_zooms()[:3]]}
+    return {
+        "path": str(image_path),
+        "shape": [int(s) for s in img.shape],
+        "spacing_mm": [round(float(s), 4) for s in img.header.get_zooms()[:3]],
+    }
 
 
 # ------------------------------------------------------------------------------------------ forward
 
 
-def time_forward(network: torch.nn.Module, shape: Sequence[int], device: torch.device,
-                 autocast: torch.dtype | None, repeats: int, seed: int = 0) -> list[float]:
+def time_forward(
+    network: torch.nn.Module,
+    shape: Sequence[int],
+    device: torch.device,
+    autocast: torch.dtype | None,
+    repeats: int,
+    seed: int = 0,
+) -> list[float]:
     """Seconds of ``repeats`` forward calls on a random (seeded) input, after one warm-up call."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(tuple(shape), generator=generator).to(device)
@@ -455,8 +484,9 @@ def time_forward(network: torch.nn.Module, shape: Sequence[int], device: torch.d
     return times
 
 
-def benchmark_forward(networks: dict[str, torch.nn.Module], roi_size: Sequence[int], windows: int,
-                      device: torch.device, repeats: int) -> list[dict[str, Any]]:
+def benchmark_forward(
+    networks: dict[str, torch.nn.Module], roi_size: Sequence[int], windows: int, device: torch.device, repeats: int
+) -> list[dict[str, Any]]:
     """Per-call and per-window forward seconds for each network in float32 and in the bundle's autocast dtype.
 
     One call is a batch of ``windows`` windows of ``roi_size`` (the inferer's sw_batch_size by default).
@@ -467,25 +497,40 @@ def benchmark_forward(networks: dict[str, torch.nn.Module], roi_size: Sequence[i
     for name, network in networks.items():
         flash = flash_attention_of(network)
         for autocast in (None, reduced or "skipped"):
-            row = {"network": name, "use_flash_attention": flash, "input_shape": list(shape),
-                   "precision": dtype_name(None if autocast in (None, "skipped") else autocast)}
+            row = {
+                "network": name,
+                "use_flash_attention": flash,
+                "input_shape": list(shape),
+                "precision": dtype_name(None if autocast in (None, "skipped") else autocast),
+            }
             if autocast == "skipped":
-                row.update(precision="reduced", skipped=(
-                    f"no autocast on {device.type} here: the bundle's inferer stays in float32 "
-                    f"(native bf16: {native_bf16()})"))
+                row.update(
+                    precision="reduced",
+                    skipped=(
+                        f"no autocast on {device.type} here: the bundle's inferer stays in float32 "
+                        f"(native bf16: {native_bf16()})"
+                    ),
+                )
                 rows.append(row)
                 continue
             say(f"forward: {name} {row['precision']} {list(shape)} x {repeats} (+1 warm-up)")
             times = time_forward(network, shape, device, autocast, repeats)
             mean = float(np.mean(times))
-            row.update(repeats=len(times), times_s=times, windows_per_call=shape[0], seconds_per_call=mean,
-                       seconds_per_window=mean / shape[0], std_s=float(np.std(times)))
+            row.update(
+                repeats=len(times),
+                times_s=times,
+                windows_per_call=shape[0],
+                seconds_per_call=mean,
+                seconds_per_window=mean / shape[0],
+                std_s=float(np.std(times)),
+            )
             rows.append(row)
     return rows
 
 
-def build_variant(name: str, device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str,
-                  output_dir: str) -> dict[str, Any]:
+def build_variant(
+    name: str, device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str, output_dir: str
+) -> dict[str, Any]:
     """The pipeline of one benchmark variant (see ``VARIANTS``)."""
     if name == "model_zoo":
         return model_zoo_pipeline(device, feature_size, roi_size, ckpt_path, output_dir)
@@ -528,8 +573,15 @@ def phantom_batch(n: int, roi_size: Sequence[int], hu_window: Sequence[float], s
     return {"image": torch.from_numpy(images).float(), "label": torch.from_numpy(labels)}
 
 
-def measure_training(device: str, feature_size: int, roi_size: Sequence[int], steps: int, seed: int = 0,
-                     warmup_steps: int = 1, crops: int | None = None) -> dict[str, Any]:
+def measure_training(
+    device: str,
+    feature_size: int,
+    roi_size: Sequence[int],
+    steps: int,
+    seed: int = 0,
+    warmup_steps: int = 1,
+    crops: int | None = None,
+) -> dict[str, Any]:
     """Run the bundle's SupervisedTrainer for warm-up + timed steps on phantom crops; return speed and memory.
 
     Parsed from train.json: the network (with its ``use_checkpoint`` and flash attention), DiceCE
@@ -542,10 +594,18 @@ def measure_training(device: str, feature_size: int, roi_size: Sequence[int], st
 
     dev = resolve_device(device)
     roi = cube(roi_size)
-    parser = bundle_parser("train.json", {
-        "device": device_expr(dev), "feature_size": int(feature_size), "roi_size": roi,
-        "pretrained_path": "", "resume_from": "", "seed": int(seed), "max_epochs": 1,
-    })
+    parser = bundle_parser(
+        "train.json",
+        {
+            "device": device_expr(dev),
+            "feature_size": int(feature_size),
+            "roi_size": roi,
+            "pretrained_path": "",
+            "resume_from": "",
+            "seed": int(seed),
+            "max_epochs": 1,
+        },
+    )
     set_determinism(seed=int(seed))
     configured_crops = int(parser["batch_size"]) * int(parser["num_samples"])
     crops = int(crops) if crops else configured_crops
@@ -567,7 +627,7 @@ def measure_training(device: str, feature_size: int, roi_size: Sequence[int], st
     before = memory_snapshot()
     trainer.run()
     after = memory_snapshot()
-    timed = times[int(warmup_steps):]
+    timed = times[int(warmup_steps) :]
     peak, peak_before, hwm = after["ru_maxrss_mib"], before["ru_maxrss_mib"], after["vm_hwm_mib"]
     return {
         "config": "configs/train.json SupervisedTrainer (phantom crops in memory, no handlers)",
@@ -595,7 +655,8 @@ def measure_training(device: str, feature_size: int, roi_size: Sequence[int], st
         "memory_measure": (
             ("torch.cuda.max_memory_allocated; " if dev.type == "cuda" else "")
             + "peak RSS (resource.getrusage ru_maxrss) of a fresh training process, started through a forking "
-            "/bin/sh so it does not inherit the launcher's peak; vm_hwm_mib (/proc VmHWM) cross-checks it"),
+            "/bin/sh so it does not inherit the launcher's peak; vm_hwm_mib (/proc VmHWM) cross-checks it"
+        ),
     }
 
 
@@ -605,12 +666,26 @@ def training_child(args_json: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(result, indent=2))
 
 
-def benchmark_training(device: torch.device, feature_size: int, roi_size: Sequence[int], steps: int,
-                       seed: int = 0, warmup_steps: int = 1, crops: int | None = None,
-                       timeout_s: float | None = None) -> dict[str, Any]:
+def benchmark_training(
+    device: torch.device,
+    feature_size: int,
+    roi_size: Sequence[int],
+    steps: int,
+    seed: int = 0,
+    warmup_steps: int = 1,
+    crops: int | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
     """Measure training in a fresh Python process so that its peak memory belongs to training alone."""
-    args = {"device": str(device), "feature_size": int(feature_size), "roi_size": list(roi_size),
-            "steps": int(steps), "seed": int(seed), "warmup_steps": int(warmup_steps), "crops": crops}
+    args = {
+        "device": str(device),
+        "feature_size": int(feature_size),
+        "roi_size": list(roi_size),
+        "steps": int(steps),
+        "seed": int(seed),
+        "warmup_steps": int(warmup_steps),
+        "crops": crops,
+    }
     result = run_child("tools.benchmark_btcv", "training_child", args, "training", timeout_s)
     return {**result, **args} if "error" in result else result
 
@@ -630,16 +705,19 @@ def comparison(e2e: dict[str, dict]) -> dict[str, Any]:
     return {
         "speed_ratio_model_zoo_over_bundle": ratio(lambda r: r["total_s"]),
         "sliding_window_ratio_model_zoo_over_bundle": ratio(lambda r: r["stages_s"]["sliding_window"]),
-        "speed_ratio_bundle_fp32_over_bundle": (finite_or_none(fp32["total_s"] / bundle["total_s"])
-                                                if bundle and fp32 else None),
-        "agreement_bundle_vs_bundle_fp32": label_agreement(bundle and bundle["label_path"],
-                                                           fp32 and fp32["label_path"]),
-        "agreement_bundle_vs_model_zoo": label_agreement(bundle and bundle["label_path"],
-                                                         zoo and zoo["label_path"]),
-        "organ_agreement_bundle_vs_bundle_fp32": label_agreement(bundle and bundle["label_path"],
-                                                                 fp32 and fp32["label_path"], foreground=True),
-        "organ_agreement_bundle_vs_model_zoo": label_agreement(bundle and bundle["label_path"],
-                                                               zoo and zoo["label_path"], foreground=True),
+        "speed_ratio_bundle_fp32_over_bundle": (
+            finite_or_none(fp32["total_s"] / bundle["total_s"]) if bundle and fp32 else None
+        ),
+        "agreement_bundle_vs_bundle_fp32": label_agreement(
+            bundle and bundle["label_path"], fp32 and fp32["label_path"]
+        ),
+        "agreement_bundle_vs_model_zoo": label_agreement(bundle and bundle["label_path"], zoo and zoo["label_path"]),
+        "organ_agreement_bundle_vs_bundle_fp32": label_agreement(
+            bundle and bundle["label_path"], fp32 and fp32["label_path"], foreground=True
+        ),
+        "organ_agreement_bundle_vs_model_zoo": label_agreement(
+            bundle and bundle["label_path"], zoo and zoo["label_path"], foreground=True
+        ),
     }
 
 
@@ -656,8 +734,10 @@ def format_report(result: dict[str, Any]) -> str:
     loads = [m.get("load_average_1_5_15"), m.get("load_average_after_inference")]
     busy = [la[0] for la in loads if la and la[0] > 1.5 * (m["cpus_usable"] or 1)]
     if busy:
-        lines.append(f"WARNING: 1-minute load average up to {max(busy):.1f} on {m['cpus_usable']} cores: other "
-                     f"processes shared the CPU, so the timings are inflated and noisy")
+        lines.append(
+            f"WARNING: 1-minute load average up to {max(busy):.1f} on {m['cpus_usable']} cores: other "
+            f"processes shared the CPU, so the timings are inflated and noisy"
+        )
     lines += [
         "",
         "End to end, seconds per volume",
@@ -670,7 +750,8 @@ def format_report(result: dict[str, Any]) -> str:
             f"{name:<12} {r['precision']:<9} {st.get('input_check', 0.0):>7.2f} {st.get('load', 0.0):>7.2f} "
             f"{st.get('preprocess', 0.0):>7.2f} {st['sliding_window']:>9.2f} {st.get('postprocess', 0.0):>7.2f} "
             f"{st.get('save', 0.0):>7.2f} {r['total_s']:>8.2f} {r['windows']:>8d} "
-            f"{r['sliding_window_s_per_window']:>9.3f}")
+            f"{r['sliding_window_s_per_window']:>9.3f}"
+        )
     c = result["comparison"]
 
     def num(v: float | None, fmt: str = "{:.3f}") -> str:
@@ -691,12 +772,15 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     for r in result["model_forward"]:
         if "skipped" in r:
-            lines.append(f"{r['network']:<10} {str(r['use_flash_attention']):<6} {r['precision']:<10} "
-                         f"skipped: {r['skipped']}")
+            lines.append(
+                f"{r['network']:<10} {str(r['use_flash_attention']):<6} {r['precision']:<10} skipped: {r['skipped']}"
+            )
         else:
-            lines.append(f"{r['network']:<10} {str(r['use_flash_attention']):<6} {r['precision']:<10} "
-                         f"{r['windows_per_call']:>8d} {r['seconds_per_call']:>8.3f} {r['seconds_per_window']:>9.3f} "
-                         f"{r['std_s']:>7.3f}")
+            lines.append(
+                f"{r['network']:<10} {str(r['use_flash_attention']):<6} {r['precision']:<10} "
+                f"{r['windows_per_call']:>8d} {r['seconds_per_call']:>8.3f} {r['seconds_per_window']:>9.3f} "
+                f"{r['std_s']:>7.3f}"
+            )
     t = result.get("training")
     lines.append("")
     if not t:
@@ -704,24 +788,37 @@ def format_report(result: dict[str, Any]) -> str:
     elif "error" in t:
         lines.append(f"Training: {t['error']}")
     else:
-        mem = (f"CUDA max allocated {t['cuda_max_memory_allocated_mib']:.0f} MiB"
-               if t["cuda_max_memory_allocated_mib"] is not None else
-               f"peak RSS {t['peak_rss_mib']:.0f} MiB (+{t['peak_rss_delta_training_mib']:.0f} MiB over the "
-               f"{t['peak_rss_before_training_mib']:.0f} MiB peak before the first step)")
+        mem = (
+            f"CUDA max allocated {t['cuda_max_memory_allocated_mib']:.0f} MiB"
+            if t["cuda_max_memory_allocated_mib"] is not None
+            else f"peak RSS {t['peak_rss_mib']:.0f} MiB (+{t['peak_rss_delta_training_mib']:.0f} MiB over the "
+            f"{t['peak_rss_before_training_mib']:.0f} MiB peak before the first step)"
+        )
         lines.append(
             f"Training: {num(t['iterations_per_second'], '{:.3f}')} it/s "
             f"({num(t['seconds_per_iteration'], '{:.2f}')} s/it over {t['steps']} steps, batch of "
             f"{t['batch_crops']} crops of {t['roi_size']}, use_checkpoint {t['use_checkpoint']}, amp {t['amp']}); "
-            f"{mem}")
+            f"{mem}"
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ main
 
 
-def run_variants(dev: torch.device, feature_size: int, roi: list[int], ckpt: str, out: Path, image: str,
-                 warmup: bool, forward_batch: int | None, repeats: int, skip_model_zoo: bool,
-                 skip_identical_fp32: bool) -> tuple[dict[str, dict], list[dict], bool]:
+def run_variants(
+    dev: torch.device,
+    feature_size: int,
+    roi: list[int],
+    ckpt: str,
+    out: Path,
+    image: str,
+    warmup: bool,
+    forward_batch: int | None,
+    repeats: int,
+    skip_model_zoo: bool,
+    skip_identical_fp32: bool,
+) -> tuple[dict[str, dict], list[dict], bool]:
     """Run each variant on the volume in a fresh process; return (end to end by variant, forward rows, fp32 skipped).
 
     The fp32 run is skipped (third value True) where ``skip_identical_fp32`` and the bundle ran float32
@@ -738,29 +835,52 @@ def run_variants(dev: torch.device, feature_size: int, roi: list[int], ckpt: str
             say("bundle_fp32: skipped, the bundle runs float32 in the plain layout here, so its run is the fp32 run")
             continue
         say(f"{name}: building the pipeline and running one volume in a fresh process")
-        args = {"name": name, "device": str(dev), "feature_size": int(feature_size), "roi_size": roi,
-                "ckpt_path": ckpt, "output_dir": str(out / name), "image": str(image), "warmup": bool(warmup),
-                "time_forward": name in ("bundle", "model_zoo"), "forward_batch": forward_batch,
-                "repeats": int(repeats)}
+        args = {
+            "name": name,
+            "device": str(dev),
+            "feature_size": int(feature_size),
+            "roi_size": roi,
+            "ckpt_path": ckpt,
+            "output_dir": str(out / name),
+            "image": str(image),
+            "warmup": bool(warmup),
+            "time_forward": name in ("bundle", "model_zoo"),
+            "forward_batch": forward_batch,
+            "repeats": int(repeats),
+        }
         child = run_child("tools.benchmark_btcv", "variant_child", args, name)
         if "error" in child:
             raise RuntimeError(f"benchmark variant {name}: {child['error']}")
         r = e2e[name] = child["end_to_end"]
         forward_rows += child["model_forward"]
         if name == "bundle":  # the fp32 run would repeat it: float32 and the plain layout here
-            fp32_is_bundle = (skip_identical_fp32 and r["precision"] == "float32"
-                              and not r["settings"]["channels_last"])
-        say(f"{name}: total {r['total_s']:.2f} s, sliding window {r['stages_s']['sliding_window']:.2f} s over "
-            f"{r['windows']} windows; label map {r['label_path']}")
+            fp32_is_bundle = skip_identical_fp32 and r["precision"] == "float32" and not r["settings"]["channels_last"]
+        say(
+            f"{name}: total {r['total_s']:.2f} s, sliding window {r['stages_s']['sliding_window']:.2f} s over "
+            f"{r['windows']} windows; label map {r['label_path']}"
+        )
     return e2e, forward_rows, fp32_is_bundle
 
 
-def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 48, roi_size: int = 96,
-                  device: str | None = None, train_steps: int = 3, output_json: str = "bench.json",
-                  skip_model_zoo: bool = False, skip_training: bool = False, repeats: int = 3, seed: int = 0,
-                  work_dir: str | None = None, warmup: bool = True, train_warmup_steps: int = 1,
-                  train_crops: int | None = None, forward_batch: int | None = None,
-                  skip_identical_fp32: bool = True) -> dict[str, Any]:
+def run_benchmark(
+    image: str,
+    ckpt_path: str | None = None,
+    feature_size: int = 48,
+    roi_size: int = 96,
+    device: str | None = None,
+    train_steps: int = 3,
+    output_json: str = "bench.json",
+    skip_model_zoo: bool = False,
+    skip_training: bool = False,
+    repeats: int = 3,
+    seed: int = 0,
+    work_dir: str | None = None,
+    warmup: bool = True,
+    train_warmup_steps: int = 1,
+    train_crops: int | None = None,
+    forward_batch: int | None = None,
+    skip_identical_fp32: bool = True,
+) -> dict[str, Any]:
     """Benchmark the bundle vs the model-zoo settings on one volume; write ``output_json``, return the result.
 
     The command line prints the result as a table.
@@ -789,8 +909,11 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
     roi = cube(roi_size)
     if not os.path.isfile(image):
         raise FileNotFoundError(f"image not found: {image}")
-    out = Path(work_dir) if work_dir else Path(output_json).resolve().with_suffix("").with_name(
-        Path(output_json).stem + "_outputs")
+    out = (
+        Path(work_dir)
+        if work_dir
+        else Path(output_json).resolve().with_suffix("").with_name(Path(output_json).stem + "_outputs")
+    )
     out.mkdir(parents=True, exist_ok=True)
     say(f"device {dev}, feature_size {feature_size}, roi {roi}; outputs under {out}")
     if ckpt_path:
@@ -804,40 +927,63 @@ def run_benchmark(image: str, ckpt_path: str | None = None, feature_size: int = 
     result: dict[str, Any] = {
         "machine": machine_info(dev),
         "settings": {
-            "image": image_info(image), "device": str(dev), "feature_size": int(feature_size), "roi_size": roi,
-            "ckpt_path": str(ckpt_path) if ckpt_path else None, "weights": weights, "random_init": not ckpt_path,
-            "seed": int(seed), "repeats": int(repeats), "train_steps": int(train_steps),
-            "train_warmup_steps": int(train_warmup_steps), "train_crops": train_crops,
+            "image": image_info(image),
+            "device": str(dev),
+            "feature_size": int(feature_size),
+            "roi_size": roi,
+            "ckpt_path": str(ckpt_path) if ckpt_path else None,
+            "weights": weights,
+            "random_init": not ckpt_path,
+            "seed": int(seed),
+            "repeats": int(repeats),
+            "train_steps": int(train_steps),
+            "train_warmup_steps": int(train_warmup_steps),
+            "train_crops": train_crops,
             "forward_batch": forward_batch,
-            "warmup_forward_before_end_to_end": bool(warmup), "model_zoo_constants": {
-                k: list(v) if isinstance(v, tuple) else v for k, v in MODEL_ZOO.items()},
+            "warmup_forward_before_end_to_end": bool(warmup),
+            "model_zoo_constants": {k: list(v) if isinstance(v, tuple) else v for k, v in MODEL_ZOO.items()},
             "bundle_autocast_dtype": dtype_name(bundle_autocast_dtype(dev)),
         },
     }
     Path(image).read_bytes()  # page cache warm for every variant alike
 
     e2e, forward_rows, fp32_is_bundle = run_variants(
-        dev, feature_size, roi, ckpt, out, image, warmup=warmup, forward_batch=forward_batch, repeats=repeats,
-        skip_model_zoo=skip_model_zoo, skip_identical_fp32=skip_identical_fp32)
+        dev,
+        feature_size,
+        roi,
+        ckpt,
+        out,
+        image,
+        warmup=warmup,
+        forward_batch=forward_batch,
+        repeats=repeats,
+        skip_model_zoo=skip_model_zoo,
+        skip_identical_fp32=skip_identical_fp32,
+    )
     result["machine"]["load_average_after_inference"] = load_average()
     result["end_to_end"] = e2e
     result["comparison"] = comparison(e2e)
     if fp32_is_bundle:
         result["comparison"]["agreement_bundle_vs_bundle_fp32"] = 1.0
         result["comparison"]["organ_agreement_bundle_vs_bundle_fp32"] = 1.0
-        result["comparison"]["fp32_note"] = ("neither reduced precision nor channels-last is used on this device, "
-                                             "so the bundle's label map is the fp32 label map")
+        result["comparison"]["fp32_note"] = (
+            "neither reduced precision nor channels-last is used on this device, "
+            "so the bundle's label map is the fp32 label map"
+        )
     if not ckpt_path:
-        result["comparison"]["note"] = ("random weights: the agreements compare label maps of random logits "
-                                        "(pipeline and numeric differences), not segmentation quality")
+        result["comparison"]["note"] = (
+            "random weights: the agreements compare label maps of random logits "
+            "(pipeline and numeric differences), not segmentation quality"
+        )
     result["model_forward"] = forward_rows
     if skip_training:
         say("training: skipped")
         result["training"] = None
     else:
         say(f"training: {train_steps} step(s) after {train_warmup_steps} warm-up step(s), in a fresh subprocess")
-        result["training"] = benchmark_training(dev, feature_size, roi, train_steps, seed=seed,
-                                                warmup_steps=train_warmup_steps, crops=train_crops)
+        result["training"] = benchmark_training(
+            dev, feature_size, roi, train_steps, seed=seed, warmup_steps=train_warmup_steps, crops=train_crops
+        )
     Path(output_json).parent.mkdir(parents=True, exist_ok=True)
     Path(output_json).write_text(json.dumps(result, indent=2))
     say(f"wrote {output_json}")

@@ -83,9 +83,21 @@ def _input_shape(batch: Any) -> list[int]:
     return []
 
 
-def train_overrides(task: str, dataset_dir: str, bundle_root: str, device: torch.device, feature_size: int,
-                    roi_size: Sequence[int] | None, num_samples: int, batch_size: int, use_checkpoint: bool | None,
-                    amp: bool, max_epochs: int, num_folds: int, seed: int) -> dict[str, Any]:
+def train_overrides(
+    task: str,
+    dataset_dir: str,
+    bundle_root: str,
+    device: torch.device,
+    feature_size: int,
+    roi_size: Sequence[int] | None,
+    num_samples: int,
+    batch_size: int,
+    use_checkpoint: bool | None,
+    amp: bool,
+    max_epochs: int,
+    num_folds: int,
+    seed: int,
+) -> dict[str, Any]:
     """The knobs of train.json this benchmark sets; ``roi_size`` / ``use_checkpoint`` None keep the bundle's."""
     overrides = {
         "task": task,
@@ -147,8 +159,10 @@ def log_iterations(trainer: Any, dev: torch.device, task: str, total: int, warmu
         losses.append(loss_of(engine.state.output))
         input_shapes.append(_input_shape(engine.state.batch))
         n = len(times)
-        say(f"{task} iteration {n}/{total} ({'warm-up' if n <= int(warmup) else 'timed'}): {times[-1]:.2f} s "
-            f"(+{data_times[-1]:.2f} s batch), input {input_shapes[-1]}, loss {losses[-1]:.4f}")
+        say(
+            f"{task} iteration {n}/{total} ({'warm-up' if n <= int(warmup) else 'timed'}): {times[-1]:.2f} s "
+            f"(+{data_times[-1]:.2f} s batch), input {input_shapes[-1]}, loss {losses[-1]:.4f}"
+        )
         if n >= total:
             engine.terminate()
 
@@ -156,10 +170,22 @@ def log_iterations(trainer: Any, dev: torch.device, task: str, total: int, warmu
     return {"times": times, "data_times": data_times, "losses": losses, "input_shapes": input_shapes}
 
 
-def measure_task(task: str, device: str = "cpu", feature_size: int = 48, roi_size: Sequence[int] | None = None,
-                 num_samples: int = 4, batch_size: int = 1, use_checkpoint: bool | None = None, amp: bool = True,
-                 iterations: int = 3, warmup: int = 1, shape: Sequence[int] = DEFAULT_SHAPE, cases: int = 3,
-                 seed: int = 0, work_dir: str | None = None) -> dict[str, Any]:
+def measure_task(
+    task: str,
+    device: str = "cpu",
+    feature_size: int = 48,
+    roi_size: Sequence[int] | None = None,
+    num_samples: int = 4,
+    batch_size: int = 1,
+    use_checkpoint: bool | None = None,
+    amp: bool = True,
+    iterations: int = 3,
+    warmup: int = 1,
+    shape: Sequence[int] = DEFAULT_SHAPE,
+    cases: int = 3,
+    seed: int = 0,
+    work_dir: str | None = None,
+) -> dict[str, Any]:
     """Write a synthetic task, run the bundle's trainer for warm-up + timed iterations; return speed and memory.
 
     Meant to run in a fresh process (``run_task_subprocess``) so that the peak RSS belongs to this task.
@@ -176,21 +202,45 @@ def measure_task(task: str, device: str = "cpu", feature_size: int = 48, roi_siz
     with tempfile.TemporaryDirectory(prefix=f"benchmark_msd_{task}_", dir=work_dir) as tmp:
         t0 = time.perf_counter()
         data_root = Path(tmp) / "data"
-        folder = write_msd_task(data_root, task, num_training=int(cases), num_test=0, seed=int(seed),
-                                shape=tuple(int(s) for s in shape))
+        folder = write_msd_task(
+            data_root, task, num_training=int(cases), num_test=0, seed=int(seed), shape=tuple(int(s) for s in shape)
+        )
         data_s = time.perf_counter() - t0
         say(f"{task}: wrote {cases} synthetic case(s) of {list(shape)} in {data_s:.1f} s")
 
         t0 = time.perf_counter()
         # at least one iteration per epoch: `total` epochs always reach `total` iterations (terminated there)
-        parser = bundle_parser(train_overrides(
-            task, str(folder), str(Path(tmp) / "bundle_root"), dev, feature_size, roi_size, num_samples, batch_size,
-            use_checkpoint, amp, max_epochs=total, num_folds=min(5, int(cases)), seed=seed))
+        parser = bundle_parser(
+            train_overrides(
+                task,
+                str(folder),
+                str(Path(tmp) / "bundle_root"),
+                dev,
+                feature_size,
+                roi_size,
+                num_samples,
+                batch_size,
+                use_checkpoint,
+                amp,
+                max_epochs=total,
+                num_folds=min(5, int(cases)),
+                seed=seed,
+            )
+        )
         parser.get_parsed_content("initialize")
         trainer = parser.get_parsed_content("train#trainer")
-        settings = {k: parser.get_parsed_content(k, reset=False)
-                    for k in ("in_channels", "num_classes", "spacing", "roi_size", "intensity", "use_checkpoint",
-                              "use_flash_attention")}
+        settings = {
+            k: parser.get_parsed_content(k, reset=False)
+            for k in (
+                "in_channels",
+                "num_classes",
+                "spacing",
+                "roi_size",
+                "intensity",
+                "use_checkpoint",
+                "use_flash_attention",
+            )
+        }
         setup_s = time.perf_counter() - t0
         network = trainer.network
         cases_training = len(trainer.data_loader.dataset)
@@ -208,7 +258,7 @@ def measure_task(task: str, device: str = "cpu", feature_size: int = 48, roi_siz
         cuda_reserved = torch.cuda.max_memory_reserved(dev) / MIB if dev.type == "cuda" else None
 
     times, data_times, losses, input_shapes = (log[k] for k in ("times", "data_times", "losses", "input_shapes"))
-    timed, timed_data = times[int(warmup):], data_times[int(warmup):len(times)]
+    timed, timed_data = times[int(warmup) :], data_times[int(warmup) : len(times)]
     crops = input_shapes[-1][0] if input_shapes and input_shapes[-1] else int(batch_size) * int(num_samples)
     mean_s = mean(timed)
     ips = len(timed) / sum(timed) if timed and sum(timed) > 0 else None
@@ -248,13 +298,16 @@ def measure_task(task: str, device: str = "cpu", feature_size: int = 48, roi_siz
         "iterations_per_second": ips,
         "crops_per_second": ips * crops if ips is not None else None,
         "data_seconds_per_iteration": mean(timed_data),
-        "losses": losses[int(warmup):],
+        "losses": losses[int(warmup) :],
         "warmup_losses": losses[: int(warmup)],
         "final_loss": losses[-1] if losses else None,
         "final_loss_finite": bool(losses) and math.isfinite(losses[-1]),
         "peak_memory_mib": cuda_peak if cuda_peak is not None else after["ru_maxrss_mib"],
-        "peak_memory_kind": ("torch.cuda.max_memory_allocated over the iterations" if cuda_peak is not None
-                             else "peak RSS of this task's process (resource.getrusage ru_maxrss)"),
+        "peak_memory_kind": (
+            "torch.cuda.max_memory_allocated over the iterations"
+            if cuda_peak is not None
+            else "peak RSS of this task's process (resource.getrusage ru_maxrss)"
+        ),
         "cuda_max_memory_allocated_mib": cuda_peak,
         "cuda_max_memory_reserved_mib": cuda_reserved,
         "peak_rss_mib": after["ru_maxrss_mib"],
@@ -311,10 +364,15 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     busiest = max((x[0] for x in (la["start"], la["end"]) if x), default=0.0)
     if busiest > 1.5 * (m["cpus_usable"] or 1):
-        lines.append(f"WARNING: 1-minute load average up to {busiest:.1f} on {m['cpus_usable']} cores: other "
-                     "processes shared the CPU, so the timings are inflated")
-    lines += ["", f"{'task':<19} {'ch':>2} {'roi':<13} {'spacing':<16} {'crops':>5} {'iters':>5} {'s/it':>8} "
-                  f"{'min s/it':>8} {'it/s':>8} {'crops/s':>8} {'batch s':>7} {'peak MiB':>9} {'loss':>8}"]
+        lines.append(
+            f"WARNING: 1-minute load average up to {busiest:.1f} on {m['cpus_usable']} cores: other "
+            "processes shared the CPU, so the timings are inflated"
+        )
+    lines += [
+        "",
+        f"{'task':<19} {'ch':>2} {'roi':<13} {'spacing':<16} {'crops':>5} {'iters':>5} {'s/it':>8} "
+        f"{'min s/it':>8} {'it/s':>8} {'crops/s':>8} {'batch s':>7} {'peak MiB':>9} {'loss':>8}",
+    ]
     for name, r in result["tasks"].items():
         if "error" in r:
             lines.append(f"{name:<19} {r['error']}")
@@ -325,23 +383,45 @@ def format_report(result: dict[str, Any]) -> str:
             f"{'x'.join(f'{v:g}' for v in r['spacing']):<16} {r['crops_per_iteration']:>5} {r['iterations']:>5} "
             f"{num(r['seconds_per_iteration'], '.3f'):>8} {num(r['min_seconds_per_iteration'], '.3f'):>8} "
             f"{num(r['iterations_per_second'], '.4f'):>8} {num(r['crops_per_second'], '.4f'):>8} "
-            f"{num(r['data_seconds_per_iteration'], '.2f'):>7} {r['peak_memory_mib']:>9.0f} {loss:>8}")
-    lines.append("Load average per task (start -> end of its process): " + "; ".join(
-        f"{name} {r.get('load_average_start')} -> {r.get('load_average_end')}"
-        for name, r in result["tasks"].items() if "error" not in r))
-    lines += ["", f"s/it: forward + loss + backward + optimiser step (ITERATION_STARTED..COMPLETED); batch s: the "
-                  f"batch fetch (random crops, augmentation) before it, not included; peak: {s['memory_measure']}"]
+            f"{num(r['data_seconds_per_iteration'], '.2f'):>7} {r['peak_memory_mib']:>9.0f} {loss:>8}"
+        )
+    lines.append(
+        "Load average per task (start -> end of its process): "
+        + "; ".join(
+            f"{name} {r.get('load_average_start')} -> {r.get('load_average_end')}"
+            for name, r in result["tasks"].items()
+            if "error" not in r
+        )
+    )
+    lines += [
+        "",
+        f"s/it: forward + loss + backward + optimiser step (ITERATION_STARTED..COMPLETED); batch s: the "
+        f"batch fetch (random crops, augmentation) before it, not included; peak: {s['memory_measure']}",
+    ]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ main
 
 
-def run_benchmark(tasks: str | Sequence[str] = DEFAULT_TASKS, device: str | None = None, feature_size: int = 48,
-                  roi_size: int | Sequence[int] | None = None, num_samples: int = 4, batch_size: int = 1,
-                  use_checkpoint: bool | None = None, amp: bool = True, iterations: int = 3, warmup: int = 1,
-                  shape: Sequence[int] = DEFAULT_SHAPE, cases: int = 3, seed: int = 0, output: str | None = None,
-                  isolate: bool = True, timeout_s: float | None = None) -> dict[str, Any]:
+def run_benchmark(
+    tasks: str | Sequence[str] = DEFAULT_TASKS,
+    device: str | None = None,
+    feature_size: int = 48,
+    roi_size: int | Sequence[int] | None = None,
+    num_samples: int = 4,
+    batch_size: int = 1,
+    use_checkpoint: bool | None = None,
+    amp: bool = True,
+    iterations: int = 3,
+    warmup: int = 1,
+    shape: Sequence[int] = DEFAULT_SHAPE,
+    cases: int = 3,
+    seed: int = 0,
+    output: str | None = None,
+    isolate: bool = True,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
     """Benchmark the MSD bundle's training per task; write ``output`` (JSON), return the result.
 
     The command line prints the result as a table.
@@ -381,38 +461,70 @@ def run_benchmark(tasks: str | Sequence[str] = DEFAULT_TASKS, device: str | None
     result: dict[str, Any] = {
         "machine": machine_info(dev),
         "settings": {
-            "bundle": "swin_unetr_msd", "config": "configs/train.json (train#trainer, after initialize)",
-            "tasks": tasks, "device": str(dev), "feature_size": int(feature_size),
+            "bundle": "swin_unetr_msd",
+            "config": "configs/train.json (train#trainer, after initialize)",
+            "tasks": tasks,
+            "device": str(dev),
+            "feature_size": int(feature_size),
             "roi_size": roi if roi is not None else "task default (configs/tasks/<task>.json)",
-            "num_samples": int(num_samples), "batch_size": int(batch_size),
+            "num_samples": int(num_samples),
+            "batch_size": int(batch_size),
             "crops_per_iteration": int(batch_size) * int(num_samples),
             "use_checkpoint": None if use_checkpoint is None else bool(use_checkpoint),
-            "amp": bool(amp) and dev.type == "cuda", "amp_requested": bool(amp),
-            "num_workers": 0, "cache_rate": 1.0, "iterations": int(iterations), "warmup": int(warmup),
-            "shape": shape, "cases": int(cases), "seed": int(seed),
+            "amp": bool(amp) and dev.type == "cuda",
+            "amp_requested": bool(amp),
+            "num_workers": 0,
+            "cache_rate": 1.0,
+            "iterations": int(iterations),
+            "warmup": int(warmup),
+            "shape": shape,
+            "cases": int(cases),
+            "seed": int(seed),
             "data": "synthetic Decathlon task folders (tools.make_msd_tasks.write_msd_task)",
             "timing": "ignite Events.ITERATION_STARTED..ITERATION_COMPLETED per iteration"
-                      + (", torch.cuda.synchronize at both ends" if dev.type == "cuda" else "")
-                      + "; the first `warmup` iterations discarded; batch fetch timed apart",
-            "isolation": ("each task in a fresh Python process (forked through /bin/sh)" if isolate
-                          else "all tasks in this process: peak RSS is not per task"),
-            "memory_measure": ("torch.cuda.max_memory_allocated over the iterations" if dev.type == "cuda" else
-                               "peak RSS of the task's process (getrusage ru_maxrss)"),
+            + (", torch.cuda.synchronize at both ends" if dev.type == "cuda" else "")
+            + "; the first `warmup` iterations discarded; batch fetch timed apart",
+            "isolation": (
+                "each task in a fresh Python process (forked through /bin/sh)"
+                if isolate
+                else "all tasks in this process: peak RSS is not per task"
+            ),
+            "memory_measure": (
+                "torch.cuda.max_memory_allocated over the iterations"
+                if dev.type == "cuda"
+                else "peak RSS of the task's process (getrusage ru_maxrss)"
+            ),
         },
     }
-    args = {"device": str(dev), "feature_size": int(feature_size), "roi_size": roi, "num_samples": int(num_samples),
-            "batch_size": int(batch_size), "use_checkpoint": use_checkpoint, "amp": bool(amp),
-            "iterations": int(iterations), "warmup": int(warmup), "shape": shape, "cases": int(cases),
-            "seed": int(seed)}
+    args = {
+        "device": str(dev),
+        "feature_size": int(feature_size),
+        "roi_size": roi,
+        "num_samples": int(num_samples),
+        "batch_size": int(batch_size),
+        "use_checkpoint": use_checkpoint,
+        "amp": bool(amp),
+        "iterations": int(iterations),
+        "warmup": int(warmup),
+        "shape": shape,
+        "cases": int(cases),
+        "seed": int(seed),
+    }
     results: dict[str, dict] = {}
     for task in tasks:
-        say(f"{task}: {'fresh subprocess' if isolate else 'in process'}, {warmup} warm-up + {iterations} timed "
-            f"iteration(s); load average {load_average()}")
-        results[task] = (run_task_subprocess({**args, "task": task}, timeout_s) if isolate
-                         else measure_task(task, **args))
+        say(
+            f"{task}: {'fresh subprocess' if isolate else 'in process'}, {warmup} warm-up + {iterations} timed "
+            f"iteration(s); load average {load_average()}"
+        )
+        results[task] = (
+            run_task_subprocess({**args, "task": task}, timeout_s) if isolate else measure_task(task, **args)
+        )
     result["tasks"] = results
-    result["load_average"] = {"start": load_start, "end": load_average(),
-                              "meaning": "os.getloadavg() 1, 5, 15 min, before the first and after the last task"}
+    result["load_average"] = {
+        "start": load_start,
+        "end": load_average(),
+        "meaning": "os.getloadavg() 1, 5, 15 min, before the first and after the last task",
+    }
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=2))
     result["output"] = str(output)

@@ -94,8 +94,15 @@ def bundle_parser(overrides: dict[str, Any]) -> Any:
     return parse_bundle_config(BUNDLE_DIR, "train.json", overrides)
 
 
-def train_overrides(device: torch.device, feature_size: int, roi_size: Sequence[int], batch_size: int,
-                    num_samples: int, seed: int, amp: bool) -> dict[str, Any]:
+def train_overrides(
+    device: torch.device,
+    feature_size: int,
+    roi_size: Sequence[int],
+    batch_size: int,
+    num_samples: int,
+    seed: int,
+    amp: bool,
+) -> dict[str, Any]:
     """The knobs of train.json this benchmark sets (no pretrained weights, no resume)."""
     return {
         "device": device_expr(device),
@@ -139,9 +146,14 @@ def rotate_view(sample: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(sample, int(k), axes=ROTATION_AXES))
 
 
-def draw_cutout_mask(spatial_shape: Sequence[int], rng: np.random.Generator,
-                     max_fraction: float = MAX_CUTOUT_FRACTION, max_box_size: float = MAX_BOX_SIZE,
-                     min_box_size: float = MIN_BOX_SIZE, max_boxes: int = MAX_BOXES) -> np.ndarray:
+def draw_cutout_mask(
+    spatial_shape: Sequence[int],
+    rng: np.random.Generator,
+    max_fraction: float = MAX_CUTOUT_FRACTION,
+    max_box_size: float = MAX_BOX_SIZE,
+    min_box_size: float = MIN_BOX_SIZE,
+    max_boxes: int = MAX_BOXES,
+) -> np.ndarray:
     """Boolean mask of random boxes covering a share drawn uniformly in [0, ``max_fraction``) of the voxels.
 
     Box sides are drawn between ``min_box_size`` and ``max_box_size`` of each side; boxes are added
@@ -199,8 +211,9 @@ def research_views(images: torch.Tensor, rng: np.random.Generator) -> dict[str, 
     """
     array = images.detach().cpu().numpy()
     if array.ndim != 5 or array.shape[1 + ROTATION_AXES[0]] != array.shape[1 + ROTATION_AXES[1]]:
-        raise ValueError(f"crops of shape {tuple(array.shape[2:])} are not square in the rotation plane "
-                         "(spatial axes 1, 2)")
+        raise ValueError(
+            f"crops of shape {tuple(array.shape[2:])} are not square in the rotation plane (spatial axes 1, 2)"
+        )
     out: dict[str, Any] = {}
     masks = []
     for view in (1, 2):
@@ -256,28 +269,41 @@ def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tens
         raise RuntimeError("train#iteration does not use the parsed proxy_tasks / loss")
     timed = TimedProxyTasks(proxy_tasks, device)
     iteration.proxy_tasks = timed
-    engine = SimpleNamespace(state=SimpleNamespace(iteration=0, device=device), network=network,
-                             optimizer=optimizer, non_blocking=False)
+    engine = SimpleNamespace(
+        state=SimpleNamespace(iteration=0, device=device), network=network, optimizer=optimizer, non_blocking=False
+    )
     batch = {"image": crops.to(device)}
     sync(device)
 
     def step(index: int) -> dict[str, Any]:
         engine.state.iteration = index + 1
         out = iteration(engine, batch)
-        return {"loss": out["loss"], "loss_terms": {k: out[k] for k in ("inpaint_loss", "contrast_loss",
-                                                                         "rotation_loss")},
-                "masked_fraction": out["masked_fraction"], "proxy_tasks_s": timed.seconds}
+        return {
+            "loss": out["loss"],
+            "loss_terms": {k: out[k] for k in ("inpaint_loss", "contrast_loss", "rotation_loss")},
+            "masked_fraction": out["masked_fraction"],
+            "proxy_tasks_s": timed.seconds,
+        }
 
-    return {"network": network, "step": step, "settings": {
-        "how": "configs/train.json parsed with ConfigParser (network, optimizer, loss, proxy_tasks, train#iteration);"
-               " SSLTrainIteration on a batch already on the device, proxy tasks on the device",
-        "optimizer": type(optimizer).__name__, "lr_scheduler": type(iteration.lr_scheduler).__name__,
-        "amp": bool(iteration.amp), "scaler_enabled": bool(iteration.scaler.is_enabled()),
-        "accumulation_steps": iteration.accumulation_steps, "max_grad_norm": iteration.max_grad_norm}}
+    return {
+        "network": network,
+        "step": step,
+        "settings": {
+            "how": "configs/train.json parsed with ConfigParser (network, optimizer, loss, proxy_tasks, "
+            "train#iteration); SSLTrainIteration on a batch already on the device, proxy tasks on the device",
+            "optimizer": type(optimizer).__name__,
+            "lr_scheduler": type(iteration.lr_scheduler).__name__,
+            "amp": bool(iteration.amp),
+            "scaler_enabled": bool(iteration.scaler.is_enabled()),
+            "accumulation_steps": iteration.accumulation_steps,
+            "max_grad_norm": iteration.max_grad_norm,
+        },
+    }
 
 
-def setup_research(device: torch.device, parser: Any, seed: int, crops: torch.Tensor, amp: bool,
-                   forward: str) -> dict[str, Any]:
+def setup_research(
+    device: torch.device, parser: Any, seed: int, crops: torch.Tensor, amp: bool, forward: str
+) -> dict[str, Any]:
     """The research code's step: CPU augmentation per sample, views to the device, forward, loss, update."""
     from monai.losses import ContrastiveLoss
 
@@ -285,8 +311,9 @@ def setup_research(device: torch.device, parser: Any, seed: int, crops: torch.Te
         raise ValueError(f"research_forward must be one of {RESEARCH_FORWARDS}, got {forward!r}")
     torch.manual_seed(int(seed))  # the same initial weights as the bundle mode (set_determinism seeds torch alike)
     network = parser.get_parsed_content("network")  # the same SwinSSLNet with the bundle's knobs
-    optimizer = torch.optim.AdamW(network.parameters(), lr=float(parser["learning_rate"]),
-                                  weight_decay=float(parser["weight_decay"]))
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=float(parser["learning_rate"]), weight_decay=float(parser["weight_decay"])
+    )
     use_amp = bool(amp) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     contrast = ContrastiveLoss(temperature=float(parser["temperature"]))
@@ -301,8 +328,9 @@ def setup_research(device: torch.device, parser: Any, seed: int, crops: torch.Te
         t0 = time.perf_counter()
         views = research_views(batch_cpu, rng)
         t1 = time.perf_counter()
-        x1, x2, x1_aug, x2_aug, rot1, rot2 = (views[k].to(device) for k in
-                                              ("x1", "x2", "x1_augment", "x2_augment", "rot1", "rot2"))
+        x1, x2, x1_aug, x2_aug, rot1, rot2 = (
+            views[k].to(device) for k in ("x1", "x2", "x1_augment", "x2_augment", "rot1", "rot2")
+        )
         sync(device)
         t2 = time.perf_counter()
         network.train()
@@ -316,9 +344,11 @@ def setup_research(device: torch.device, parser: Any, seed: int, crops: torch.Te
                 o = network(torch.cat([x1_aug, x2_aug]))
                 half = x1_aug.shape[0]
                 rot_p, c1, c2, reconstruction = o.rotation, o.contrastive[:half], o.contrastive[half:], o.reconstruction
-            terms = {"rotation_loss": rotation_ce(rot_p, torch.cat([rot1, rot2])),
-                     "contrast_loss": contrast(c1, c2),
-                     "inpaint_loss": reconstruction_l1(reconstruction, torch.cat([x1, x2]))}
+            terms = {
+                "rotation_loss": rotation_ce(rot_p, torch.cat([rot1, rot2])),
+                "contrast_loss": contrast(c1, c2),
+                "inpaint_loss": reconstruction_l1(reconstruction, torch.cat([x1, x2])),
+            }
             loss = terms["rotation_loss"] + terms["contrast_loss"] + terms["inpaint_loss"]
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -327,26 +357,56 @@ def setup_research(device: torch.device, parser: Any, seed: int, crops: torch.Te
         loss_value = float(loss.detach())
         sync(device)
         t3 = time.perf_counter()
-        return {"loss": loss_value, "loss_terms": {k: float(v.detach()) for k, v in terms.items()},
-                "masked_fraction": views["masked_fraction"], "augment_s": t1 - t0, "transfer_s": t2 - t1,
-                "compute_s": t3 - t2}
+        return {
+            "loss": loss_value,
+            "loss_terms": {k: float(v.detach()) for k, v in terms.items()},
+            "masked_fraction": views["masked_fraction"],
+            "augment_s": t1 - t0,
+            "transfer_s": t2 - t1,
+            "compute_s": t3 - t2,
+        }
 
-    return {"network": network, "step": step, "settings": {
-        "how": "research-contributions SwinUNETR/Pretrain main.py way: rot_rand + aug_rand per sample with numpy "
-               "on the CPU (own implementation), views moved to the device, "
-               + ("model(x1_augment), model(x2_augment)" if forward == "separate"
-                  else "model(torch.cat([x1_augment, x2_augment]))")
-               + ", rotation CE + contrastive + L1, scaler.step, zero_grad",
-        "optimizer": "AdamW", "lr_scheduler": None, "amp": use_amp, "scaler_enabled": use_amp,
-        "forward": forward, "augmentation": {
-            "rotation_axes_spatial": [a - 1 for a in ROTATION_AXES], "max_cutout_fraction": MAX_CUTOUT_FRACTION,
-            "box_size_range": [MIN_BOX_SIZE, MAX_BOX_SIZE], "fill": "normal noise min-max scaled to [0, 1]",
-            "second_cutout_from_other_sample": False}}}
+    return {
+        "network": network,
+        "step": step,
+        "settings": {
+            "how": "research-contributions SwinUNETR/Pretrain main.py way: rot_rand + aug_rand per sample with numpy "
+            "on the CPU (own implementation), views moved to the device, "
+            + (
+                "model(x1_augment), model(x2_augment)"
+                if forward == "separate"
+                else "model(torch.cat([x1_augment, x2_augment]))"
+            )
+            + ", rotation CE + contrastive + L1, scaler.step, zero_grad",
+            "optimizer": "AdamW",
+            "lr_scheduler": None,
+            "amp": use_amp,
+            "scaler_enabled": use_amp,
+            "forward": forward,
+            "augmentation": {
+                "rotation_axes_spatial": [a - 1 for a in ROTATION_AXES],
+                "max_cutout_fraction": MAX_CUTOUT_FRACTION,
+                "box_size_range": [MIN_BOX_SIZE, MAX_BOX_SIZE],
+                "fill": "normal noise min-max scaled to [0, 1]",
+                "second_cutout_from_other_sample": False,
+            },
+        },
+    }
 
 
-def measure_mode(mode: str, device: str = "cpu", feature_size: int = 48, roi_size: Sequence[int] = (96, 96, 96),
-                 batch_size: int = 2, num_samples: int = 2, warmup: int = 1, steps: int = 2, seed: int = 0,
-                 amp: bool = True, research_forward: str = "separate") -> dict[str, Any]:
+def measure_mode(
+    mode: str,
+    device: str = "cpu",
+    feature_size: int = 48,
+    roi_size: Sequence[int] = (96, 96, 96),
+    batch_size: int = 2,
+    num_samples: int = 2,
+    warmup: int = 1,
+    steps: int = 2,
+    seed: int = 0,
+    amp: bool = True,
+    research_forward: str = "separate",
+) -> dict[str, Any]:
     """Set one mode up and time its steps in this process; return its speed, losses and memory."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -375,10 +435,12 @@ def measure_mode(mode: str, device: str = "cpu", feature_size: int = 48, roi_siz
         sync(dev)
         record["seconds"] = time.perf_counter() - t0
         records.append(record)
-        say(f"{mode} step {index + 1}/{total} ({'warm-up' if index < int(warmup) else 'timed'}): "
-            f"{record['seconds']:.2f} s, loss {record['loss']:.4f}")
+        say(
+            f"{mode} step {index + 1}/{total} ({'warm-up' if index < int(warmup) else 'timed'}): "
+            f"{record['seconds']:.2f} s, loss {record['loss']:.4f}"
+        )
     after = memory_snapshot()
-    timed, warm = records[int(warmup):], records[: int(warmup)]
+    timed, warm = records[int(warmup) :], records[: int(warmup)]
     times = [r["seconds"] for r in timed]
     cuda_peak = torch.cuda.max_memory_allocated(dev) / MIB if dev.type == "cuda" else None
     hwm = after["vm_hwm_mib"]
@@ -392,8 +454,10 @@ def measure_mode(mode: str, device: str = "cpu", feature_size: int = 48, roi_siz
         "use_checkpoint": bool(parser["use_checkpoint"]),
         "use_flash_attention": any(bool(getattr(m, "use_flash_attention", False)) for m in network.modules()),
         "parameters": int(sum(p.numel() for p in network.parameters())),
-        "cudnn": {"benchmark": bool(torch.backends.cudnn.benchmark),
-                  "deterministic": bool(torch.backends.cudnn.deterministic)},
+        "cudnn": {
+            "benchmark": bool(torch.backends.cudnn.benchmark),
+            "deterministic": bool(torch.backends.cudnn.deterministic),
+        },
         "setup_s": setup_s,
         "warmup_steps": len(warm),
         "steps": len(timed),
@@ -408,8 +472,11 @@ def measure_mode(mode: str, device: str = "cpu", feature_size: int = 48, roi_siz
         "breakdown_s": {k: [float(r[k]) for r in timed] for k in breakdown_keys},
         "breakdown_mean_s": {k: mean([float(r[k]) for r in timed]) for k in breakdown_keys},
         "peak_memory_mib": cuda_peak if cuda_peak is not None else after["ru_maxrss_mib"],
-        "peak_memory_kind": ("torch.cuda.max_memory_allocated over the steps" if cuda_peak is not None
-                             else "peak RSS of this mode's process (resource.getrusage ru_maxrss)"),
+        "peak_memory_kind": (
+            "torch.cuda.max_memory_allocated over the steps"
+            if cuda_peak is not None
+            else "peak RSS of this mode's process (resource.getrusage ru_maxrss)"
+        ),
         "cuda_max_memory_allocated_mib": cuda_peak,
         "cuda_max_memory_reserved_mib": torch.cuda.max_memory_reserved(dev) / MIB if dev.type == "cuda" else None,
         "peak_rss_mib": after["ru_maxrss_mib"],
@@ -444,8 +511,9 @@ def comparison(modes: dict[str, dict]) -> dict[str, Any]:
     b, r = modes.get("bundle") or {}, modes.get("research") or {}
     return {
         "time_ratio_research_over_bundle": ratio(r.get("seconds_per_iteration"), b.get("seconds_per_iteration")),
-        "speedup_bundle_iterations_per_second_over_research": ratio(b.get("iterations_per_second"),
-                                                                     r.get("iterations_per_second")),
+        "speedup_bundle_iterations_per_second_over_research": ratio(
+            b.get("iterations_per_second"), r.get("iterations_per_second")
+        ),
         "peak_memory_ratio_research_over_bundle": ratio(r.get("peak_memory_mib"), b.get("peak_memory_mib")),
         "meaning": "time ratio > 1: the bundle's step is faster than the research code's way",
     }
@@ -469,30 +537,49 @@ def format_report(result: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"{name:<9} {r['error']}")
             continue
-        lines.append(f"{name:<9} {r['precision']:<17} {num(r['seconds_per_iteration'], '.3f'):>8} "
-                     f"{num(r['iterations_per_second'], '.4f'):>8} {r['peak_memory_mib']:>9.0f}  "
-                     f"{', '.join(f'{t:.2f}' for t in r['step_times_s']):<20} "
-                     f"{', '.join(f'{x:.4f}' for x in r['losses'])}")
+        lines.append(
+            f"{name:<9} {r['precision']:<17} {num(r['seconds_per_iteration'], '.3f'):>8} "
+            f"{num(r['iterations_per_second'], '.4f'):>8} {r['peak_memory_mib']:>9.0f}  "
+            f"{', '.join(f'{t:.2f}' for t in r['step_times_s']):<20} "
+            f"{', '.join(f'{x:.4f}' for x in r['losses'])}"
+        )
         extra = ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown_mean_s"].items() if v is not None)
-        steps_peak = (f"; peak RSS of the steps alone {r['peak_rss_steps_mib']:.0f} MiB"
-                      if r.get("peak_rss_steps_mib") is not None and r["cuda_max_memory_allocated_mib"] is None else "")
+        steps_peak = (
+            f"; peak RSS of the steps alone {r['peak_rss_steps_mib']:.0f} MiB"
+            if r.get("peak_rss_steps_mib") is not None and r["cuda_max_memory_allocated_mib"] is None
+            else ""
+        )
         lines.append(f"{'':<9} mean split: {extra}{steps_peak}")
     c = result["comparison"]
 
     def fmt(v):
         return "n/a" if v is None else f"{v:.2f}x"
 
-    lines += ["", f"time per step research / bundle: {fmt(c['time_ratio_research_over_bundle'])}; "
-                  f"peak memory research / bundle: {fmt(c['peak_memory_ratio_research_over_bundle'])}",
-              f"peak memory: {s['memory_measure']}"]
+    lines += [
+        "",
+        f"time per step research / bundle: {fmt(c['time_ratio_research_over_bundle'])}; "
+        f"peak memory research / bundle: {fmt(c['peak_memory_ratio_research_over_bundle'])}",
+        f"peak memory: {s['memory_measure']}",
+    ]
     return "\n".join(lines)
 
 
-def run_benchmark(device: str | None = None, feature_size: int = 48, roi_size: int | Sequence[int] = (96, 96, 96),
-                  batch_size: int = 2, num_samples: int = 2, warmup: int = 1, steps: int = 2,
-                  output: str | None = None, seed: int = 0, amp: bool = True, research_forward: str = "separate",
-                  mode: str | Sequence[str] = "both", isolate: bool = True,
-                  timeout_s: float | None = None) -> dict[str, Any]:
+def run_benchmark(
+    device: str | None = None,
+    feature_size: int = 48,
+    roi_size: int | Sequence[int] = (96, 96, 96),
+    batch_size: int = 2,
+    num_samples: int = 2,
+    warmup: int = 1,
+    steps: int = 2,
+    output: str | None = None,
+    seed: int = 0,
+    amp: bool = True,
+    research_forward: str = "separate",
+    mode: str | Sequence[str] = "both",
+    isolate: bool = True,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
     """Benchmark a pre-training step, bundle vs research way; write ``output`` (JSON), return the result.
 
     The command line prints the result as a table.
@@ -527,28 +614,53 @@ def run_benchmark(device: str | None = None, feature_size: int = 48, roi_size: i
     result: dict[str, Any] = {
         "machine": {**machine_info(dev), "psutil": _has_psutil()},
         "settings": {
-            "bundle": "swin_unetr_ssl_pretrain", "config": "configs/train.json", "device": str(dev),
-            "feature_size": int(feature_size), "roi_size": roi, "batch_size": int(batch_size),
-            "num_samples": int(num_samples), "crops": crops, "views": 2 * crops, "warmup": int(warmup),
-            "steps": int(steps), "seed": int(seed), "amp": bool(amp),
+            "bundle": "swin_unetr_ssl_pretrain",
+            "config": "configs/train.json",
+            "device": str(dev),
+            "feature_size": int(feature_size),
+            "roi_size": roi,
+            "batch_size": int(batch_size),
+            "num_samples": int(num_samples),
+            "crops": crops,
+            "views": 2 * crops,
+            "warmup": int(warmup),
+            "steps": int(steps),
+            "seed": int(seed),
+            "amp": bool(amp),
             "precision": "float16 autocast" if bool(amp) and dev.type == "cuda" else "float32",
-            "research_forward": research_forward, "data": "phantom CT crops (tools.make_phantoms), windowed to 0..1",
-            "isolation": ("each mode in a fresh Python process (forked through /bin/sh)" if isolate
-                          else "all modes in this process: peak RSS is not per mode"),
-            "memory_measure": ("torch.cuda.max_memory_allocated over the steps (reset after setup)"
-                               if dev.type == "cuda" else
-                               "process peak RSS (getrusage ru_maxrss; VmHWM cross-check; steps-only peak after "
-                               "/proc/self/clear_refs reset)"),
+            "research_forward": research_forward,
+            "data": "phantom CT crops (tools.make_phantoms), windowed to 0..1",
+            "isolation": (
+                "each mode in a fresh Python process (forked through /bin/sh)"
+                if isolate
+                else "all modes in this process: peak RSS is not per mode"
+            ),
+            "memory_measure": (
+                "torch.cuda.max_memory_allocated over the steps (reset after setup)"
+                if dev.type == "cuda"
+                else "process peak RSS (getrusage ru_maxrss; VmHWM cross-check; steps-only peak after "
+                "/proc/self/clear_refs reset)"
+            ),
         },
     }
-    args = {"device": str(dev), "feature_size": int(feature_size), "roi_size": roi, "batch_size": int(batch_size),
-            "num_samples": int(num_samples), "warmup": int(warmup), "steps": int(steps), "seed": int(seed),
-            "amp": bool(amp), "research_forward": research_forward}
+    args = {
+        "device": str(dev),
+        "feature_size": int(feature_size),
+        "roi_size": roi,
+        "batch_size": int(batch_size),
+        "num_samples": int(num_samples),
+        "warmup": int(warmup),
+        "steps": int(steps),
+        "seed": int(seed),
+        "amp": bool(amp),
+        "research_forward": research_forward,
+    }
     results: dict[str, dict] = {}
     for name in modes:
         say(f"{name}: {'fresh subprocess' if isolate else 'in process'}, {warmup} warm-up + {steps} timed step(s)")
-        results[name] = (run_mode_subprocess({**args, "mode": name}, timeout_s) if isolate
-                         else measure_mode(name, **args))
+        results[name] = (
+            run_mode_subprocess({**args, "mode": name}, timeout_s) if isolate else measure_mode(name, **args)
+        )
     result["modes"] = results
     result["comparison"] = comparison(results)
     Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -71,9 +71,7 @@ def find_rawdata(data_dir: str | Path) -> Path:
         return nested[0]
     if len(nested) > 1:
         raise ValueError(f"several BTCV RawData folders under {root}: {[str(p) for p in nested]}; pick one")
-    raise FileNotFoundError(
-        f"no BTCV data under {root}: expected {root}/RawData/Training/img (or {root}/Training/img)"
-    )
+    raise FileNotFoundError(f"no BTCV data under {root}: expected {root}/RawData/Training/img (or {root}/Training/img)")
 
 
 def _ids_in(folder: Path, pattern: re.Pattern) -> set[int]:

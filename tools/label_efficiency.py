@@ -68,10 +68,22 @@ CSV_FIELDS = ("fraction", "num_cases", "init", "iterations", "best_val_dice", "f
 DICE_TAG = "val_mean_dice"
 LOSS_TAG = "train_loss"
 # bundle settings the runner sets itself; they cannot come through --overrides
-RESERVED = frozenset({
-    "dataset_dir", "datalist", "bundle_root", "output_dir", "ckpt_dir", "max_epochs", "val_interval",
-    "pretrained_path", "seed", "resume_from", "train#trainer#epoch_length", "train#trainer#max_epochs",
-})
+RESERVED = frozenset(
+    {
+        "dataset_dir",
+        "datalist",
+        "bundle_root",
+        "output_dir",
+        "ckpt_dir",
+        "max_epochs",
+        "val_interval",
+        "pretrained_path",
+        "seed",
+        "resume_from",
+        "train#trainer#epoch_length",
+        "train#trainer#max_epochs",
+    }
+)
 
 
 class LabelEfficiencyError(RuntimeError):
@@ -127,8 +139,13 @@ def plan_budget(iterations: int, epoch_length: int = 1, val_interval: int | None
             f"val_interval ({val_interval} bundle epochs of {epoch_length} iteration(s)) must divide max_epochs "
             f"({max_epochs}) so that the last iteration is validated"
         )
-    return {"iterations": iterations, "epoch_length": epoch_length, "max_epochs": max_epochs,
-            "val_interval": val_interval, "num_validations": max_epochs // val_interval}
+    return {
+        "iterations": iterations,
+        "epoch_length": epoch_length,
+        "max_epochs": max_epochs,
+        "val_interval": val_interval,
+        "num_validations": max_epochs // val_interval,
+    }
 
 
 def parse_overrides(overrides: Any) -> dict[str, Any]:
@@ -179,17 +196,29 @@ def run_summary(run_dir: Path, budget: Mapping[str, int]) -> dict[str, Any]:
             f"the budget is {budget['iterations']}"
         )
     if curve[-1][0] != budget["iterations"]:
-        raise LabelEfficiencyError(f"run {run_dir.name}: last validation at iteration {curve[-1][0]}, "
-                                   f"not at the end ({budget['iterations']})")
+        raise LabelEfficiencyError(
+            f"run {run_dir.name}: last validation at iteration {curve[-1][0]}, not at the end ({budget['iterations']})"
+        )
     if not (run_dir / "models" / "model.pt").is_file():
         raise LabelEfficiencyError(f"run {run_dir.name} wrote no models/model.pt")
     best_it, best = max(curve, key=lambda p: p[1])
-    return {"best_val_dice": best, "best_iteration": best_it, "final_val_dice": curve[-1][1],
-            "val_curve": [[i, d] for i, d in curve]}
+    return {
+        "best_val_dice": best,
+        "best_iteration": best_it,
+        "final_val_dice": curve[-1][1],
+        "val_curve": [[i, d] for i, d in curve],
+    }
 
 
-def run_overrides(run_dir: Path, datalist: Path, dataset_dir: Path, budget: Mapping[str, int], seed: int,
-                  pretrained_path: Path | None, extra: Mapping[str, Any]) -> dict[str, Any]:
+def run_overrides(
+    run_dir: Path,
+    datalist: Path,
+    dataset_dir: Path,
+    budget: Mapping[str, int],
+    seed: int,
+    pretrained_path: Path | None,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
     """The bundle overrides of one run (``pretrained_path`` None: from scratch, the bundle default "")."""
     overrides = {
         **extra,
@@ -210,13 +239,21 @@ def run_overrides(run_dir: Path, datalist: Path, dataset_dir: Path, budget: Mapp
 
 def run_bundle(cmd: Sequence[str], run_dir: Path) -> None:
     """Run the bundle command from the bundle folder, streaming output to the console and ``train.log``."""
-    run_streamed(cmd, BUNDLE_DIR, run_dir / "train.log", f"label-efficiency run {run_dir.name}",
-                 error=LabelEfficiencyError)
+    run_streamed(
+        cmd, BUNDLE_DIR, run_dir / "train.log", f"label-efficiency run {run_dir.name}", error=LabelEfficiencyError
+    )
 
 
-def run_one(run_dir: Path, training: list[dict], validation: list[dict], dataset_dir: Path,
-            budget: Mapping[str, int], seed: int, pretrained_path: Path | None,
-            extra: Mapping[str, Any]) -> dict[str, Any]:
+def run_one(
+    run_dir: Path,
+    training: list[dict],
+    validation: list[dict],
+    dataset_dir: Path,
+    budget: Mapping[str, int],
+    seed: int,
+    pretrained_path: Path | None,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
     """Fine-tune on ``training`` (fresh ``run_dir``), validate on ``validation``; return the run summary."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a stale run must not pass for this one
     run_dir.mkdir(parents=True)
@@ -227,8 +264,11 @@ def run_one(run_dir: Path, training: list[dict], validation: list[dict], dataset
     t0 = time.perf_counter()
     run_bundle(cmd, run_dir)
     summary = run_summary(run_dir, budget)
-    summary.update(seconds=round(time.perf_counter() - t0, 1), run_dir=str(run_dir),
-                   command=f"cd {BUNDLE_DIR} && {shell_quote(cmd)}")
+    summary.update(
+        seconds=round(time.perf_counter() - t0, 1),
+        run_dir=str(run_dir),
+        command=f"cd {BUNDLE_DIR} && {shell_quote(cmd)}",
+    )
     return summary
 
 
@@ -249,13 +289,19 @@ def markdown(settings: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], tot
     lines = [f"# Label efficiency: validation mean Dice, SSL vs scratch ({settings['date']})", ""]
     if len(rows) < total_runs:
         lines += [f"**Partial: {len(rows)} of {total_runs} runs finished.**", ""]
-    lines += ["| fraction | cases | init | iterations | best val Dice | final val Dice |",
-              "|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['fraction']:g} | {r['num_cases']} | {r['init']} | {r['iterations']} | "
-                     f"{r['best_val_dice']:.4f} | {r['final_val_dice']:.4f} |")
     lines += [
-        "", "## Settings", "",
+        "| fraction | cases | init | iterations | best val Dice | final val Dice |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['fraction']:g} | {r['num_cases']} | {r['init']} | {r['iterations']} | "
+            f"{r['best_val_dice']:.4f} | {r['final_val_dice']:.4f} |"
+        )
+    lines += [
+        "",
+        "## Settings",
+        "",
         f"- datalist: `{settings['datalist']}` ({settings['num_training']} training, "
         f"{settings['num_validation']} validation cases); dataset_dir: `{settings['dataset_dir']}`",
         f"- pretrained_path (ssl runs): `{settings['pretrained_path']}`; scratch runs: none",
@@ -268,7 +314,8 @@ def markdown(settings: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], tot
         f"- bundle: `{settings['bundle']}` (configs/train.json)",
         f"- machine: {json.dumps(settings['machine'])}",
         f"- date: {settings['date']}",
-        "", f"How the budget is matched: {settings['budget_note']}",
+        "",
+        f"How the budget is matched: {settings['budget_note']}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -297,14 +344,14 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, settings: Mapping[str, Any], subsets: Mapping, rows: list[dict],
-                  total_runs: int) -> dict[str, str]:
+def write_outputs(
+    out: Path, settings: Mapping[str, Any], subsets: Mapping, rows: list[dict], total_runs: int
+) -> dict[str, str]:
     """Write the CSV, Markdown, JSON and PNG outputs; return {kind: path}."""
     paths = {ext: out / f"{STEM}.{ext}" for ext in ("csv", "md", "json", "png")}
     write_csv(rows, paths["csv"])
     paths["md"].write_text(markdown(settings, rows, total_runs))
-    record = {"settings": settings, "subsets": subsets, "results": rows,
-              "complete": len(rows) == total_runs}
+    record = {"settings": settings, "subsets": subsets, "results": rows, "complete": len(rows) == total_runs}
     paths["json"].write_text(json.dumps(record, indent=2) + "\n")
     b = settings["budget"]
     plot(rows, paths["png"], f"Swin UNETR BTCV: {b['iterations']} iterations per run, seed {settings['seed']}")
@@ -361,10 +408,18 @@ def label_efficiency(
 
     subsets = nested_subsets(len(training), fracs, seed)
     settings = {
-        "datalist": str(datalist_path), "dataset_dir": str(base), "pretrained_path": str(ssl_path),
-        "fractions": fracs, "seed": int(seed), "budget": budget, "overrides": _jsonable(extra),
-        "num_training": len(training), "num_validation": len(validation), "bundle": str(BUNDLE_DIR),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
+        "datalist": str(datalist_path),
+        "dataset_dir": str(base),
+        "pretrained_path": str(ssl_path),
+        "fractions": fracs,
+        "seed": int(seed),
+        "budget": budget,
+        "overrides": _jsonable(extra),
+        "num_training": len(training),
+        "num_validation": len(validation),
+        "bundle": str(BUNDLE_DIR),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(),
         "budget_note": (
             f"every run trains exactly {budget['iterations']} iterations whatever its subset size: the trainer's "
             f"epoch_length is set to {budget['epoch_length']} iteration(s) and max_epochs to {budget['max_epochs']}; "
@@ -380,14 +435,29 @@ def label_efficiency(
     for f, idx in subsets.items():
         for init in INITS:
             name = f"f{f:g}_{init}"
-            print(f"\n=== run {len(rows) + 1}/{total}: {name}: {len(idx)} of {len(training)} training cases, "
-                  f"{budget['iterations']} iterations, init {init} ===", flush=True)
-            summary = run_one(out / "runs" / name, [training[i] for i in idx], validation, base, budget, seed,
-                              ssl_path if init == "ssl" else None, extra)
-            rows.append({"fraction": f, "num_cases": len(idx), "init": init, "iterations": budget["iterations"],
-                         **summary})
-            print(f"=== {name}: best val Dice {summary['best_val_dice']:.4f}, final {summary['final_val_dice']:.4f}"
-                  f" ({summary['seconds']} s) ===", flush=True)
+            print(
+                f"\n=== run {len(rows) + 1}/{total}: {name}: {len(idx)} of {len(training)} training cases, "
+                f"{budget['iterations']} iterations, init {init} ===",
+                flush=True,
+            )
+            summary = run_one(
+                out / "runs" / name,
+                [training[i] for i in idx],
+                validation,
+                base,
+                budget,
+                seed,
+                ssl_path if init == "ssl" else None,
+                extra,
+            )
+            rows.append(
+                {"fraction": f, "num_cases": len(idx), "init": init, "iterations": budget["iterations"], **summary}
+            )
+            print(
+                f"=== {name}: best val Dice {summary['best_val_dice']:.4f}, final {summary['final_val_dice']:.4f}"
+                f" ({summary['seconds']} s) ===",
+                flush=True,
+            )
             outputs = write_outputs(out, settings, subset_record, rows, total)
     return {"rows": rows, "outputs": outputs, "settings": settings}
 
@@ -404,12 +474,20 @@ def _jsonable(obj: Any) -> Any:
 
 def report(result: dict[str, Any]) -> str:
     """The command line's printout: the Markdown table and the output files."""
-    return "\n" + Path(result["outputs"]["md"]).read_text() + "\n" + "\n".join(
-        f"{k}: {v}" for k, v in result["outputs"].items())
+    return (
+        "\n"
+        + Path(result["outputs"]["md"]).read_text()
+        + "\n"
+        + "\n".join(f"{k}: {v}" for k, v in result["outputs"].items())
+    )
 
 
 if __name__ == "__main__":
     from tools.common.cli import fire_command
 
-    fire_command(label_efficiency, report=report, errors=(LabelEfficiencyError, ValueError, FileNotFoundError),
-                 failure="LABEL-EFFICIENCY STUDY FAILED")
+    fire_command(
+        label_efficiency,
+        report=report,
+        errors=(LabelEfficiencyError, ValueError, FileNotFoundError),
+        failure="LABEL-EFFICIENCY STUDY FAILED",
+    )

@@ -25,8 +25,13 @@ def _decimal(values) -> list[str]:
     return [f"{float(v):.6f}" for v in values]
 
 
-def write_dicom_series(volume: np.ndarray, affine: np.ndarray, output_dir: str, patient_id: str = "PHANTOM",
-                       series_description: str = "synthetic CT") -> list[str]:
+def write_dicom_series(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    output_dir: str,
+    patient_id: str = "PHANTOM",
+    series_description: str = "synthetic CT",
+) -> list[str]:
     """Write ``volume`` (HU, indexed i, j, k) with RAS ``affine`` as one DICOM file per k-slice.
 
     The affine's k axis must follow the right-handed slice normal (det of its 3x3 part > 0),

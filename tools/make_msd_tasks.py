@@ -24,20 +24,34 @@ __all__ = ["MSD_TASKS", "write_msd_task", "write_msd_tasks"]
 
 # Per task: case-name stem, modality mapping, labels, voxel spacing of the synthetic files (mm)
 MSD_TASKS = {
-    "Task01_BrainTumour": ("BRATS", {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-                           {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
-                           (1.0, 1.0, 1.0)),
+    "Task01_BrainTumour": (
+        "BRATS",
+        {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+        (1.0, 1.0, 1.0),
+    ),
     "Task02_Heart": ("la", {"0": "MRI"}, {"0": "background", "1": "left atrium"}, (1.25, 1.25, 1.37)),
     "Task03_Liver": ("liver", {"0": "CT"}, {"0": "background", "1": "liver", "2": "cancer"}, (1.5, 1.5, 2.0)),
-    "Task04_Hippocampus": ("hippocampus", {"0": "MRI"}, {"0": "background", "1": "Anterior", "2": "Posterior"},
-                           (1.0, 1.0, 1.0)),
-    "Task05_Prostate": ("prostate", {"0": "T2", "1": "ADC"}, {"0": "background", "1": "PZ", "2": "TZ"},
-                        (0.8, 0.8, 3.0)),
+    "Task04_Hippocampus": (
+        "hippocampus",
+        {"0": "MRI"},
+        {"0": "background", "1": "Anterior", "2": "Posterior"},
+        (1.0, 1.0, 1.0),
+    ),
+    "Task05_Prostate": (
+        "prostate",
+        {"0": "T2", "1": "ADC"},
+        {"0": "background", "1": "PZ", "2": "TZ"},
+        (0.8, 0.8, 3.0),
+    ),
     "Task06_Lung": ("lung", {"0": "CT"}, {"0": "background", "1": "cancer"}, (1.5, 1.5, 2.0)),
-    "Task07_Pancreas": ("pancreas", {"0": "CT"}, {"0": "background", "1": "pancreas", "2": "cancer"},
-                        (1.5, 1.5, 2.0)),
-    "Task08_HepaticVessel": ("hepaticvessel", {"0": "CT"}, {"0": "background", "1": "Vessel", "2": "Tumour"},
-                             (1.5, 1.5, 2.0)),
+    "Task07_Pancreas": ("pancreas", {"0": "CT"}, {"0": "background", "1": "pancreas", "2": "cancer"}, (1.5, 1.5, 2.0)),
+    "Task08_HepaticVessel": (
+        "hepaticvessel",
+        {"0": "CT"},
+        {"0": "background", "1": "Vessel", "2": "Tumour"},
+        (1.5, 1.5, 2.0),
+    ),
     "Task09_Spleen": ("spleen", {"0": "CT"}, {"0": "background", "1": "spleen"}, (1.5, 1.5, 2.0)),
     "Task10_Colon": ("colon", {"0": "CT"}, {"0": "background", "1": "colon cancer primaries"}, (1.5, 1.5, 2.0)),
 }
@@ -68,7 +82,7 @@ def _case(task: str, shape: tuple[int, int, int], rng: np.random.Generator) -> t
     label = np.zeros(shape, np.uint8)
     for label_id in range(1, len(labels)):
         centre = size / 2 + rng.uniform(-0.15, 0.15, 3) * size
-        radii = size * rng.uniform(0.08, 0.16, 3) / label_id ** 0.3
+        radii = size * rng.uniform(0.08, 0.16, 3) / label_id**0.3
         label[_ellipsoid(grid, centre, radii) & body] = label_id
     channels = []
     ct = list(modality.values()) == ["CT"]
@@ -87,8 +101,14 @@ def _case(task: str, shape: tuple[int, int, int], rng: np.random.Generator) -> t
     return image, label
 
 
-def write_msd_task(root: str | Path, task: str, num_training: int = 5, num_test: int = 2, seed: int = 0,
-                   shape: tuple[int, int, int] = (48, 48, 32)) -> Path:
+def write_msd_task(
+    root: str | Path,
+    task: str,
+    num_training: int = 5,
+    num_test: int = 2,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (48, 48, 32),
+) -> Path:
     """Write a synthetic ``task`` folder under ``root`` (Decathlon layout and naming); return the folder."""
     if task not in MSD_TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(MSD_TASKS)}")
@@ -125,8 +145,9 @@ def write_msd_task(root: str | Path, task: str, num_training: int = 5, num_test:
     return folder
 
 
-def write_msd_tasks(root: str | Path, tasks: list[str] | None = None, num_training: int = 5, num_test: int = 2,
-                    seed: int = 0) -> list[Path]:
+def write_msd_tasks(
+    root: str | Path, tasks: list[str] | None = None, num_training: int = 5, num_test: int = 2, seed: int = 0
+) -> list[Path]:
     """Write several (default: all ten) synthetic task folders under ``root``; return them."""
     return [write_msd_task(root, t, num_training, num_test, seed + i) for i, t in enumerate(tasks or MSD_TASKS)]
 

@@ -345,13 +345,22 @@ def write_phantom_dataset(
     return written
 
 
-def main(output_dir: str, num_cases: int = 4, seed: int = 0, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING,
-         image_dtype: str = "int16") -> None:
+def main(
+    output_dir: str,
+    num_cases: int = 4,
+    seed: int = 0,
+    shape=DEFAULT_SHAPE,
+    spacing=DEFAULT_SPACING,
+    image_dtype: str = "int16",
+) -> None:
     """Command line: write the phantom data set and print a one-line summary."""
-    written = write_phantom_dataset(output_dir, num_cases=num_cases, seed=seed, shape=shape, spacing=spacing,
-                                    image_dtype=image_dtype)
-    print(f"{output_dir}: {len(written)} phantom case(s), shape {tuple(shape)}, spacing {tuple(spacing)} mm, "
-          f"BTCV layout RawData/Training/{{img,label}}")
+    written = write_phantom_dataset(
+        output_dir, num_cases=num_cases, seed=seed, shape=shape, spacing=spacing, image_dtype=image_dtype
+    )
+    print(
+        f"{output_dir}: {len(written)} phantom case(s), shape {tuple(shape)}, spacing {tuple(spacing)} mm, "
+        f"BTCV layout RawData/Training/{{img,label}}"
+    )
 
 
 if __name__ == "__main__":

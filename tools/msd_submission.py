@@ -81,7 +81,7 @@ def _check_prediction(path: Path, image_path: Path | None, label_ids: set[int] |
     try:
         prediction = nib.load(path)
         data = np.asanyarray(prediction.dataobj)
-    except Exception as err:  # nibabel, gzip and zlib raise many kinds for a damaged file
+    except Exception as err:  # noqa: BLE001 (nibabel, gzip and zlib raise many kinds for a damaged file)
         return [f"{path}: unreadable NIfTI ({err!r})"]
     problems = []
     if data.ndim != 3:
@@ -92,7 +92,7 @@ def _check_prediction(path: Path, image_path: Path | None, label_ids: set[int] |
         return problems
     try:
         image = nib.load(image_path)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (as above)
         return [f"{path}: cannot read its test image {image_path} ({err!r})"]
     if data.shape != image.shape[:3]:
         problems.append(f"{path}: shape {data.shape} differs from its image's {image.shape[:3]} ({image_path})")

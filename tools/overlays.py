@@ -95,8 +95,15 @@ def _rgba(label2d: np.ndarray) -> np.ndarray:
 def _edge_letters(ax, top: str, bottom: str) -> None:
     """Write orientation letters on the panel edges."""
     outline = [patheffects.withStroke(linewidth=2, foreground="black")]
-    kw = dict(transform=ax.transAxes, color="white", fontsize=10, fontweight="bold", ha="center", va="center",
-              path_effects=outline)
+    kw = dict(
+        transform=ax.transAxes,
+        color="white",
+        fontsize=10,
+        fontweight="bold",
+        ha="center",
+        va="center",
+        path_effects=outline,
+    )
     ax.text(0.03, 0.5, "R", **kw)
     ax.text(0.97, 0.5, "L", **kw)
     ax.text(0.5, 0.96, top, **kw)
@@ -201,7 +208,13 @@ def render_overlay(
 ) -> list[str]:
     """Render one label map over its CT (axial + coronal panel); return the legend entries "id name"."""
     rows = render_comparison(
-        image_path, {"label": label_path}, output_png, label_names, title=title, hu_window=hu_window, meta_file=meta_file
+        image_path,
+        {"label": label_path},
+        output_png,
+        label_names,
+        title=title,
+        hu_window=hu_window,
+        meta_file=meta_file,
     )
     return rows["label"]
 

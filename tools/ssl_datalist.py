@@ -123,8 +123,13 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("luna16", "files", ("subset*/*.mhd",), description="LUNA16 release: subset0..9/<seriesuid>.mhd"),
-        Preset("tcia_covid19", "files", ("**/volume-covid19-A-*.nii.gz",), exclude=("*_seg.nii.gz",),
-               description="TCIA CT Images in COVID-19, NIfTI release: volume-covid19-A-*.nii.gz"),
+        Preset(
+            "tcia_covid19",
+            "files",
+            ("**/volume-covid19-A-*.nii.gz",),
+            exclude=("*_seg.nii.gz",),
+            description="TCIA CT Images in COVID-19, NIfTI release: volume-covid19-A-*.nii.gz",
+        ),
         Preset("hnscc", "dicom", ("**",), description=f"TCIA HNSCC, {_NBIA}"),
         Preset("tcia_colonography", "dicom", ("**",), description=f"TCIA CT COLONOGRAPHY, {_NBIA}"),
         Preset("lidc_idri", "dicom", ("**",), description=f"TCIA LIDC-IDRI, {_NBIA}"),
@@ -164,8 +169,13 @@ def _keep_series(folder: str, keep: tuple[str, ...] | None, problems: list[str])
         logger.warning("skipping DICOM folder %s: it holds only %s", folder, report.ignored_text())
         return False
     if report.series and keep is not None and report.modality not in keep:
-        logger.warning("skipping DICOM series folder %s: Modality %r is not one of %s (%d files)",
-                       folder, report.modality or "(missing)", list(keep), report.num_slices)
+        logger.warning(
+            "skipping DICOM series folder %s: Modality %r is not one of %s (%d files)",
+            folder,
+            report.modality or "(missing)",
+            list(keep),
+            report.num_slices,
+        )
         return False
     problems.extend(report.problems)
     return not report.problems
@@ -194,8 +204,12 @@ def _normalize_modalities(modalities) -> tuple[str, ...] | None:
     return values
 
 
-def find_volumes(base_dir: str | os.PathLike, preset: str | Preset | None = None,
-                 modalities=DEFAULT_MODALITIES, problems: list[str] | None = None) -> list[str]:
+def find_volumes(
+    base_dir: str | os.PathLike,
+    preset: str | Preset | None = None,
+    modalities=DEFAULT_MODALITIES,
+    problems: list[str] | None = None,
+) -> list[str]:
     """Volumes of one data set: sorted ``os.path.join(base_dir, relative)`` paths (files and DICOM series folders).
 
     ``preset`` (name or ``Preset``) restricts the search to a public set's layout; None discovers
@@ -238,8 +252,11 @@ def find_volumes(base_dir: str | os.PathLike, preset: str | Preset | None = None
     if not found and len(problems) > problems_before:
         return []  # the problems say why
     if not found:
-        where = f"preset {preset.name!r} ({preset.description}: {', '.join(preset.patterns)})" if preset \
+        where = (
+            f"preset {preset.name!r} ({preset.description}: {', '.join(preset.patterns)})"
+            if preset
             else "volume files (" + ", ".join(VOLUME_EXTENSIONS) + ") or DICOM series folders"
+        )
         raise CorpusError(f"no volumes found under data set base dir {base}: looked for {where}")
     return [os.path.normpath(os.path.join(base, rel)) if rel else os.path.normpath(base) for rel in sorted(found)]
 
@@ -278,8 +295,13 @@ def _val_counts(sizes: dict[str, int], val_fraction: float) -> dict[str, int]:
     return counts
 
 
-def build_datalist(datasets: dict, val_fraction: float = 0.05, seed: int = 0,
-                   relative_to: str | os.PathLike | None = None, modalities=DEFAULT_MODALITIES) -> dict:
+def build_datalist(
+    datasets: dict,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    relative_to: str | os.PathLike | None = None,
+    modalities=DEFAULT_MODALITIES,
+) -> dict:
     """Datalist ``{"training", "validation", "metadata"}`` for ``{name: base_dir or (base_dir, preset)}``.
 
     Each data set is searched with ``find_volumes``; its volumes are split into training and
@@ -330,10 +352,21 @@ def build_datalist(datasets: dict, val_fraction: float = 0.05, seed: int = 0,
         for i, path in enumerate(paths):
             (validation if i in val_idx else training).append({"image": entry_path(path), "dataset": name})
         base, preset = specs[name]
-        meta[name] = {"base_dir": base, "preset": preset, "num_volumes": len(paths),
-                      "num_training": len(paths) - len(val_idx), "num_validation": len(val_idx)}
-        logger.info("data set %s: %d volume(s) under %s (%d training, %d validation)", name, len(paths), base,
-                    len(paths) - len(val_idx), len(val_idx))
+        meta[name] = {
+            "base_dir": base,
+            "preset": preset,
+            "num_volumes": len(paths),
+            "num_training": len(paths) - len(val_idx),
+            "num_validation": len(val_idx),
+        }
+        logger.info(
+            "data set %s: %d volume(s) under %s (%d training, %d validation)",
+            name,
+            len(paths),
+            base,
+            len(paths) - len(val_idx),
+            len(val_idx),
+        )
     keep = _normalize_modalities(modalities)
     return {
         "training": training,
@@ -348,19 +381,32 @@ def build_datalist(datasets: dict, val_fraction: float = 0.05, seed: int = 0,
     }
 
 
-def write_datalist(datasets: dict, output: str | os.PathLike, val_fraction: float = 0.05, seed: int = 0,
-                   relative_to: str | os.PathLike | None = None, modalities=DEFAULT_MODALITIES) -> dict:
+def write_datalist(
+    datasets: dict,
+    output: str | os.PathLike,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    relative_to: str | os.PathLike | None = None,
+    modalities=DEFAULT_MODALITIES,
+) -> dict:
     """``build_datalist`` and write it to ``output`` as JSON (indent 2); return the datalist."""
-    datalist = build_datalist(datasets, val_fraction=val_fraction, seed=seed, relative_to=relative_to,
-                              modalities=modalities)
+    datalist = build_datalist(
+        datasets, val_fraction=val_fraction, seed=seed, relative_to=relative_to, modalities=modalities
+    )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(datalist, indent=2) + "\n")
     return datalist
 
 
-def main(*datasets, output: str, val_fraction: float = 0.05, seed: int = 0, relative_to: str | None = None,
-         modalities: str = "CT") -> None:
+def main(
+    *datasets,
+    output: str,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    relative_to: str | None = None,
+    modalities: str = "CT",
+) -> None:
     """Command line: data sets as ``name=base_dir`` or ``name:preset=base_dir``; write the datalist, print a summary."""
     parsed: dict = {}
     for arg in datasets:
@@ -370,11 +416,14 @@ def main(*datasets, output: str, val_fraction: float = 0.05, seed: int = 0, rela
         parsed[name] = (base_dir, preset)
     if relative_to is not None:
         relative_to = str(relative_to)
-    datalist = write_datalist(parsed, output, val_fraction=val_fraction, seed=seed, relative_to=relative_to,
-                              modalities=modalities)
+    datalist = write_datalist(
+        parsed, output, val_fraction=val_fraction, seed=seed, relative_to=relative_to, modalities=modalities
+    )
     per_set = ", ".join(f"{name} {m['num_volumes']}" for name, m in datalist["metadata"]["datasets"].items())
-    print(f"{output}: {len(datalist['training'])} training, {len(datalist['validation'])} validation "
-          f"(val_fraction {float(val_fraction)}, seed {seed}); volumes per data set: {per_set}")
+    print(
+        f"{output}: {len(datalist['training'])} training, {len(datalist['validation'])} validation "
+        f"(val_fraction {float(val_fraction)}, seed {seed}); volumes per data set: {per_set}"
+    )
 
 
 if __name__ == "__main__":

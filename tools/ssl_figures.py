@@ -76,8 +76,9 @@ def _drop_window(n: int, window: int) -> int:
     return max(1, min(int(window), n // 2))
 
 
-def loss_drops(run_dir: str | os.PathLike, window: int = 20, min_relative_drop: float = 0.05,
-               scalars: dict | None = None) -> dict[str, dict]:
+def loss_drops(
+    run_dir: str | os.PathLike, window: int = 20, min_relative_drop: float = 0.05, scalars: dict | None = None
+) -> dict[str, dict]:
     """Per training loss (total and each term): mean over the first and the last ``window`` steps.
 
     Returns ``{tag: {"first", "last", "relative_drop", "fell", "window", "steps"}}`` for the tags
@@ -96,8 +97,14 @@ def loss_drops(run_dir: str | os.PathLike, window: int = 20, min_relative_drop: 
         w = _drop_window(len(values), window)
         first, last = float(values[:w].mean()), float(values[-w:].mean())
         rel = (first - last) / abs(first) if first != 0 else 0.0
-        out[tag] = {"first": first, "last": last, "relative_drop": rel,
-                    "fell": bool(len(values) >= 2 and rel >= min_relative_drop), "window": w, "steps": len(values)}
+        out[tag] = {
+            "first": first,
+            "last": last,
+            "relative_drop": rel,
+            "fell": bool(len(values) >= 2 and rel >= min_relative_drop),
+            "window": w,
+            "steps": len(values),
+        }
     return out
 
 
@@ -111,8 +118,13 @@ def format_loss_drops(drops: dict[str, dict]) -> str:
     return ", ".join(parts)
 
 
-def plot_loss_curves(run_dir: str | os.PathLike, png_path: str | os.PathLike, smooth: int | None = None,
-                     window: int = 20, title: str | None = None) -> str:
+def plot_loss_curves(
+    run_dir: str | os.PathLike,
+    png_path: str | os.PathLike,
+    smooth: int | None = None,
+    window: int = 20,
+    title: str | None = None,
+) -> str:
     """PNG of the training losses per optimiser step, one panel per loss; return ``png_path``.
 
     Each panel: the raw loss of every step (faint), its centred moving average over ``smooth``
@@ -138,8 +150,9 @@ def plot_loss_curves(run_dir: str | os.PathLike, png_path: str | os.PathLike, sm
         ax.plot(steps, _moving_average(values, k), color="tab:blue", lw=2.0, label=f"training ({k}-step mean)")
         val = scalars.get(f"val_{tag}")
         if val:
-            ax.plot([s for s, _ in val], [v for _, v in val], "o--", color="tab:orange", ms=6, lw=1.0,
-                    label="validation")
+            ax.plot(
+                [s for s, _ in val], [v for _, v in val], "o--", color="tab:orange", ms=6, lw=1.0, label="validation"
+            )
         d = drops.get(tag)
         sub = f"\nfirst {d['window']} steps {d['first']:.3f} -> last {d['window']} {d['last']:.3f}" if d else ""
         ax.set_title(f"{TITLES.get(tag, tag)}{sub}", fontsize=10)
@@ -147,7 +160,7 @@ def plot_loss_curves(run_dir: str | os.PathLike, png_path: str | os.PathLike, sm
         ax.set_ylabel(tag)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
-    for ax in axes[len(tags):]:
+    for ax in axes[len(tags) :]:
         ax.set_axis_off()
     n = len(scalars[tags[0]])
     fig.suptitle(title or f"Swin UNETR self-supervised pre-training: {n} optimiser steps", fontsize=12)
@@ -168,8 +181,11 @@ def _display(plane: np.ndarray) -> np.ndarray:
 
 def _mid_slices(vol: np.ndarray) -> list[tuple[str, np.ndarray]]:
     x, y, z = (s // 2 for s in vol.shape)
-    return [("axial", _display(vol[:, :, z])), ("coronal", _display(vol[:, y, :])),
-            ("sagittal", _display(vol[x, :, :]))]
+    return [
+        ("axial", _display(vol[:, :, z])),
+        ("coronal", _display(vol[:, y, :])),
+        ("sagittal", _display(vol[x, :, :])),
+    ]
 
 
 def _bundle_parser(roi_size, spacing, hu_window):
@@ -183,10 +199,17 @@ def _bundle_parser(roi_size, spacing, hu_window):
     return parser
 
 
-def plot_inpainting_example(ckpt_path: str | os.PathLike, image_path: str | os.PathLike, png_path: str | os.PathLike,
-                            roi_size: Sequence[int] | None = None, spacing: Sequence[float] | None = None,
-                            hu_window: Sequence[float] | None = None, seed: int = 0,
-                            display_range: Sequence[float] = (0.3, 0.7), title: str | None = None) -> dict:
+def plot_inpainting_example(
+    ckpt_path: str | os.PathLike,
+    image_path: str | os.PathLike,
+    png_path: str | os.PathLike,
+    roi_size: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    hu_window: Sequence[float] | None = None,
+    seed: int = 0,
+    display_range: Sequence[float] = (0.3, 0.7),
+    title: str | None = None,
+) -> dict:
     """PNG of an inpainting example: input with holes | reconstruction | target, mid slices; return its numbers.
 
     ``image_path`` is preprocessed with the bundle's own validation pipeline (``validate#preprocessing``
@@ -222,7 +245,9 @@ def plot_inpainting_example(ckpt_path: str | os.PathLike, image_path: str | os.P
         data = preprocess({"image": str(image_path)})
         crop = torch.as_tensor(data["image"]).float()
         if tuple(crop.shape[1:]) != tuple(roi):
-            raise ValueError(f"preprocessing gave a crop of shape {tuple(crop.shape[1:])}, expected the ROI {tuple(roi)}")
+            raise ValueError(
+                f"preprocessing gave a crop of shape {tuple(crop.shape[1:])}, expected the ROI {tuple(roi)}"
+            )
         views.set_random_state(seed)
         batch = views(crop[None])  # 2 views of the one crop
         mask = (batch["inputs"][0] != batch["targets"][0])[0]
@@ -232,9 +257,10 @@ def plot_inpainting_example(ckpt_path: str | os.PathLike, image_path: str | os.P
         predicted = int(out.rotation[0].argmax())
         recon = out.reconstruction[0].float()
         # back to the crop's own orientation (rotate90 turns by k quarter turns in spatial axes 1, 2)
-        shown = {name: rotate90(t, -k)[0].numpy()
-                 for name, t in (("input", batch["inputs"][0]), ("reconstruction", recon),
-                                 ("target", batch["targets"][0]))}
+        shown = {
+            name: rotate90(t, -k)[0].numpy()
+            for name, t in (("input", batch["inputs"][0]), ("reconstruction", recon), ("target", batch["targets"][0]))
+        }
         mask_np = rotate90(mask[None], -k)[0].numpy()
     err = (recon - batch["targets"][0]).abs()[0]
     l1 = float(err.mean())
@@ -265,11 +291,13 @@ def plot_inpainting_example(ckpt_path: str | os.PathLike, image_path: str | os.P
                 ax.set_ylabel(f"{plane} (mid slice)", fontsize=10)
     name = Path(image_path).name
     fig.suptitle(
-        title or (
+        title
+        or (
             f"Inpainting example: {name}, centre crop {tuple(roi)}, seed {seed}\n"
             f"view 1: rotation class {k} (predicted {predicted}), {100 * masked_fraction:.0f}% of voxels masked "
             f"(red outline), L1 {l1:.3f} (masked voxels {l1_masked:.3f})\n"
-            f"shown turned back upright, window {hu[0] + vmin * (hu[1] - hu[0]):.0f}..{hu[0] + vmax * (hu[1] - hu[0]):.0f} HU"
+            f"shown turned back upright, window {hu[0] + vmin * (hu[1] - hu[0]):.0f}.."
+            f"{hu[0] + vmax * (hu[1] - hu[0]):.0f} HU"
         ),
         fontsize=10,
     )
@@ -277,8 +305,15 @@ def plot_inpainting_example(ckpt_path: str | os.PathLike, image_path: str | os.P
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(png_path))
-    return {"png": str(png_path), "l1": l1, "l1_masked": l1_masked, "masked_fraction": masked_fraction,
-            "rotation": k, "predicted_rotation": predicted, "crop_shape": list(roi)}
+    return {
+        "png": str(png_path),
+        "l1": l1,
+        "l1_masked": l1_masked,
+        "masked_fraction": masked_fraction,
+        "rotation": k,
+        "predicted_rotation": predicted,
+        "crop_shape": list(roi),
+    }
 
 
 def _cli_loss_drops(run_dir: str, window: int = 20) -> str:
@@ -289,5 +324,10 @@ def _cli_loss_drops(run_dir: str, window: int = 20) -> str:
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"plot_loss_curves": plot_loss_curves, "plot_inpainting_example": plot_inpainting_example,
-               "loss_drops": _cli_loss_drops})
+    fire.Fire(
+        {
+            "plot_loss_curves": plot_loss_curves,
+            "plot_inpainting_example": plot_inpainting_example,
+            "loss_drops": _cli_loss_drops,
+        }
+    )

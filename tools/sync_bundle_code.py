@@ -87,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in problems:
             print(line)
         if problems:
-            print(f"{len(problems)} bundle copy(ies) out of sync: edit bundles/common/scripts, then run "
-                  f"python tools/sync_bundle_code.py", file=sys.stderr)
+            print(
+                f"{len(problems)} bundle copy(ies) out of sync: edit bundles/common/scripts, then run "
+                f"python tools/sync_bundle_code.py",
+                file=sys.stderr,
+            )
         return 1 if problems else 0
     for path in sync(args.root):
         print(f"wrote {path.relative_to(args.root).as_posix()}")

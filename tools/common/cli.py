@@ -9,9 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def command(function: Callable[..., Any], report: Callable[[Any], str] | None = None,
-            errors: tuple[type[BaseException], ...] = (), failure: str = "FAILED",
-            log_level: int = logging.INFO) -> Callable[..., None]:
+def command(
+    function: Callable[..., Any],
+    report: Callable[[Any], str] | None = None,
+    errors: tuple[type[BaseException], ...] = (),
+    failure: str = "FAILED",
+    log_level: int = logging.INFO,
+) -> Callable[..., None]:
     """``function`` as a command: same parameters and docstring (``fire`` shows them as flags and help).
 
     The command sets up logging, runs ``function``, prints ``report(result)`` if given and, for one

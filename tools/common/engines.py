@@ -17,8 +17,9 @@ def loss_of(output: Any) -> float:
     return float(item["loss"])
 
 
-def time_iterations(engine: Any, device: torch.device,
-                    on_iteration: Callable[[Any, list[float]], None] | None = None) -> list[float]:
+def time_iterations(
+    engine: Any, device: torch.device, on_iteration: Callable[[Any, list[float]], None] | None = None
+) -> list[float]:
     """Time each iteration of ``engine``, ``ITERATION_STARTED`` to ``ITERATION_COMPLETED`` (synchronised on CUDA).
 
     Returns the list the events fill while the engine runs; ``on_iteration(engine, times)`` is called

@@ -16,8 +16,9 @@ def _lscpu() -> dict[str, str]:
     if not shutil.which("lscpu"):
         return {}
     try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"},
-                              check=False).stdout
+        text = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"}, check=False
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if v}

@@ -49,8 +49,14 @@ def _echo(proc: subprocess.Popen, log: Any, tail: list[str], quiet: Sequence[str
     return proc.wait()
 
 
-def run_streamed(cmd: Sequence[str], cwd: Path, log_path: Path, step: str, quiet: Sequence[str] = (),
-                 error: type[Exception] = CommandError) -> None:
+def run_streamed(
+    cmd: Sequence[str],
+    cwd: Path,
+    log_path: Path,
+    step: str,
+    quiet: Sequence[str] = (),
+    error: type[Exception] = CommandError,
+) -> None:
     """Run ``cmd`` in ``cwd``, echo its output live (minus known noise) and tee all of it to ``log_path``.
 
     Lines containing one of ``quiet`` (or of ``BUNDLE_NOISE``) are written to the log only. Raises
@@ -65,8 +71,14 @@ def run_streamed(cmd: Sequence[str], cwd: Path, log_path: Path, step: str, quiet
         log.write(f"$ cd {cwd} && {shell_quote(cmd)}\n")
         try:
             proc = subprocess.Popen(
-                list(cmd), cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, errors="replace", bufsize=1,
+                list(cmd),
+                cwd=str(cwd),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                bufsize=1,
             )
         except OSError as e:
             raise error(f"{step} failed: could not start {cmd[0]}: {e}") from e
@@ -97,8 +109,9 @@ def child_command(code: str, *args: str) -> list[str]:
     return command
 
 
-def run_child(module: str, entry: str, args: dict[str, Any], label: str,
-              timeout_s: float | None = None) -> dict[str, Any]:
+def run_child(
+    module: str, entry: str, args: dict[str, Any], label: str, timeout_s: float | None = None
+) -> dict[str, Any]:
     """Run ``<module>.<entry>(args_json, result_path)`` in a fresh Python process (its own peak RSS).
 
     Returns the JSON the child wrote, or ``{"error": ...}`` naming ``label`` if it failed.
@@ -106,11 +119,14 @@ def run_child(module: str, entry: str, args: dict[str, Any], label: str,
     with tempfile.TemporaryDirectory(prefix=f"{module.rsplit('.', 1)[-1]}_") as tmp:
         result_path = os.path.join(tmp, "result.json")
         code = f"import sys; from {module} import {entry}; {entry}(sys.argv[1], sys.argv[2])"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                                       os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        }
         try:
-            rc: int | str = subprocess.run(child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT),
-                                           env=env, timeout=timeout_s).returncode
+            rc: int | str = subprocess.run(
+                child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT), env=env, timeout=timeout_s
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         if rc != 0 or not os.path.exists(result_path):

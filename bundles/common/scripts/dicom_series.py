@@ -24,8 +24,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pydicom
 
-__all__ = ["NON_IMAGE_SOP_CLASSES", "NON_IMAGE_MODALITIES", "SPACING_TOLERANCE", "SeriesReport", "is_dicom_file",
-           "dicom_files", "non_image_kind", "inspect_series"]
+__all__ = [
+    "NON_IMAGE_SOP_CLASSES",
+    "NON_IMAGE_MODALITIES",
+    "SPACING_TOLERANCE",
+    "SeriesReport",
+    "is_dicom_file",
+    "dicom_files",
+    "non_image_kind",
+    "inspect_series",
+]
 
 NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
@@ -121,8 +129,13 @@ def _pixel_data_problem(ds, path: str) -> str | None:
         return f"is truncated: {size} bytes on disk, its pixel data ends at byte {start + length}"
     try:
         frames = int(_text(ds, "NumberOfFrames") or 1)
-        needed = int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1) or 1) * frames \
+        needed = (
+            int(ds.Rows)
+            * int(ds.Columns)
+            * int(getattr(ds, "SamplesPerPixel", 1) or 1)
+            * frames
             * ((int(ds.BitsAllocated) + 7) // 8)
+        )
     except (AttributeError, TypeError, ValueError):
         return "has an incomplete header (Rows, Columns or BitsAllocated missing)"
     if length < needed:
@@ -149,16 +162,23 @@ def _several_series(folder: str, slices: list[tuple[str, object]]) -> str:
     first = {}
     for _, ds in slices:
         first.setdefault(_series_key(ds, folder), ds)
-    listing = "; ".join(f"{uid}: {n} file(s), Modality {_text(first[uid], 'Modality') or '?'}, "
-                        f"'{_text(first[uid], 'SeriesDescription')}'" for uid, n in sorted(counts.items()))
-    return (f"{folder}: holds {len(counts)} series of images ({listing}); one folder must hold one series: "
-            f"move each series into its own folder")
+    listing = "; ".join(
+        f"{uid}: {n} file(s), Modality {_text(first[uid], 'Modality') or '?'}, "
+        f"'{_text(first[uid], 'SeriesDescription')}'"
+        for uid, n in sorted(counts.items())
+    )
+    return (
+        f"{folder}: holds {len(counts)} series of images ({listing}); one folder must hold one series: "
+        f"move each series into its own folder"
+    )
 
 
 def _geometry(ds) -> tuple[np.ndarray, np.ndarray] | None:
     try:
-        return (np.asarray([float(v) for v in ds.ImagePositionPatient]),
-                np.asarray([float(v) for v in ds.ImageOrientationPatient]))
+        return (
+            np.asarray([float(v) for v in ds.ImagePositionPatient]),
+            np.asarray([float(v) for v in ds.ImageOrientationPatient]),
+        )
     except (AttributeError, TypeError, ValueError):
         return None
 
@@ -185,11 +205,14 @@ def _spacing_problems(report: SeriesReport, slices: list[tuple[str, object]]) ->
         if gap < 0.01:
             problems.append(f"{folder}: slice files {a} and {b} lie at the same position ({z0:.2f} mm): a duplicate")
         elif abs(gap - report.spacing) > tolerance:
-            problems.append(f"{folder}: {gap:.2f} mm between slice files {a} and {b} where the series' spacing is "
-                            f"{report.spacing:.2f} mm: about {round(gap / report.spacing) - 1} slice(s) missing "
-                            f"(or uneven spacing)")
-    return problems[:_LISTED] + ([f"{folder}: ... {len(problems) - _LISTED} more spacing problem(s)"]
-                                 if len(problems) > _LISTED else [])
+            problems.append(
+                f"{folder}: {gap:.2f} mm between slice files {a} and {b} where the series' spacing is "
+                f"{report.spacing:.2f} mm: about {round(gap / report.spacing) - 1} slice(s) missing "
+                f"(or uneven spacing)"
+            )
+    return problems[:_LISTED] + (
+        [f"{folder}: ... {len(problems) - _LISTED} more spacing problem(s)"] if len(problems) > _LISTED else []
+    )
 
 
 def _read_all(folder: str, files: list[str], report: SeriesReport) -> list[tuple[str, object]]:
@@ -198,7 +221,7 @@ def _read_all(folder: str, files: list[str], report: SeriesReport) -> list[tuple
     for path in files:
         try:
             ds = _read_header(path)
-        except Exception as e:  # pydicom raises many types for a damaged file
+        except Exception as e:  # noqa: BLE001 (pydicom raises many types for a damaged file)
             report.problems.append(f"{folder}: slice file {path} cannot be read ({type(e).__name__}: {e})")
             continue
         kind = _non_image_kind(ds)

@@ -27,8 +27,7 @@ from .bundle_logger import logger
 from .checks import InputDataError
 from .datalists import IMAGE_SUFFIXES
 
-__all__ = ["MANIFEST_NAME", "OUTPUT_KEY", "output_stem", "output_names", "plan_outputs", "OutputNames",
-           "RecordOutputd"]
+__all__ = ["MANIFEST_NAME", "OUTPUT_KEY", "output_stem", "output_names", "plan_outputs", "OutputNames", "RecordOutputd"]
 
 MANIFEST_NAME = "manifest.json"
 OUTPUT_KEY = "output"
@@ -81,8 +80,11 @@ def _clashes(items: list[dict], image_key: str) -> list[str]:
     by_output: dict[str, list[str]] = defaultdict(list)
     for item in items:
         by_output[item[OUTPUT_KEY]].append(str(item[image_key]))
-    return [f"{out}: would be written by {len(srcs)} inputs ({', '.join(srcs)})"
-            for out, srcs in by_output.items() if len(srcs) > 1]
+    return [
+        f"{out}: would be written by {len(srcs)} inputs ({', '.join(srcs)})"
+        for out, srcs in by_output.items()
+        if len(srcs) > 1
+    ]
 
 
 def _read_manifest(path: str) -> list[dict]:
@@ -108,8 +110,9 @@ def _write_manifest(path: str, entries: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plan_outputs(items: Sequence[dict], output_dir: str, postfix: str = "", overwrite: bool = False,
-                 image_key: str = "image") -> list[dict]:
+def plan_outputs(
+    items: Sequence[dict], output_dir: str, postfix: str = "", overwrite: bool = False, image_key: str = "image"
+) -> list[dict]:
     """The items, each with its output label map path under ``OUTPUT_KEY``; checked before any compute.
 
     Raises ``InputDataError`` naming the inputs when two of them would write one file, naming the
@@ -126,15 +129,20 @@ def plan_outputs(items: Sequence[dict], output_dir: str, postfix: str = "", over
         raise InputDataError("inputs would overwrite each other's output:\n- " + "\n- ".join(problems))
     existing = [item[OUTPUT_KEY] for item in items if os.path.exists(item[OUTPUT_KEY])]
     if existing and not overwrite:
-        raise InputDataError(f"{len(existing)} output file(s) exist already and overwrite is false: "
-                             + ", ".join(existing) + "; set overwrite to true to replace them, or choose another "
-                             "output_dir")
+        raise InputDataError(
+            f"{len(existing)} output file(s) exist already and overwrite is false: "
+            + ", ".join(existing)
+            + "; set overwrite to true to replace them, or choose another "
+            "output_dir"
+        )
     if existing:
         logger.warning(f"overwrite is true: replacing {len(existing)} existing output file(s): {', '.join(existing)}")
     _read_manifest(os.path.join(output_dir, MANIFEST_NAME))  # an unreadable one stops the run now, not midway
     renamed = sum(name != output_stem(item[image_key]) for item, name in zip(items, names))
-    logger.info(f"{len(items)} output(s) planned in {output_dir}"
-                + (f" ({renamed} folder-qualified: inputs with the same name)" if renamed else ""))
+    logger.info(
+        f"{len(items)} output(s) planned in {output_dir}"
+        + (f" ({renamed} folder-qualified: inputs with the same name)" if renamed else "")
+    )
     return items
 
 
@@ -150,8 +158,14 @@ class OutputNames:
     def __init__(self):
         self.names: dict[str, str] = {}
 
-    def plan(self, items: Sequence[dict], output_dir: str, postfix: str = "", overwrite: bool = False,
-             image_key: str = "image") -> list[dict]:
+    def plan(
+        self,
+        items: Sequence[dict],
+        output_dir: str,
+        postfix: str = "",
+        overwrite: bool = False,
+        image_key: str = "image",
+    ) -> list[dict]:
         """``plan_outputs``, remembering each input's output name; returns the planned items."""
         planned = plan_outputs(items, output_dir, postfix, overwrite, image_key)
         sources = [item[image_key] for item in planned]
@@ -182,8 +196,11 @@ class RecordOutputd(MapTransform):
             if not meta.get("saved_to"):
                 continue  # nothing was saved (e.g. MONAI Label dropped SaveImaged)
             output = str(meta["saved_to"])
-            entries = [e for e in _read_manifest(self.manifest)
-                       if not (isinstance(e, Mapping) and _source(e.get(OUTPUT_KEY, "")) == _source(output))]
+            entries = [
+                e
+                for e in _read_manifest(self.manifest)
+                if not (isinstance(e, Mapping) and _source(e.get(OUTPUT_KEY, "")) == _source(output))
+            ]
             entries.append({"input": str(meta.get("filename_or_obj", "")), OUTPUT_KEY: output})
             _write_manifest(self.manifest, entries)
         return d

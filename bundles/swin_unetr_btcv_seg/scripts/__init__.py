@@ -4,5 +4,17 @@ Every module except ``bundle_logger`` is generated from ``bundles/common/scripts
 each file): edit it there, then run ``python tools/sync_bundle_code.py``.
 """
 
-from . import (checkpoints, checks, datalists, dicom_series, distributed, encoder_weights, inferers, metrics, outputs,
-               patch_merging, transforms, weights_format)
+from . import (
+    checkpoints,
+    checks,
+    datalists,
+    dicom_series,
+    distributed,
+    encoder_weights,
+    inferers,
+    metrics,
+    outputs,
+    patch_merging,
+    transforms,
+    weights_format,
+)

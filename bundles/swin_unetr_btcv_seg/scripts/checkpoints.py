@@ -19,8 +19,14 @@ from monai.handlers import CheckpointSaver
 from .bundle_logger import logger
 from .weights_format import checked_torch_file
 
-__all__ = ["AtomicDiskSaver", "AtomicCheckpointSaver", "atomic_torch_save", "latest_checkpoint", "resume_path",
-           "LATEST"]
+__all__ = [
+    "AtomicDiskSaver",
+    "AtomicCheckpointSaver",
+    "atomic_torch_save",
+    "latest_checkpoint",
+    "resume_path",
+    "LATEST",
+]
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp_"
@@ -99,13 +105,22 @@ class AtomicCheckpointSaver(CheckpointSaver):
     rotate out under ``n_saved`` instead of piling up, and it deletes temporaries a killed run left.
     """
 
-    def __init__(self, save_dir: str, *args: Any, final_filename: str | None = None,
-                 key_metric_filename: str | None = None, **kwargs: Any) -> None:
-        super().__init__(save_dir, *args, final_filename=final_filename,
-                         key_metric_filename=key_metric_filename, **kwargs)
-        for attr, fixed_name in (("_final_checkpoint", final_filename),
-                                 ("_key_metric_checkpoint", key_metric_filename),
-                                 ("_interval_checkpoint", None)):
+    def __init__(
+        self,
+        save_dir: str,
+        *args: Any,
+        final_filename: str | None = None,
+        key_metric_filename: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            save_dir, *args, final_filename=final_filename, key_metric_filename=key_metric_filename, **kwargs
+        )
+        for attr, fixed_name in (
+            ("_final_checkpoint", final_filename),
+            ("_key_metric_checkpoint", key_metric_filename),
+            ("_interval_checkpoint", None),
+        ):
             checkpoint = getattr(self, attr, None)
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(save_dir, fixed_name)
@@ -129,13 +144,17 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if checkpoint.n_saved is None:
             return
         earlier = sorted(_periodic_files(self.save_dir, checkpoint))
-        keep = [(s, name) for s, name in earlier if s < step][-checkpoint.n_saved:]
+        keep = [(s, name) for s, name in earlier if s < step][-checkpoint.n_saved :]
         saver.replaced.extend(name for s, name in earlier if (s, name) not in keep)
         checkpoint._saved.extend(Checkpoint.Item(s, name) for s, name in keep)
         checkpoint._saved.sort(key=lambda item: item.priority)
         if earlier:
-            logger.info("checkpoint rotation: keeping %d of the %d periodic checkpoints already in %s",
-                        len(keep), len(earlier), self.save_dir)
+            logger.info(
+                "checkpoint rotation: keeping %d of the %d periodic checkpoints already in %s",
+                len(keep),
+                len(earlier),
+                self.save_dir,
+            )
 
 
 def _periodic_files(save_dir: str, checkpoint: Checkpoint) -> list[tuple[int, str]]:
@@ -170,11 +189,13 @@ def latest_checkpoint(ckpt_dir: str) -> str:
     for path in sorted(glob.glob(os.path.join(ckpt_dir, CHECKPOINT_GLOB))):
         try:
             candidates.append((_trainer_iteration(path), os.path.getmtime(path), path))
-        except Exception as err:  # a file that does not load is not a checkpoint to resume from
+        except Exception as err:  # noqa: BLE001 (a file that does not load is not a checkpoint to resume from)
             logger.warning("resume: skipping %s: %s", path, err)
     if not candidates:
-        raise FileNotFoundError(f"resume is set but {ckpt_dir} holds no training checkpoint (checkpoint_*.pt) "
-                                "that loads with model, optimizer and trainer state.")
+        raise FileNotFoundError(
+            f"resume is set but {ckpt_dir} holds no training checkpoint (checkpoint_*.pt) "
+            "that loads with model, optimizer and trainer state."
+        )
     iteration, _, latest = max(candidates)
     logger.info("resuming from %s (iteration %d)", latest, iteration)
     return latest

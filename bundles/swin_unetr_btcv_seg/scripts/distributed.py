@@ -47,6 +47,8 @@ def effective_learning_rate(learning_rate: float, lr_scaling: str = "none", proc
     if lr_scaling not in LR_SCALING:
         raise ValueError(f"lr_scaling must be one of {LR_SCALING}, got {lr_scaling!r}")
     rate = float(learning_rate) * (processes if lr_scaling == "linear" else 1)
-    logger.info(f"effective learning rate {rate:g} (learning_rate {float(learning_rate):g}, "
-                f"lr_scaling {lr_scaling}, {processes} process{'es' if processes > 1 else ''})")
+    logger.info(
+        f"effective learning rate {rate:g} (learning_rate {float(learning_rate):g}, "
+        f"lr_scaling {lr_scaling}, {processes} process{'es' if processes > 1 else ''})"
+    )
     return rate

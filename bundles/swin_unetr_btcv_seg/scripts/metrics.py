@@ -68,8 +68,13 @@ class OrganMetricsReport:
     averages every defined (case, label) value, as MONAI's ``MeanDice`` and the research code do.
     """
 
-    def __init__(self, output_dir: str, metric_names: Sequence[str], organ_names: Mapping[Any, str],
-                 include_background: bool = False) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        metric_names: Sequence[str],
+        organ_names: Mapping[Any, str],
+        include_background: bool = False,
+    ) -> None:
         self.output_dir = output_dir
         self.metric_names = list(metric_names)
         names = {int(k): v for k, v in organ_names.items()}

@@ -4,5 +4,21 @@ Modules with a "Generated from bundles/common/scripts/..." header are copies: ed
 then run ``python tools/sync_bundle_code.py``; the others belong to this bundle.
 """
 
-from . import (checkpoints, checks, datalists, dicom_series, distributed, encoder_weights, ensemble, inferers, metrics,
-               msd_data, outputs, patch_merging, surface_dice, tasks, transforms, weights_format)
+from . import (
+    checkpoints,
+    checks,
+    datalists,
+    dicom_series,
+    distributed,
+    encoder_weights,
+    ensemble,
+    inferers,
+    metrics,
+    msd_data,
+    outputs,
+    patch_merging,
+    surface_dice,
+    tasks,
+    transforms,
+    weights_format,
+)

@@ -65,8 +65,10 @@ def _dicom_folder_ok(path: str, problems: list[str]) -> bool:
     if report.problems:
         problems.extend(report.problems)
         return False
-    logger.info(f"{path}: DICOM series {report.series}, {report.modality}, {report.num_slices} slices"
-                + (f" {report.spacing:.3g} mm apart" if report.spacing else ""))
+    logger.info(
+        f"{path}: DICOM series {report.series}, {report.modality}, {report.num_slices} slices"
+        + (f" {report.spacing:.3g} mm apart" if report.spacing else "")
+    )
     return True
 
 
@@ -76,7 +78,7 @@ def _check_image(path: str, in_channels: int, problems: list[str]) -> Any | None
     try:
         image = _load(path)
         spatial, channels = _spatial_and_channels(image)
-    except Exception as e:  # unreadable, truncated, corrupt: say which file and why
+    except Exception as e:  # noqa: BLE001 (unreadable, truncated, corrupt: say which file and why)
         problems.append(f"{path}: cannot be read as an image ({type(e).__name__}: {e})")
         return None
     if channels != in_channels:
@@ -96,7 +98,7 @@ def _check_label(path: str, image: Any, image_path: str, num_classes: int, probl
     try:
         label = _load(path)
         spatial, channels = _spatial_and_channels(label)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (as for the image)
         problems.append(f"{path}: cannot be read as a label map ({type(e).__name__}: {e})")
         return
     if channels != 1:
@@ -117,12 +119,19 @@ def _check_label(path: str, image: Any, image_path: str, num_classes: int, probl
     elif not np.allclose(np.asarray(label.affine), np.asarray(image.affine), atol=AFFINE_TOLERANCE):
         problems.append(
             f"{path}: label affine differs from the image affine ({image_path}):\n"
-            f"  label {np.asarray(label.affine).round(4).tolist()}\n  image {np.asarray(image.affine).round(4).tolist()}"
+            f"  label {np.asarray(label.affine).round(4).tolist()}\n"
+            f"  image {np.asarray(image.affine).round(4).tolist()}"
         )
 
 
-def check_datalist(items: Sequence[dict], num_classes: int, in_channels: int = 1,
-                   image_key: str = "image", label_key: str = "label", enabled: bool = True) -> list[dict]:
+def check_datalist(
+    items: Sequence[dict],
+    num_classes: int,
+    in_channels: int = 1,
+    image_key: str = "image",
+    label_key: str = "label",
+    enabled: bool = True,
+) -> list[dict]:
     """Check every image (and label, when the item has one) of a datalist; return the items unchanged.
 
     Checks: the file exists and reads completely; the image has ``in_channels`` channels and only
@@ -149,9 +158,15 @@ def check_datalist(items: Sequence[dict], num_classes: int, in_channels: int = 1
     return items
 
 
-def check_images(items: Sequence[dict], in_channels: int = 1, image_key: str = "image",
-                 enabled: bool = True) -> list[dict]:
+def check_images(
+    items: Sequence[dict], in_channels: int = 1, image_key: str = "image", enabled: bool = True
+) -> list[dict]:
     """Check the images of an inference datalist (labels, if any, are ignored); return the items."""
-    check_datalist([{image_key: item[image_key]} for item in items], num_classes=0,
-                   in_channels=in_channels, image_key=image_key, enabled=enabled)
+    check_datalist(
+        [{image_key: item[image_key]} for item in items],
+        num_classes=0,
+        in_channels=in_channels,
+        image_key=image_key,
+        enabled=enabled,
+    )
     return list(items)

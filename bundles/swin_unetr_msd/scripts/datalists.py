@@ -34,8 +34,9 @@ def read_json(path: str, what: str = "datalist") -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: {what} cannot be read ({e})") from e
     if not isinstance(content, dict):
-        raise ValueError(f"{path}: {what} must be a JSON object with lists such as 'training', "
-                         f"got a {type(content).__name__}")
+        raise ValueError(
+            f"{path}: {what} must be a JSON object with lists such as 'training', got a {type(content).__name__}"
+        )
     return content
 
 

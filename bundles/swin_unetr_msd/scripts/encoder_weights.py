@@ -50,9 +50,24 @@ from torch import nn
 from .bundle_logger import logger
 from .checkpoints import atomic_torch_save
 from .patch_merging import merging_order_of
-from .weights_format import (_FORMAT_LABELS, AUTO, MERGING_ORDERS, MONAI, OFFICIAL, ORDER_DESCRIPTIONS, RECORD_KEY,
-                             SSL_FORMAT, SSL_FORMAT_VERSION, _few, _log_assumed, _order_from_file,
-                             _tensor_mapping, _torch_load, detect_merging_order, detect_weights_format)
+from .weights_format import (
+    _FORMAT_LABELS,
+    AUTO,
+    MERGING_ORDERS,
+    MONAI,
+    OFFICIAL,
+    ORDER_DESCRIPTIONS,
+    RECORD_KEY,
+    SSL_FORMAT,
+    SSL_FORMAT_VERSION,
+    _few,
+    _log_assumed,
+    _order_from_file,
+    _tensor_mapping,
+    _torch_load,
+    detect_merging_order,
+    detect_weights_format,
+)
 
 __all__ = [
     "SSL_FORMAT",
@@ -301,13 +316,18 @@ def adapt_in_channels(state: dict[str, torch.Tensor], in_channels: int, source: 
     adapted["patch_embed.proj.weight"] = weight.repeat(1, in_channels, 1, 1, 1) / in_channels
     logger.info(
         "%s: adapted the single-channel patch embedding to %d input channels (rule %s: kernel repeated "
-        "over the channels and scaled by 1/%d)", source or "encoder weights", in_channels, REPEAT_SCALED, in_channels,
+        "over the channels and scaled by 1/%d)",
+        source or "encoder weights",
+        in_channels,
+        REPEAT_SCALED,
+        in_channels,
     )
     return adapted
 
 
-def load_pretrained_encoder(network: nn.Module, pretrained_path: str | None, patch_merging: str = AUTO,
-                            in_channel_rule: str = STRICT) -> nn.Module:
+def load_pretrained_encoder(
+    network: nn.Module, pretrained_path: str | None, patch_merging: str = AUTO, in_channel_rule: str = STRICT
+) -> nn.Module:
     """Load all Swin encoder tensors of ``pretrained_path`` into ``network.swinViT``; return ``network``.
 
     Empty/None path: nothing is loaded (training from scratch). Raises FileNotFoundError for a
@@ -365,7 +385,9 @@ def load_pretrained_encoder(network: nn.Module, pretrained_path: str | None, pat
     total = len(encoder.state_dict())
     extras = [f"dropped {info['dropped_head_tensors']} head tensors"] if info["dropped_head_tensors"] else []
     if net_in != info["in_channels"]:
-        extras.append(f"patch embedding adapted from {info['in_channels']} to {net_in} input channels by {REPEAT_SCALED}")
+        extras.append(
+            f"patch embedding adapted from {info['in_channels']} to {net_in} input channels by {REPEAT_SCALED}"
+        )
     if info["ignored_decoder_tensors"]:
         extras.append(f"ignored {info['ignored_decoder_tensors']} decoder tensors")
     logger.info(

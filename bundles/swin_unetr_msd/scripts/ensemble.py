@@ -18,14 +18,17 @@ __all__ = ["checkpoint_paths", "SoftmaxEnsemble", "build_inference_network"]
 
 
 def checkpoint_paths(ckpt_path: str | Sequence[str], folds_dir: str) -> list[str]:
-    """The model checkpoints to run: ``ckpt_path`` (one path or a list), or every ``fold*/model.pt`` under ``folds_dir``."""
+    """The model checkpoints to run: ``ckpt_path`` (one path or a list), or every ``fold*/model.pt`` under
+    ``folds_dir``."""
     if isinstance(ckpt_path, str):
         paths = [ckpt_path] if ckpt_path else sorted(glob.glob(os.path.join(folds_dir, "fold*", "model.pt")))
     else:
         paths = [str(p) for p in ckpt_path]
     if not paths:
-        raise FileNotFoundError(f"no checkpoints: ckpt_path is empty and {folds_dir} holds no fold*/model.pt; "
-                                f"train a fold first or set ckpt_path")
+        raise FileNotFoundError(
+            f"no checkpoints: ckpt_path is empty and {folds_dir} holds no fold*/model.pt; "
+            f"train a fold first or set ckpt_path"
+        )
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
@@ -43,8 +46,10 @@ def _load_into(network: nn.Module, path: str) -> nn.Module:
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: does not fit the network built from this config "
-                         f"(task, feature_size or in_channels differ?): {str(e).splitlines()[0]}") from e
+        raise ValueError(
+            f"{path}: does not fit the network built from this config "
+            f"(task, feature_size or in_channels differ?): {str(e).splitlines()[0]}"
+        ) from e
     logger.info(f"loaded {len(state)}/{len(network.state_dict())} model tensors from {path}")
     return network
 
@@ -74,8 +79,9 @@ class SoftmaxEnsemble(nn.Module):
         return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
 
 
-def build_inference_network(network_def: nn.Module, ckpt_paths: Sequence[str], tta_flips: Sequence[Sequence[int]],
-                            device: torch.device | str) -> nn.Module:
+def build_inference_network(
+    network_def: nn.Module, ckpt_paths: Sequence[str], tta_flips: Sequence[Sequence[int]], device: torch.device | str
+) -> nn.Module:
     """``network_def`` loaded from the single checkpoint, or a ``SoftmaxEnsemble`` of one copy per checkpoint.
 
     With one checkpoint and no ``tta_flips`` the plain network is returned (tracing for MONAI Deploy
@@ -85,6 +91,8 @@ def build_inference_network(network_def: nn.Module, ckpt_paths: Sequence[str], t
     if len(paths) == 1 and not tta_flips:
         return _load_into(network_def, paths[0]).to(device).eval()
     members = [_load_into(copy.deepcopy(network_def) if i else network_def, p) for i, p in enumerate(paths)]
-    logger.info(f"ensemble of {len(members)} model(s) x {1 + len(tta_flips)} view(s) (flips {list(tta_flips)}); "
-                f"softmax averaged")
+    logger.info(
+        f"ensemble of {len(members)} model(s) x {1 + len(tta_flips)} view(s) (flips {list(tta_flips)}); "
+        f"softmax averaged"
+    )
     return SoftmaxEnsemble(members, tta_flips).to(device).eval()

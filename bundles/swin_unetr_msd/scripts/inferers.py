@@ -67,8 +67,14 @@ class AutocastSlidingWindowInferer(SlidingWindowInferer):
     ``reuse_cpu_memory`` true, the first CPU call applies ``allocator.reuse_freed_memory``.
     """
 
-    def __init__(self, *args: Any, autocast: bool = False, channels_last: bool = False,
-                 reuse_cpu_memory: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        autocast: bool = False,
+        channels_last: bool = False,
+        reuse_cpu_memory: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.autocast = autocast
         self.channels_last = channels_last
@@ -85,8 +91,10 @@ class AutocastSlidingWindowInferer(SlidingWindowInferer):
             self._told.add(device_type)
             if device_type == "cpu":
                 reuse_freed_memory(self.reuse_cpu_memory)
-            logger.info(f"sliding-window inference on {device_type} in {dtype or torch.float32}{layout}"
-                        + ("" if dtype or not self.autocast else " (no native reduced-precision kernels here)"))
+            logger.info(
+                f"sliding-window inference on {device_type} in {dtype or torch.float32}{layout}"
+                + ("" if dtype or not self.autocast else " (no native reduced-precision kernels here)")
+            )
         if dtype is None:
             return super().__call__(inputs, network, *args, **kwargs)
         with torch.autocast(device_type=device_type, dtype=dtype):

@@ -57,8 +57,9 @@ def fold_indices(num_cases: int, num_folds: int = 5, seed: int = 12345) -> list[
     return [sorted(int(i) for i in part) for part in np.array_split(order, num_folds)]
 
 
-def fold_datalist(dataset_json: str, fold: int, num_folds: int = 5, seed: int = 12345,
-                  dataset_dir: str | None = None) -> dict[str, list[dict]]:
+def fold_datalist(
+    dataset_json: str, fold: int, num_folds: int = 5, seed: int = 12345, dataset_dir: str | None = None
+) -> dict[str, list[dict]]:
     """``{"training": [...], "validation": [...]}`` for ``fold`` (0-based) of the seeded split."""
     cases = training_cases(dataset_json, dataset_dir)
     folds = fold_indices(len(cases), num_folds, seed)
@@ -69,13 +70,16 @@ def fold_datalist(dataset_json: str, fold: int, num_folds: int = 5, seed: int = 
         "training": [c for i, c in enumerate(cases) if i not in validation],
         "validation": [c for i, c in enumerate(cases) if i in validation],
     }
-    logger.info(f"fold {fold} of {num_folds} (seed {seed}): {len(split['training'])} training, "
-                f"{len(split['validation'])} validation cases")
+    logger.info(
+        f"fold {fold} of {num_folds} (seed {seed}): {len(split['training'])} training, "
+        f"{len(split['validation'])} validation cases"
+    )
     return split
 
 
-def split(datalist: str, dataset_json: str, fold: int, num_folds: int = 5, seed: int = 12345,
-          dataset_dir: str | None = None) -> dict[str, list[dict]]:
+def split(
+    datalist: str, dataset_json: str, fold: int, num_folds: int = 5, seed: int = 12345, dataset_dir: str | None = None
+) -> dict[str, list[dict]]:
     """The training/validation split to use: ``datalist``'s own lists when one is given, else ``fold``'s."""
     if not datalist:
         return fold_datalist(dataset_json, fold, num_folds, seed, dataset_dir)
@@ -85,7 +89,9 @@ def split(datalist: str, dataset_json: str, fold: int, num_folds: int = 5, seed:
     for key in ("training", "validation"):
         if key not in content:
             raise KeyError(f"{datalist}: no '{key}' list (found: {sorted(content)})")
-        out[key] = [{k: _resolve(v, base) if k in ("image", "label") else v for k, v in e.items()} for e in content[key]]
+        out[key] = [
+            {k: _resolve(v, base) if k in ("image", "label") else v for k, v in e.items()} for e in content[key]
+        ]
     logger.info(f"datalist {datalist}: {len(out['training'])} training, {len(out['validation'])} validation cases")
     return out
 

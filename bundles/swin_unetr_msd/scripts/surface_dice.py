@@ -18,10 +18,16 @@ class NormalisedSurfaceDistance(IgniteMetricHandler):
     case is measured with the ``pixdim`` of its (inverted, original-space) prediction.
     """
 
-    def __init__(self, tolerance_mm: Sequence[float], include_background: bool = False,
-                 output_transform: Callable = from_engine(["pred", "label"]), save_details: bool = True) -> None:
-        metric = SurfaceDiceMetric(class_thresholds=[float(t) for t in tolerance_mm],
-                                   include_background=include_background)
+    def __init__(
+        self,
+        tolerance_mm: Sequence[float],
+        include_background: bool = False,
+        output_transform: Callable = from_engine(["pred", "label"]),
+        save_details: bool = True,
+    ) -> None:
+        metric = SurfaceDiceMetric(
+            class_thresholds=[float(t) for t in tolerance_mm], include_background=include_background
+        )
         super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
 
     def update(self, output: Sequence[Any]) -> None:

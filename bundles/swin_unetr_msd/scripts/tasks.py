@@ -12,8 +12,15 @@ import json
 import os
 from typing import Any
 
-from monai.transforms import CropForegroundd, NormalizeIntensityd, RandFlipd, RandRotate90d, RandScaleIntensityd
-from monai.transforms import RandShiftIntensityd, ScaleIntensityRanged
+from monai.transforms import (
+    CropForegroundd,
+    NormalizeIntensityd,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+)
 
 from .bundle_logger import logger
 
@@ -34,8 +41,17 @@ TASKS = (
 CT_WINDOW = "ct_window"
 ZSCORE_NONZERO = "zscore_nonzero"
 TASK_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "tasks"))
-_TASK_KEYS = ("task", "modality", "num_channels", "num_labels", "intensity", "spacing", "roi_size", "augmentation",
-              "nsd_tolerance_mm")
+_TASK_KEYS = (
+    "task",
+    "modality",
+    "num_channels",
+    "num_labels",
+    "intensity",
+    "spacing",
+    "roi_size",
+    "augmentation",
+    "nsd_tolerance_mm",
+)
 
 
 class TaskSettingsError(ValueError):
@@ -69,7 +85,8 @@ def _indexed_names(mapping: Any, path: str, field: str) -> dict[int, str]:
 
 
 def load_task(task: str, dataset_json: str, task_dir: str = TASK_DIR) -> dict[str, Any]:
-    """Settings of ``task`` from ``<task_dir>/<task>.json`` (the bundle's) checked against and joined with ``dataset_json``.
+    """Settings of ``task`` from ``<task_dir>/<task>.json`` (the bundle's), checked against and joined with
+    ``dataset_json``.
 
     Returns a dict with the task file's entries plus ``in_channels``, ``channel_names`` (id -> name),
     ``num_classes`` and ``label_names`` (id -> name, background included), read from ``dataset_json``.
@@ -87,29 +104,41 @@ def load_task(task: str, dataset_json: str, task_dir: str = TASK_DIR) -> dict[st
         raise TaskSettingsError(f"{task_file}: says task {settings['task']!r}, expected {task!r}")
     kind = settings["intensity"].get("type")
     if kind not in (CT_WINDOW, ZSCORE_NONZERO):
-        raise TaskSettingsError(f"{task_file}: intensity type must be {CT_WINDOW!r} or {ZSCORE_NONZERO!r}, got {kind!r}")
+        raise TaskSettingsError(
+            f"{task_file}: intensity type must be {CT_WINDOW!r} or {ZSCORE_NONZERO!r}, got {kind!r}"
+        )
 
     dataset = _read_json(dataset_json, f"dataset.json of {task}")
     channels = _indexed_names(dataset.get("modality"), dataset_json, "modality")
     labels = _indexed_names(dataset.get("labels"), dataset_json, "labels")
     problems = []
     if len(channels) != settings["num_channels"]:
-        problems.append(f"{len(channels)} input channel(s) {list(channels.values())}, {task} has {settings['num_channels']}")
+        problems.append(
+            f"{len(channels)} input channel(s) {list(channels.values())}, {task} has {settings['num_channels']}"
+        )
     if len(labels) != settings["num_labels"]:
         problems.append(f"{len(labels)} labels {list(labels.values())}, {task} has {settings['num_labels']}")
     if settings["modality"] == "CT" and [c.upper() for c in channels.values()] != ["CT"]:
         problems.append(f"modality {list(channels.values())}, {task} is CT")
     if problems:
-        raise TaskSettingsError(f"{dataset_json} does not describe {task}: it lists " + "; ".join(problems)
-                                + ". Is dataset_dir the right task folder?")
+        raise TaskSettingsError(
+            f"{dataset_json} does not describe {task}: it lists "
+            + "; ".join(problems)
+            + ". Is dataset_dir the right task folder?"
+        )
     tolerances = settings["nsd_tolerance_mm"]
     if len(tolerances) != len(labels) - 1:
-        raise TaskSettingsError(f"{task_file}: nsd_tolerance_mm needs one value per foreground label "
-                                f"({len(labels) - 1}), got {len(tolerances)}")
-    settings = dict(settings, in_channels=len(channels), channel_names=channels, num_classes=len(labels),
-                    label_names=labels)
-    logger.info(f"{task}: {len(channels)} channel(s) {list(channels.values())}, labels {labels}, "
-                f"intensity {settings['intensity']}, spacing {settings['spacing']} mm, ROI {settings['roi_size']}")
+        raise TaskSettingsError(
+            f"{task_file}: nsd_tolerance_mm needs one value per foreground label "
+            f"({len(labels) - 1}), got {len(tolerances)}"
+        )
+    settings = dict(
+        settings, in_channels=len(channels), channel_names=channels, num_classes=len(labels), label_names=labels
+    )
+    logger.info(
+        f"{task}: {len(channels)} channel(s) {list(channels.values())}, labels {labels}, "
+        f"intensity {settings['intensity']}, spacing {settings['spacing']} mm, ROI {settings['roi_size']}"
+    )
     return settings
 
 
@@ -132,11 +161,15 @@ def intensity_transforms(intensity: dict[str, Any], keys: list[str], image_key: 
 
 def augmentations(augmentation: dict[str, Any], keys: list[str], image_key: str = "image") -> list:
     """The task's random augmentation after cropping: flips, rot90 in a plane, intensity scale/shift."""
-    out = [RandFlipd(keys=keys, spatial_axis=[axis], prob=augmentation["flip_prob"])
-           for axis in augmentation["flip_axes"]]
+    out = [
+        RandFlipd(keys=keys, spatial_axis=[axis], prob=augmentation["flip_prob"]) for axis in augmentation["flip_axes"]
+    ]
     if augmentation["rot90_prob"] > 0:
-        out.append(RandRotate90d(keys=keys, max_k=3, prob=augmentation["rot90_prob"],
-                                 spatial_axes=tuple(augmentation["rot90_axes"])))
+        out.append(
+            RandRotate90d(
+                keys=keys, max_k=3, prob=augmentation["rot90_prob"], spatial_axes=tuple(augmentation["rot90_axes"])
+            )
+        )
     if augmentation["intensity_prob"] > 0:
         out.append(RandScaleIntensityd(keys=image_key, factors=0.1, prob=augmentation["intensity_prob"]))
         out.append(RandShiftIntensityd(keys=image_key, offsets=0.1, prob=augmentation["intensity_prob"]))
@@ -155,16 +188,25 @@ def write_task_metadata(metadata_file: str, settings: dict[str, Any], output_fil
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]
     ct = settings["intensity"]["type"] == CT_WINDOW
-    image.update(num_channels=settings["in_channels"], modality="CT" if ct else "MR",
-                 format="hounsfield" if ct else "magnitude", value_range=[0, 1] if ct else [],
-                 spatial_shape=list(settings["roi_size"]),
-                 channel_def={str(i): name for i, name in settings["channel_names"].items()})
-    pred.update(num_channels=settings["num_classes"], spatial_shape=list(settings["roi_size"]),
-                channel_def={str(i): name for i, name in settings["label_names"].items()})
+    image.update(
+        num_channels=settings["in_channels"],
+        modality="CT" if ct else "MR",
+        format="hounsfield" if ct else "magnitude",
+        value_range=[0, 1] if ct else [],
+        spatial_shape=list(settings["roi_size"]),
+        channel_def={str(i): name for i, name in settings["channel_names"].items()},
+    )
+    pred.update(
+        num_channels=settings["num_classes"],
+        spatial_shape=list(settings["roi_size"]),
+        channel_def={str(i): name for i, name in settings["label_names"].items()},
+    )
     labels = ", ".join(f"{i} {name}" for i, name in settings["label_names"].items())
-    meta.update(image_classes=f"{task}: {settings['in_channels']} channel(s) "
-                              f"{list(settings['channel_names'].values())}, normalised as {settings['intensity']}",
-                label_classes=f"{task}: {labels}")
+    meta.update(
+        image_classes=f"{task}: {settings['in_channels']} channel(s) "
+        f"{list(settings['channel_names'].values())}, normalised as {settings['intensity']}",
+        label_classes=f"{task}: {labels}",
+    )
     tmp = f"{output_file}.tmp"
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=4)

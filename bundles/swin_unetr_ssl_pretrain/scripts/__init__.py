@@ -4,5 +4,19 @@ Modules with a "Generated from bundles/common/scripts/..." header are copies: ed
 then run ``python tools/sync_bundle_code.py``; the others belong to this bundle.
 """
 
-from . import (checkpoints, corpus, datalists, dicom_series, distributed, encoder_weights, export, iteration, losses,
-               model, patch_merging, proxy_tasks, transforms, weights_format)
+from . import (
+    checkpoints,
+    corpus,
+    datalists,
+    dicom_series,
+    distributed,
+    encoder_weights,
+    export,
+    iteration,
+    losses,
+    model,
+    patch_merging,
+    proxy_tasks,
+    transforms,
+    weights_format,
+)

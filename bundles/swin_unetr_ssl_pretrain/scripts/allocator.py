@@ -45,6 +45,8 @@ def reuse_freed_memory(enabled: bool = True) -> bool:
         logger.warning("CPU memory: glibc mallopt refused the settings; allocator left as it is")
         return False
     _applied = True
-    logger.info(f"CPU memory: glibc {gnu_get_libc_version().decode()} keeps freed memory for reuse "
-                "(no mmap per tensor, no trimming); resident memory stays at its peak")
+    logger.info(
+        f"CPU memory: glibc {gnu_get_libc_version().decode()} keeps freed memory for reuse "
+        "(no mmap per tensor, no trimming); resident memory stays at its peak"
+    )
     return True

@@ -35,8 +35,10 @@ def _problem(image: Any, roi_size: Sequence[int], spacing: Sequence[float] | Non
         return f"is not a 3D volume (array shape {array.shape})"
     low, high = float(np.nanmin(array)), float(np.nanmax(array))
     if low > CT_MIN_AT_MOST or high < CT_MAX_AT_LEAST:
-        return (f"intensity range [{low:g}, {high:g}] does not look like CT in Hounsfield units "
-                f"(expected air near -1000, i.e. a minimum <= {CT_MIN_AT_MOST:g}, and a maximum >= {CT_MAX_AT_LEAST:g})")
+        return (
+            f"intensity range [{low:g}, {high:g}] does not look like CT in Hounsfield units "
+            f"(expected air near -1000, i.e. a minimum <= {CT_MIN_AT_MOST:g}, and a maximum >= {CT_MAX_AT_LEAST:g})"
+        )
     pixdim = np.asarray(image.pixdim, dtype=float)[:3] if hasattr(image, "pixdim") else None  # from the affine
     if spacing is not None and pixdim is not None and np.all(pixdim > 0):
         resampled = np.round(np.asarray(spatial) * pixdim / np.asarray(spacing, dtype=float)).astype(int)
@@ -44,13 +46,16 @@ def _problem(image: Any, roi_size: Sequence[int], spacing: Sequence[float] | Non
         resampled = np.asarray(spatial)
     if np.any(resampled < np.asarray(roi_size)):
         where = f" at spacing {list(spacing)} mm" if spacing is not None else ""
-        return (f"is {tuple(int(s) for s in resampled)} voxels{where}, smaller than the ROI {tuple(roi_size)}: "
-                "random crops would be mostly padding")
+        return (
+            f"is {tuple(int(s) for s in resampled)} voxels{where}, smaller than the ROI {tuple(roi_size)}: "
+            "random crops would be mostly padding"
+        )
     return None
 
 
-def _check_items(items: Sequence[dict], roi_size: Sequence[int], spacing: Sequence[float] | None,
-                 image_key: str) -> tuple[list[dict], list[str]]:
+def _check_items(
+    items: Sequence[dict], roi_size: Sequence[int], spacing: Sequence[float] | None, image_key: str
+) -> tuple[list[dict], list[str]]:
     """Read every volume of one list once: (usable items, one problem line per unusable item)."""
     loader = LoadImage(image_only=True, ensure_channel_first=False)
     loader.register(DicomSeriesReader())  # the image series of a DICOM folder, not a SEG beside it
@@ -63,7 +68,9 @@ def _check_items(items: Sequence[dict], roi_size: Sequence[int], spacing: Sequen
         try:
             image = loader(path)
         except Exception as err:  # noqa: BLE001 (any reader failure means the file is unusable)
-            what = "does not exist" if not os.path.exists(str(path)) else f"cannot be read ({type(err).__name__}: {err})"
+            what = (
+                "does not exist" if not os.path.exists(str(path)) else f"cannot be read ({type(err).__name__}: {err})"
+            )
             problems.append(f"{path}: {what}")
             continue
         problem = _problem(image, roi_size, spacing)
@@ -87,8 +94,14 @@ def _list_name(name: str) -> str:
     return f"{name} datalist" if name else "datalist"
 
 
-def check_corpora(lists: Mapping[str, Sequence[dict]], roi_size: Sequence[int], spacing: Sequence[float] | None = None,
-                  on_bad: str = "error", image_key: str = "image", enabled: bool = True) -> dict[str, list[dict]]:
+def check_corpora(
+    lists: Mapping[str, Sequence[dict]],
+    roi_size: Sequence[int],
+    spacing: Sequence[float] | None = None,
+    on_bad: str = "error",
+    image_key: str = "image",
+    enabled: bool = True,
+) -> dict[str, list[dict]]:
     """Check several datalists (e.g. ``{"training": ..., "validation": ...}``) at once; return each one's usable items.
 
     Reported, with the file named: unreadable files, more than one channel, intensities that are not
@@ -112,8 +125,13 @@ def check_corpora(lists: Mapping[str, Sequence[dict]], roi_size: Sequence[int], 
         for problem in problems:
             logger.warning("skipping volume: %s", problem)
         if problems:
-            logger.warning("skipped %d of %d volume(s)%s; pre-training on %d.", len(problems), len(lists[name]),
-                           f" of the {name} list" if name else "", len(good))
+            logger.warning(
+                "skipped %d of %d volume(s)%s; pre-training on %d.",
+                len(problems),
+                len(lists[name]),
+                f" of the {name} list" if name else "",
+                len(good),
+            )
         logger.info("corpus check: %d volume(s) usable%s", len(good), f" in the {name} list" if name else "")
     return {name: good for name, (good, _) in checked.items()}
 
@@ -124,19 +142,28 @@ def _report(lists: Mapping[str, list], checked: Mapping[str, tuple], advice: str
     for name, (_, problems) in checked.items():
         if problems:
             where = f" of the {name} list" if name else ""
-            parts.append(f"{len(problems)} of {len(lists[name])} volume(s){where} cannot be used for pre-training:\n  "
-                         + "\n  ".join(problems))
+            parts.append(
+                f"{len(problems)} of {len(lists[name])} volume(s){where} cannot be used for pre-training:\n  "
+                + "\n  ".join(problems)
+            )
     return "\n".join(parts) + f"\n({advice})"
 
 
-def check_corpus(items: Sequence[dict], roi_size: Sequence[int], spacing: Sequence[float] | None = None,
-                 on_bad: str = "error", image_key: str = "image", enabled: bool = True) -> list[dict]:
+def check_corpus(
+    items: Sequence[dict],
+    roi_size: Sequence[int],
+    spacing: Sequence[float] | None = None,
+    on_bad: str = "error",
+    image_key: str = "image",
+    enabled: bool = True,
+) -> list[dict]:
     """``check_corpora`` for one list: read every volume once and return the usable items."""
     return check_corpora({"": items}, roi_size, spacing, on_bad, image_key, enabled)[""]
 
 
-def make_dataset(kind: str, data: Sequence[dict], transform: Any, cache_rate: float = 1.0,
-                 cache_dir: str = "", num_workers: int = 0):
+def make_dataset(
+    kind: str, data: Sequence[dict], transform: Any, cache_rate: float = 1.0, cache_dir: str = "", num_workers: int = 0
+):
     """``"cache"`` -> CacheDataset (in memory), ``"persistent"`` -> PersistentDataset (on disk in
     ``cache_dir``, for corpora larger than memory), ``"none"`` -> Dataset (reads every time)."""
     if kind == "cache":

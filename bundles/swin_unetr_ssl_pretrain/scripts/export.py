@@ -25,7 +25,7 @@ def _model_state(checkpoint: Any, path: str) -> Mapping[str, torch.Tensor]:
     if not isinstance(state, Mapping):
         keys = list(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         raise ValueError(f"{path} is not a checkpoint of this bundle: no 'model' entry (found {keys}).")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     if _PATCH_EMBED not in state:
         raise ValueError(f"{path}: the model holds no Swin encoder ({_PATCH_EMBED} missing).")
     return state
@@ -42,22 +42,32 @@ def build_from_checkpoint(ckpt_path: str) -> SwinSSLNet:
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-        raise UnreadableWeightsError(f"{ckpt_path}: training checkpoint cannot be read: truncated (an interrupted "
-                                     f"copy or write?) or not a torch.save file ({type(err).__name__}: "
-                                     f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        raise UnreadableWeightsError(
+            f"{ckpt_path}: training checkpoint cannot be read: truncated (an interrupted "
+            f"copy or write?) or not a torch.save file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
     state = _model_state(checkpoint, ckpt_path)
     feature_size, in_channels = (int(n) for n in state[_PATCH_EMBED].shape[:2])
     if RECORD_KEY not in checkpoint:
-        raise ValueError(f"{ckpt_path} has no {RECORD_KEY!r}: cannot tell which patch-merging order it was trained with.")
-    network = SwinSSLNet(in_channels=in_channels, feature_size=feature_size,
-                         contrastive_dim=int(state["contrastive_head.weight"].shape[0]),
-                         downsample=resolve_downsample(str(checkpoint[RECORD_KEY].get("patch_merging"))))
+        raise ValueError(
+            f"{ckpt_path} has no {RECORD_KEY!r}: cannot tell which patch-merging order it was trained with."
+        )
+    network = SwinSSLNet(
+        in_channels=in_channels,
+        feature_size=feature_size,
+        contrastive_dim=int(state["contrastive_head.weight"].shape[0]),
+        downsample=resolve_downsample(str(checkpoint[RECORD_KEY].get("patch_merging"))),
+    )
     result = network.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{ckpt_path} does not match the pre-training network: missing {result.missing_keys[:6]}, "
-                         f"unexpected {result.unexpected_keys[:6]}.")
-    logger.info("loaded %d tensors from %s (feature_size %d, in_channels %d)", len(state), ckpt_path,
-                feature_size, in_channels)
+        raise ValueError(
+            f"{ckpt_path} does not match the pre-training network: missing {result.missing_keys[:6]}, "
+            f"unexpected {result.unexpected_keys[:6]}."
+        )
+    logger.info(
+        "loaded %d tensors from %s (feature_size %d, in_channels %d)", len(state), ckpt_path, feature_size, in_channels
+    )
     return network
 
 

@@ -8,7 +8,6 @@ import torch
 from ignite.engine import Engine
 from ignite.metrics import Average
 
-from .bundle_logger import logger
 from .losses import LOSS_TERMS
 from .proxy_tasks import ProxyTaskViews
 
@@ -52,9 +51,16 @@ class SSLTrainIteration:
     Returns the total and each loss term as floats (for StatsHandler/TensorBoard), plus ``step``.
     """
 
-    def __init__(self, proxy_tasks: ProxyTaskViews, loss: torch.nn.Module, accumulation_steps: int = 1,
-                 lr_scheduler: Any = None, scaler: torch.amp.GradScaler | None = None, amp: bool = False,
-                 max_grad_norm: float = 0.0) -> None:
+    def __init__(
+        self,
+        proxy_tasks: ProxyTaskViews,
+        loss: torch.nn.Module,
+        accumulation_steps: int = 1,
+        lr_scheduler: Any = None,
+        scaler: torch.amp.GradScaler | None = None,
+        amp: bool = False,
+        max_grad_norm: float = 0.0,
+    ) -> None:
         if int(accumulation_steps) < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}.")
         self.proxy_tasks = proxy_tasks

@@ -20,11 +20,19 @@ class SSLLoss(nn.Module):
     contrastive term is MONAI's ``ContrastiveLoss`` between the first and second B embeddings.
     """
 
-    def __init__(self, inpaint_weight: float = 1.0, contrast_weight: float = 1.0, rotation_weight: float = 1.0,
-                 temperature: float = 0.5) -> None:
+    def __init__(
+        self,
+        inpaint_weight: float = 1.0,
+        contrast_weight: float = 1.0,
+        rotation_weight: float = 1.0,
+        temperature: float = 0.5,
+    ) -> None:
         super().__init__()
-        self.weights = {"inpaint_loss": float(inpaint_weight), "contrast_loss": float(contrast_weight),
-                        "rotation_loss": float(rotation_weight)}
+        self.weights = {
+            "inpaint_loss": float(inpaint_weight),
+            "contrast_loss": float(contrast_weight),
+            "rotation_loss": float(rotation_weight),
+        }
         self.inpaint = nn.L1Loss()
         self.contrast = ContrastiveLoss(temperature=temperature)
         self.rotation = nn.CrossEntropyLoss()

@@ -70,8 +70,13 @@ class RandRotate90Class(Randomizable, Transform):
 class RandRotate90Classd(Randomizable, MapTransform):
     """Dictionary form of :class:`RandRotate90Class`: rotates ``keys`` alike and stores the class in ``class_key``."""
 
-    def __init__(self, keys: KeysCollection, class_key: str = "rotation", spatial_axes: Sequence[int] = (1, 2),
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        class_key: str = "rotation",
+        spatial_axes: Sequence[int] = (1, 2),
+        allow_missing_keys: bool = False,
+    ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.rotator = RandRotate90Class(spatial_axes)
         self.class_key = class_key
@@ -103,8 +108,13 @@ class RandBoxCutout(Randomizable, Transform):
     the boolean mask of the last call (D, H, W) is kept in ``self.mask``.
     """
 
-    def __init__(self, fraction: Sequence[float] = (0.1, 0.3), max_box_size: float = 0.25,
-                 fill_range: Sequence[float] = (0.0, 1.0), max_boxes: int = 1000) -> None:
+    def __init__(
+        self,
+        fraction: Sequence[float] = (0.1, 0.3),
+        max_box_size: float = 0.25,
+        fill_range: Sequence[float] = (0.0, 1.0),
+        max_boxes: int = 1000,
+    ) -> None:
         low, high = _check_fraction(fraction)
         if not 0.0 < max_box_size <= 1.0:
             raise ValueError(f"max_box_size must be in (0, 1], got {max_box_size}.")
@@ -165,9 +175,16 @@ class RandBoxCutoutd(Randomizable, MapTransform):
     With ``mask_key`` set, the boolean mask (1, D, H, W) is stored too.
     """
 
-    def __init__(self, keys: KeysCollection, fraction: Sequence[float] = (0.1, 0.3), max_box_size: float = 0.25,
-                 fill_range: Sequence[float] = (0.0, 1.0), target_suffix: str = "_target",
-                 mask_key: str | None = None, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        fraction: Sequence[float] = (0.1, 0.3),
+        max_box_size: float = 0.25,
+        fill_range: Sequence[float] = (0.0, 1.0),
+        target_suffix: str = "_target",
+        mask_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.cutout = RandBoxCutout(fraction, max_box_size, fill_range)
         self.target_suffix = target_suffix
@@ -199,8 +216,13 @@ def _check_fraction(fraction: Sequence[float]) -> tuple[float, float]:
     return low, high
 
 
-def draw_research_boxes(spatial_shape: Sequence[int], rng: np.random.RandomState, fraction: Sequence[float] = (0.0, 0.3),
-                        max_box_size: float = 0.25, min_box_size: float = 0.05) -> list[tuple[slice, ...]]:
+def draw_research_boxes(
+    spatial_shape: Sequence[int],
+    rng: np.random.RandomState,
+    fraction: Sequence[float] = (0.0, 0.3),
+    max_box_size: float = 0.25,
+    min_box_size: float = 0.05,
+) -> list[tuple[slice, ...]]:
     """Boxes of one cutout pass by the research code's rule, drawn from ``rng``.
 
     A budget of ``U(fraction) x volume`` voxels is drawn; boxes are added until the sum of their
@@ -223,8 +245,9 @@ def draw_research_boxes(spatial_shape: Sequence[int], rng: np.random.RandomState
     return boxes
 
 
-def _scaled_noise(shape: Sequence[int], generator: torch.Generator, device: torch.device,
-                  fill_range: tuple[float, float]) -> torch.Tensor:
+def _scaled_noise(
+    shape: Sequence[int], generator: torch.Generator, device: torch.device, fill_range: tuple[float, float]
+) -> torch.Tensor:
     """Gaussian noise min-max scaled to ``fill_range`` (as the research code fills each box)."""
     noise = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
     low, high = noise.aminmax()
@@ -243,8 +266,13 @@ class ResearchBoxCutout(Randomizable):
     those holding another crop's tissue (not noise), ``self.sources`` the crop pasted from, or -1.
     """
 
-    def __init__(self, fraction: Sequence[float] = (0.0, 0.3), max_box_size: float = 0.25,
-                 min_box_size: float = 0.05, fill_range: Sequence[float] = (0.0, 1.0)) -> None:
+    def __init__(
+        self,
+        fraction: Sequence[float] = (0.0, 0.3),
+        max_box_size: float = 0.25,
+        min_box_size: float = 0.05,
+        fill_range: Sequence[float] = (0.0, 1.0),
+    ) -> None:
         self.fraction = _check_fraction(fraction)
         if not 0.0 <= min_box_size < max_box_size <= 1.0:
             raise ValueError(f"need 0 <= min_box_size < max_box_size <= 1, got {min_box_size}, {max_box_size}.")
@@ -270,8 +298,9 @@ class ResearchBoxCutout(Randomizable):
         for i in range(batch):
             for box in self._boxes(spatial):
                 sides = [b.stop - b.start for b in box]
-                out[(i, slice(None), *box)] = _scaled_noise((channels, *sides), generator, out.device,
-                                                            self.fill_range).to(out.dtype)
+                out[(i, slice(None), *box)] = _scaled_noise(
+                    (channels, *sides), generator, out.device, self.fill_range
+                ).to(out.dtype)
                 origin[(i, *box)] = -1
             source = int(self.R.randint(batch))
             self.sources.append(source if source != i else -1)
@@ -299,9 +328,14 @@ class ProxyTaskViews(Randomizable):
     ``cutout_fraction`` None, the mode's bounds from ``DEFAULT_CUTOUT_FRACTION`` are used.
     """
 
-    def __init__(self, cutout_fraction: Sequence[float] | None = None, max_box_size: float = 0.25,
-                 spatial_axes: Sequence[int] = (1, 2), fill_range: Sequence[float] = (0.0, 1.0),
-                 cutout_mode: str = "bundle") -> None:
+    def __init__(
+        self,
+        cutout_fraction: Sequence[float] | None = None,
+        max_box_size: float = 0.25,
+        spatial_axes: Sequence[int] = (1, 2),
+        fill_range: Sequence[float] = (0.0, 1.0),
+        cutout_mode: str = "bundle",
+    ) -> None:
         if cutout_mode not in CUTOUT_MODES:
             raise ValueError(f"cutout_mode must be one of {CUTOUT_MODES}, got {cutout_mode!r}.")
         fraction = DEFAULT_CUTOUT_FRACTION[cutout_mode] if cutout_fraction is None else cutout_fraction
@@ -360,10 +394,16 @@ class RandProxyTaskViewsd(Randomizable, MapTransform):
     """Dictionary form of :class:`ProxyTaskViews` for one crop: adds ``{key}_inputs``, ``{key}_targets``,
     ``{key}_rotations`` (2 views each, stacked on a new first axis) to the data."""
 
-    def __init__(self, keys: KeysCollection, cutout_fraction: Sequence[float] | None = None,
-                 max_box_size: float = 0.25, spatial_axes: Sequence[int] = (1, 2),
-                 fill_range: Sequence[float] = (0.0, 1.0), cutout_mode: str = "bundle",
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        cutout_fraction: Sequence[float] | None = None,
+        max_box_size: float = 0.25,
+        spatial_axes: Sequence[int] = (1, 2),
+        fill_range: Sequence[float] = (0.0, 1.0),
+        cutout_mode: str = "bundle",
+        allow_missing_keys: bool = False,
+    ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.views = ProxyTaskViews(cutout_fraction, max_box_size, spatial_axes, fill_range, cutout_mode)
 

@@ -73,8 +73,10 @@ class UnreadableWeightsError(ValueError):
 
 def _unreadable(path: str, err: BaseException) -> UnreadableWeightsError:
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return UnreadableWeightsError(f"{path}: cannot be read as a PyTorch weights file: truncated (e.g. an interrupted "
-                                  f"copy or download) or not a torch.save file ({type(err).__name__}: {first})")
+    return UnreadableWeightsError(
+        f"{path}: cannot be read as a PyTorch weights file: truncated (e.g. an interrupted "
+        f"copy or download) or not a torch.save file ({type(err).__name__}: {first})"
+    )
 
 
 def checked_torch_file(path: str, what: str = "checkpoint") -> str:
@@ -133,7 +135,7 @@ def _tensor_mapping(obj: Any) -> Mapping[str, torch.Tensor] | None:
 
 
 def _key_style(keys: list[str]) -> str | None:
-    """"official", "monai" or None from the key names of a tensor mapping."""
+    """ "official", "monai" or None from the key names of a tensor mapping."""
     if all(k.startswith("module.") for k in keys):
         keys = [k[len("module.") :] for k in keys]
     if any(k.startswith("swinViT.") for k in keys):
