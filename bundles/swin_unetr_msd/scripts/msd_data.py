@@ -13,7 +13,7 @@ import numpy as np
 
 from .bundle_logger import logger
 from .datalists import IMAGE_SUFFIXES, _resolve, inference_items
-from .tasks import _read_json
+from .tasks import read_task_json
 
 __all__ = ["training_cases", "fold_indices", "fold_datalist", "split", "test_items"]
 
@@ -36,7 +36,7 @@ def training_cases(dataset_json: str, dataset_dir: str | None = None) -> list[di
     macOS ``._*`` resource files that some copies of the Decathlon archives carry are reported, not used.
     """
     dataset_dir = dataset_dir or os.path.dirname(os.path.abspath(dataset_json))
-    content = _read_json(dataset_json, "dataset.json")
+    content = read_task_json(dataset_json, "dataset.json")
     entries = content.get("training") or _paired_files(dataset_dir, dataset_json)
     items = []
     for n, entry in enumerate(entries, 1):
@@ -83,7 +83,7 @@ def split(
     """The training/validation split to use: ``datalist``'s own lists when one is given, else ``fold``'s."""
     if not datalist:
         return fold_datalist(dataset_json, fold, num_folds, seed, dataset_dir)
-    content = _read_json(datalist, "datalist")
+    content = read_task_json(datalist, "datalist")
     base = dataset_dir or os.path.dirname(os.path.abspath(dataset_json))
     out = {}
     for key in ("training", "validation"):
@@ -99,7 +99,7 @@ def split(
 def test_items(dataset_json: str, dataset_dir: str | None = None) -> list[dict]:
     """The test images to predict: ``dataset.json``'s ``test`` list, else every image in ``imagesTs``."""
     dataset_dir = dataset_dir or os.path.dirname(os.path.abspath(dataset_json))
-    entries = _read_json(dataset_json, "dataset.json").get("test")
+    entries = read_task_json(dataset_json, "dataset.json").get("test")
     if entries:
         items = [{"image": _resolve(e["image"] if isinstance(e, dict) else e, dataset_dir)} for e in entries]
         return [i for i in items if not os.path.basename(i["image"]).startswith("._")]

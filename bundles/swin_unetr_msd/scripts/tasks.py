@@ -23,8 +23,17 @@ from monai.transforms import (
 )
 
 from .bundle_logger import logger
+from .datalists import read_json
 
-__all__ = ["TASKS", "TaskSettingsError", "load_task", "intensity_transforms", "augmentations", "write_task_metadata"]
+__all__ = [
+    "TASKS",
+    "TaskSettingsError",
+    "read_task_json",
+    "load_task",
+    "intensity_transforms",
+    "augmentations",
+    "write_task_metadata",
+]
 
 TASKS = (
     "Task01_BrainTumour",
@@ -58,17 +67,12 @@ class TaskSettingsError(ValueError):
     """Raised when a task name, task file or ``dataset.json`` is unusable or inconsistent."""
 
 
-def _read_json(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
+def read_task_json(path: str, what: str) -> dict:
+    """The JSON object in ``path`` (``datalists.read_json``), its problems raised as ``TaskSettingsError``."""
     try:
-        with open(path) as f:
-            content = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TaskSettingsError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(content, dict):
-        raise TaskSettingsError(f"{path}: expected a JSON object, got {type(content).__name__}")
-    return content
+        return read_json(path, what)
+    except ValueError as e:
+        raise TaskSettingsError(str(e)) from e
 
 
 def _indexed_names(mapping: Any, path: str, field: str) -> dict[int, str]:
@@ -96,7 +100,7 @@ def load_task(task: str, dataset_json: str, task_dir: str = TASK_DIR) -> dict[st
     if task not in TASKS:
         raise TaskSettingsError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     task_file = os.path.join(task_dir, f"{task}.json")
-    settings = _read_json(task_file, "task settings file")
+    settings = read_task_json(task_file, "task settings file")
     missing = [k for k in _TASK_KEYS if k not in settings]
     if missing:
         raise TaskSettingsError(f"{task_file}: missing entries {missing}")
@@ -108,7 +112,7 @@ def load_task(task: str, dataset_json: str, task_dir: str = TASK_DIR) -> dict[st
             f"{task_file}: intensity type must be {CT_WINDOW!r} or {ZSCORE_NONZERO!r}, got {kind!r}"
         )
 
-    dataset = _read_json(dataset_json, f"dataset.json of {task}")
+    dataset = read_task_json(dataset_json, f"dataset.json of {task}")
     channels = _indexed_names(dataset.get("modality"), dataset_json, "modality")
     labels = _indexed_names(dataset.get("labels"), dataset_json, "labels")
     problems = []
@@ -183,7 +187,7 @@ def write_task_metadata(metadata_file: str, settings: dict[str, Any], output_fil
     bundle's metadata, which describes the default task; this copy (e.g. ``configs/metadata_<task>.json``,
     passed with ``--meta_file``) describes another one. Returns ``output_file``.
     """
-    meta = _read_json(metadata_file, "bundle metadata file")
+    meta = read_task_json(metadata_file, "bundle metadata file")
     task = settings["task"]
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]
