@@ -86,7 +86,9 @@ def test_latest_is_the_complete_full_state_checkpoint_with_most_iterations(check
         assert checkpoints.resume_path(value, str(tmp_path)) == latest
     for value in ("", False, None, "false"):
         assert checkpoints.resume_path(value, str(tmp_path)) == ""
-    assert checkpoints.resume_path("/elsewhere/ckpt.pt", str(tmp_path)) == "/elsewhere/ckpt.pt"
+    assert checkpoints.resume_path(latest, str(tmp_path / "elsewhere")) == latest  # a path is used as given
+    with pytest.raises(FileNotFoundError, match="resume checkpoint not found: /elsewhere/ckpt.pt"):
+        checkpoints.resume_path("/elsewhere/ckpt.pt", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="holds no training checkpoint"):
         checkpoints.resume_path("latest", str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="resume must be"):

@@ -170,6 +170,18 @@ def log_iterations(trainer: Any, dev: torch.device, task: str, total: int, warmu
     return {"times": times, "data_times": data_times, "losses": losses, "input_shapes": input_shapes}
 
 
+# The bundle's resolved settings each task's record repeats.
+RECORDED_SETTINGS = (
+    "in_channels",
+    "num_classes",
+    "spacing",
+    "roi_size",
+    "intensity",
+    "use_checkpoint",
+    "use_flash_attention",
+)
+
+
 def measure_task(
     task: str,
     device: str = "cpu",
@@ -229,18 +241,7 @@ def measure_task(
         )
         parser.get_parsed_content("initialize")
         trainer = parser.get_parsed_content("train#trainer")
-        settings = {
-            k: parser.get_parsed_content(k, reset=False)
-            for k in (
-                "in_channels",
-                "num_classes",
-                "spacing",
-                "roi_size",
-                "intensity",
-                "use_checkpoint",
-                "use_flash_attention",
-            )
-        }
+        settings = {k: parser.get_parsed_content(k, reset=False) for k in RECORDED_SETTINGS}
         setup_s = time.perf_counter() - t0
         network = trainer.network
         cases_training = len(trainer.data_loader.dataset)
@@ -257,12 +258,16 @@ def measure_task(
         cuda_peak = torch.cuda.max_memory_allocated(dev) / MIB if dev.type == "cuda" else None
         cuda_reserved = torch.cuda.max_memory_reserved(dev) / MIB if dev.type == "cuda" else None
 
-    times, data_times, losses, input_shapes = (log[k] for k in ("times", "data_times", "losses", "input_shapes"))
-    timed, timed_data = times[int(warmup) :], data_times[int(warmup) : len(times)]
+    input_shapes = log["input_shapes"]
     crops = input_shapes[-1][0] if input_shapes and input_shapes[-1] else int(batch_size) * int(num_samples)
-    mean_s = mean(timed)
-    ips = len(timed) / sum(timed) if timed and sum(timed) > 0 else None
-    hwm = after["vm_hwm_mib"]
+    memory = {
+        "before": before,
+        "after": after,
+        "cuda_peak": cuda_peak,
+        "cuda_reserved": cuda_reserved,
+        "peak_reset": peak_reset,
+        "load_start": load_start,
+    }
     return {
         "task": task,
         "pid": os.getpid(),
@@ -289,17 +294,31 @@ def measure_task(
         "data_write_s": data_s,
         "setup_s": setup_s,
         "run_s": run_s,
-        "warmup_iterations": len(times[: int(warmup)]),
+        **_speed_and_memory(log, int(warmup), crops, memory),
+    }
+
+
+def _speed_and_memory(log: dict, warmup: int, crops: int, memory: dict) -> dict[str, Any]:
+    """The timing, loss and memory fields of a task's record, from ``log_iterations``' log and the snapshots."""
+    times, data_times, losses = log["times"], log["data_times"], log["losses"]
+    timed, timed_data = times[warmup:], data_times[warmup : len(times)]
+    mean_s = mean(timed)
+    ips = len(timed) / sum(timed) if timed and sum(timed) > 0 else None
+    before, after, cuda_peak = memory["before"], memory["after"], memory["cuda_peak"]
+    cuda_reserved, peak_reset, load_start = memory["cuda_reserved"], memory["peak_reset"], memory["load_start"]
+    hwm = after["vm_hwm_mib"]
+    return {
+        "warmup_iterations": len(times[:warmup]),
         "iterations": len(timed),
         "iteration_times_s": timed,
-        "warmup_times_s": times[: int(warmup)],
+        "warmup_times_s": times[:warmup],
         "seconds_per_iteration": mean_s,
         "min_seconds_per_iteration": float(min(timed)) if timed else None,
         "iterations_per_second": ips,
         "crops_per_second": ips * crops if ips is not None else None,
         "data_seconds_per_iteration": mean(timed_data),
-        "losses": losses[int(warmup) :],
-        "warmup_losses": losses[: int(warmup)],
+        "losses": losses[warmup:],
+        "warmup_losses": losses[:warmup],
         "final_loss": losses[-1] if losses else None,
         "final_loss_finite": bool(losses) and math.isfinite(losses[-1]),
         "peak_memory_mib": cuda_peak if cuda_peak is not None else after["ru_maxrss_mib"],
