@@ -133,6 +133,16 @@ def sample_ct(tmp_path_factory) -> dict:
     return fetch_sample_ct(tmp_path_factory.mktemp("sample_ct"))
 
 
+def _training_run(out: Path, workflow) -> dict:
+    """What a training fixture hands the tests: its bundle_root, workflow and checkpoint paths."""
+    return {
+        "root": out,
+        "workflow": workflow,
+        "model": out / "models" / "model.pt",
+        "last": out / "models" / "checkpoint_last.pt",
+    }
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, phantom_dir) -> dict:
     """One small training run: 2 iterations (one epoch of 2 cases) and a validation."""
@@ -147,12 +157,7 @@ def trained(tmp_path_factory, phantom_dir) -> dict:
         val_interval=1,
         **SMALL,
     )
-    return {
-        "root": out,
-        "workflow": workflow,
-        "model": out / "models" / "model.pt",
-        "last": out / "models" / "checkpoint_last.pt",
-    }
+    return _training_run(out, workflow)
 
 
 @pytest.fixture(scope="session")
@@ -181,12 +186,7 @@ def ssl_trained(tmp_path_factory, ssl_corpus) -> dict:
         val_interval=1,
         **SSL_SMALL,
     )
-    return {
-        "root": out,
-        "workflow": workflow,
-        "model": out / "models" / "model.pt",
-        "last": out / "models" / "checkpoint_last.pt",
-    }
+    return _training_run(out, workflow)
 
 
 @pytest.fixture(scope="session")
