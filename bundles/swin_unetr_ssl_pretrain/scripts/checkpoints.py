@@ -13,8 +13,9 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
+from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointSaver, ValidationHandler
 
 from .bundle_logger import logger
 from .weights_format import checked_torch_file
@@ -22,6 +23,7 @@ from .weights_format import checked_torch_file
 __all__ = [
     "AtomicDiskSaver",
     "AtomicCheckpointSaver",
+    "FinalValidationHandler",
     "atomic_torch_save",
     "latest_checkpoint",
     "resume_path",
@@ -155,6 +157,35 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 len(earlier),
                 self.save_dir,
             )
+
+
+class FinalValidationHandler(ValidationHandler):
+    """MONAI ``ValidationHandler`` that validates once more when training completes.
+
+    With the validator's key-metric saver, every run then writes ``model.pt`` (the best validated
+    model of that run) even when it is shorter than ``interval`` epochs, as MONAI Label's runs are
+    (50 epochs by default). The final epoch is not validated twice: when the periodic handler (every
+    ``interval`` epochs) has just validated it, this one skips.
+    """
+
+    def __init__(self, interval: int, validator: Any = None) -> None:
+        super().__init__(interval=interval, validator=validator, epoch_level=True)
+
+    def attach(self, engine: Any) -> None:
+        """Run at the trainer's COMPLETED event."""
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        """Validate the final model unless the periodic validation just did."""
+        epoch = engine.state.epoch
+        if self.interval > 0 and epoch % self.interval == 0:
+            return
+        loader = getattr(self.validator, "data_loader", None)
+        if loader is not None and hasattr(loader, "__len__") and len(loader) == 0:
+            logger.warning("final validation skipped: no validation data, so this run writes no model.pt")
+            return
+        logger.info("final validation after epoch %d (the key-metric saver keeps the best as model.pt)", epoch)
+        super().__call__(engine)
 
 
 def _periodic_files(save_dir: str, checkpoint: Checkpoint) -> list[tuple[int, str]]:

@@ -1,0 +1,243 @@
+"""The BTCV bundle in the real MONAI Label 0.8.5 server (its ``monaibundle`` sample app), from its own venv.
+
+The test does what the model card's "MONAI Label" section tells a user to do: download the sample app,
+put a copy of the bundle under ``<app>/model/``, start the server offline on 127.0.0.1, and use its REST
+API: ``/info/`` (labels from ``channel_def``), ``/infer`` (a label map on the input's grid), ``/train``
+for one epoch, then ``/infer`` again, which must use the weights that training wrote to ``models/model.pt``.
+Small knobs (``SMALL``) are written into the copy's configs, as a user would edit them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import PHANTOM_SHAPE, PHANTOM_SPACING, SMALL, run_workflow
+from tools.common.bundles import BTCV_DIR, bundle_parser, forget_scripts_modules
+
+pytestmark = pytest.mark.clients
+
+BUNDLE = "swin_unetr_btcv_seg"
+# A large first step (no warm-up, lr 1e-2) so that one epoch changes the prediction visibly.
+TRAIN_KNOBS = {**SMALL, "learning_rate": 0.01, "warmup_epochs": 0}
+INFER_KNOBS = {k: SMALL[k] for k in ("feature_size", "roi_size", "num_workers", "sw_batch_size")}
+STARTUP_S = 240
+REQUEST_S = 600
+
+
+def _write_knobs(config: Path, knobs: dict) -> None:
+    """Set top-level knobs in a copied config file (4-space JSON, as the bundle writes it)."""
+    content = json.loads(config.read_text())
+    missing = sorted(set(knobs) - set(content))
+    assert not missing, f"{config} has no top-level {missing}"
+    content.update(knobs)
+    config.write_text(json.dumps(content, indent=4) + "\n")
+
+
+def _initial_model(bundle: Path) -> None:
+    """A fresh network's weights saved as the bundle saves them: {"model": ..., "network_record": ...}."""
+    torch.manual_seed(0)
+    parser = bundle_parser(bundle, "train.json", {})
+    try:
+        network = parser.get_parsed_content("network_def")
+        record = parser.get_parsed_content("network_record")
+    finally:
+        forget_scripts_modules()
+    (bundle / "models").mkdir(exist_ok=True)
+    torch.save({"model": network.state_dict(), "network_record": record.state_dict()}, bundle / "models" / "model.pt")
+
+
+def _datastore(studies: Path) -> list[str]:
+    """Three phantom CTs in MONAI Label's layout (labels of the first two... all three in labels/final/)."""
+    from tools.make_phantoms import write_phantom_dataset
+
+    raw = studies.parent / "raw"
+    pairs = write_phantom_dataset(raw, num_cases=4, seed=11, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    (studies / "labels" / "final").mkdir(parents=True)
+    ids = []
+    for k, (image, label) in enumerate(pairs):
+        case = f"case{k}"
+        shutil.copy(image, studies / f"{case}.nii.gz")
+        if k < 3:  # three labelled cases: MONAI Label's val_split 0.2 gives 2 for training, 1 for validation
+            shutil.copy(label, studies / "labels" / "final" / f"{case}.nii.gz")
+        ids.append(case)
+    return ids
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running ``monailabel start_server``; every failure message carries its log."""
+
+    def __init__(self, python: Path, app: Path, studies: Path, log: Path):
+        self.port = _free_port()
+        self.log = log
+        cmd = [str(python), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies)]
+        cmd += ["--conf", "models", BUNDLE, "--conf", "zoo_source", "github", "--conf", "sam2", "false"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.command = cmd
+        self._log_file = open(log, "wb")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(cmd, cwd=app.parent, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-20000:]
+
+    def fail(self, what: str) -> None:
+        pytest.fail(f"{what}\n--- server log ({self.log}) ---\n{self.log_text()}")
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> bytes:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=REQUEST_S) as response:
+                return response.read()
+        except urllib.error.HTTPError as err:
+            self.fail(f"{method} {path} -> HTTP {err.code}: {err.read()[:4000]!r}")
+        except OSError as err:
+            self.fail(f"{method} {path} -> {err!r}")
+        raise AssertionError("unreachable")
+
+    def wait_ready(self) -> dict:
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.fail(f"server exited with {self.process.returncode} during start-up")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/info/", timeout=10) as response:
+                    return json.loads(response.read())
+            except (OSError, urllib.error.URLError):
+                time.sleep(2)
+        self.fail(f"server not ready after {STARTUP_S} s")
+        raise AssertionError("unreachable")
+
+    def infer(self, image_id: str, out: Path) -> Path:
+        boundary = "----swin-unetr-test"
+        body = f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{{}}\r\n--{boundary}--\r\n'
+        data = self.request(
+            "POST",
+            f"/infer/{BUNDLE}?image={image_id}&output=image",
+            body.encode(),
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        out.write_bytes(data)
+        return out
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+
+
+@pytest.fixture()
+def monailabel_app(tmp_path, monailabel_python) -> dict:
+    """The sample app with a small copy of the BTCV bundle and its initial model.pt, and a datastore."""
+    done = subprocess.run(
+        [str(monailabel_python), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle"]
+        + ["--output", str(tmp_path / "apps")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    app = tmp_path / "apps" / "monaibundle"
+    bundle = app / "model" / BUNDLE
+    shutil.copytree(BTCV_DIR, bundle, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    _write_knobs(bundle / "configs" / "train.json", TRAIN_KNOBS)
+    _write_knobs(bundle / "configs" / "inference.json", INFER_KNOBS)
+    _initial_model(bundle)
+    studies = tmp_path / "studies"
+    ids = _datastore(studies)
+    return {"python": monailabel_python, "app": app, "bundle": bundle, "studies": studies, "ids": ids}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _local_prediction(bundle: Path, image: Path, weights: Path, out: Path) -> np.ndarray:
+    """The bundle's own inference (project venv) of ``image`` with ``weights``: the label map as saved."""
+    inputs = out / "input"
+    inputs.mkdir(parents=True)
+    shutil.copy(image, inputs / image.name)
+    run_workflow(
+        ["inference.json"],
+        "infer",
+        bundle_dir=bundle,
+        bundle_root=str(bundle),
+        dataset_dir=str(inputs),
+        ckpt_path=str(weights),
+        output_dir=str(out / "output"),
+    )
+    (saved,) = (out / "output").glob("*.nii.gz")
+    return np.asarray(nib.load(saved).dataobj)
+
+
+def test_monailabel_server_infers_trains_and_infers_with_the_trained_model(monailabel_app, tmp_path):
+    app, bundle, ids = monailabel_app["app"], monailabel_app["bundle"], monailabel_app["ids"]
+    model_pt = bundle / "models" / "model.pt"
+    first_weights = tmp_path / "model_before.pt"
+    shutil.copy(model_pt, first_weights)
+    server = Server(monailabel_app["python"], app, monailabel_app["studies"], tmp_path / "server.log")
+    try:
+        info = server.wait_ready()
+        channel_def = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]
+        channel_def = channel_def["outputs"]["pred"]["channel_def"]
+        organs = {name.lower(): int(k) for k, name in channel_def.items() if name.lower() != "background"}
+        assert len(organs) == 13
+        if BUNDLE not in info.get("models", {}):
+            server.fail(f"/info/ lists no model {BUNDLE}: {json.dumps(info)[:2000]}")
+        assert info["models"][BUNDLE]["labels"] == organs, info["models"][BUNDLE]
+        assert BUNDLE in info.get("trainers", {}), info.get("trainers")
+
+        image_id = ids[3]
+        source = nib.load(monailabel_app["studies"] / f"{image_id}.nii.gz")
+        before = nib.load(server.infer(image_id, tmp_path / "infer_before.nii.gz"))
+        assert before.shape == source.shape, (before.shape, source.shape)
+        np.testing.assert_allclose(before.affine, source.affine, atol=1e-4)
+        before_labels = np.asarray(before.dataobj)
+        assert set(np.unique(before_labels).astype(int)) <= set(range(14))
+
+        sha_before = _sha(model_pt)
+        train = json.dumps({"max_epochs": 1, "device": "cpu"}).encode()
+        server.request("POST", f"/train/{BUNDLE}?run_sync=true", train, {"Content-Type": "application/json"})
+        if not model_pt.is_file() or _sha(model_pt) == sha_before:
+            server.fail("training left models/model.pt unchanged")
+        after = nib.load(server.infer(image_id, tmp_path / "infer_after.nii.gz"))
+        after_labels = np.asarray(after.dataobj)
+        assert after.shape == source.shape
+        np.testing.assert_allclose(after.affine, source.affine, atol=1e-4)
+    finally:
+        server.stop()
+
+    image = monailabel_app["studies"] / f"{image_id}.nii.gz"
+    old = _local_prediction(bundle, image, first_weights, tmp_path / "local_before")
+    new = _local_prediction(bundle, image, model_pt, tmp_path / "local_after")
+    agree = {
+        "server before ~ local old": float(np.mean(before_labels == old)),
+        "server after ~ local new": float(np.mean(after_labels == new)),
+        "local old ~ local new": float(np.mean(old == new)),
+    }
+    assert agree["server before ~ local old"] > 0.99, agree
+    assert agree["server after ~ local new"] > 0.99, agree
+    # the trained weights predict differently, so the server's second answer came from them
+    assert agree["local old ~ local new"] < 0.98, agree
