@@ -607,7 +607,7 @@ def measure_training(
         },
     )
     set_determinism(seed=int(seed))
-    configured_crops = int(parser["batch_size"]) * int(parser["num_samples"])
+    configured_crops = int(parser["batch_size"]) * int(parser.get_parsed_content("num_samples"))
     crops = int(crops) if crops else configured_crops
     batch = phantom_batch(crops, roi, parser["hu_window"], seed)
     total_steps = int(warmup_steps) + int(steps)
