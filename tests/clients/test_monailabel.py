@@ -1,4 +1,4 @@
-"""The BTCV bundle in the real MONAI Label 0.8.5 server (its ``monaibundle`` sample app), from its own venv.
+"""The BTCV and MSD bundles in the real MONAI Label 0.8.5 server (its ``monaibundle`` sample app), from its own venv.
 
 The test does what the model card's "MONAI Label" section tells a user to do: download the sample app,
 put a copy of the bundle under ``<app>/model/``, start the server offline on 127.0.0.1, and use its REST
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tests.conftest import PHANTOM_SHAPE, PHANTOM_SPACING, SMALL, run_workflow
-from tools.common.bundles import BTCV_DIR, bundle_parser, forget_scripts_modules
+from tools.common.bundles import BTCV_DIR, MSD_DIR, bundle_parser, forget_scripts_modules
 
 pytestmark = pytest.mark.clients
 
@@ -46,10 +46,10 @@ def _write_knobs(config: Path, knobs: dict) -> None:
     config.write_text(json.dumps(content, indent=4) + "\n")
 
 
-def _initial_model(bundle: Path) -> None:
+def _initial_model(bundle: Path, **overrides) -> None:
     """A fresh network's weights saved as the bundle saves them: {"model": ..., "network_record": ...}."""
     torch.manual_seed(0)
-    parser = bundle_parser(bundle, "train.json", {})
+    parser = bundle_parser(bundle, "train.json", overrides)
     try:
         network = parser.get_parsed_content("network_def")
         record = parser.get_parsed_content("network_record")
@@ -85,11 +85,12 @@ def _free_port() -> int:
 class Server:
     """A running ``monailabel start_server``; every failure message carries its log."""
 
-    def __init__(self, python: Path, app: Path, studies: Path, log: Path):
+    def __init__(self, python: Path, app: Path, studies: Path, log: Path, model: str = BUNDLE):
+        self.model = model
         self.port = _free_port()
         self.log = log
         cmd = [str(python), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies)]
-        cmd += ["--conf", "models", BUNDLE, "--conf", "zoo_source", "github", "--conf", "sam2", "false"]
+        cmd += ["--conf", "models", model, "--conf", "zoo_source", "github", "--conf", "sam2", "false"]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.command = cmd
         self._log_file = open(log, "wb")  # noqa: SIM115 (closed in stop())
@@ -131,7 +132,7 @@ class Server:
         body = f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{{}}\r\n--{boundary}--\r\n'
         data = self.request(
             "POST",
-            f"/infer/{BUNDLE}?image={image_id}&output=image",
+            f"/infer/{self.model}?image={image_id}&output=image",
             body.encode(),
             {"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
@@ -149,19 +150,25 @@ class Server:
         self._log_file.close()
 
 
-@pytest.fixture()
-def monailabel_app(tmp_path, monailabel_python) -> dict:
-    """The sample app with a small copy of the BTCV bundle and its initial model.pt, and a datastore."""
+def _sample_app(python: Path, tmp_path: Path, source: Path, name: str) -> tuple[Path, Path]:
+    """``monaibundle`` downloaded from the MONAI Label wheel, with a copy of bundle ``source`` as ``name``."""
     done = subprocess.run(
-        [str(monailabel_python), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle"]
+        [str(python), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle"]
         + ["--output", str(tmp_path / "apps")],
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     app = tmp_path / "apps" / "monaibundle"
-    bundle = app / "model" / BUNDLE
-    shutil.copytree(BTCV_DIR, bundle, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    bundle = app / "model" / name
+    shutil.copytree(source, bundle, ignore=shutil.ignore_patterns("models", "eval", "predictions", "__pycache__"))
+    return app, bundle
+
+
+@pytest.fixture()
+def monailabel_app(tmp_path, monailabel_python) -> dict:
+    """The sample app with a small copy of the BTCV bundle and its initial model.pt, and a datastore."""
+    app, bundle = _sample_app(monailabel_python, tmp_path, BTCV_DIR, BUNDLE)
     _write_knobs(bundle / "configs" / "train.json", TRAIN_KNOBS)
     _write_knobs(bundle / "configs" / "inference.json", INFER_KNOBS)
     _initial_model(bundle)
@@ -241,3 +248,34 @@ def test_monailabel_server_infers_trains_and_infers_with_the_trained_model(monai
     assert agree["server after ~ local new"] > 0.99, agree
     # the trained weights predict differently, so the server's second answer came from them
     assert agree["local old ~ local new"] < 0.98, agree
+
+
+def test_monailabel_server_lists_msd_labels_and_infers(tmp_path, monailabel_python):
+    """The MSD bundle (Task09_Spleen, the default task): /info/ labels from its channel_def, one /infer."""
+    from tools.make_msd_tasks import write_msd_task
+
+    name = "swin_unetr_msd"
+    task_dir = write_msd_task(tmp_path / "msd", "Task09_Spleen", num_training=1, num_test=1, seed=3, shape=(48, 48, 32))
+    app, bundle = _sample_app(monailabel_python, tmp_path, MSD_DIR, name)
+    # what the MSD card's MONAI Label section tells a user to set in the app's copy
+    _write_knobs(bundle / "configs" / "train.json", {**SMALL, "dataset_dir": str(task_dir)})
+    _write_knobs(bundle / "configs" / "train.json", {"ckpt_dir": "$@bundle_root + '/models'"})
+    _write_knobs(bundle / "configs" / "inference.json", {**INFER_KNOBS, "dataset_dir": str(task_dir)})
+    _initial_model(bundle)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (image,) = sorted((task_dir / "imagesTs").glob("*.nii.gz"))
+    shutil.copy(image, studies / "spleen0.nii.gz")
+    server = Server(monailabel_python, app, studies, tmp_path / "server.log", model=name)
+    try:
+        info = server.wait_ready()
+        if name not in info.get("models", {}):
+            server.fail(f"/info/ lists no model {name}: {json.dumps(info)[:2000]}")
+        assert info["models"][name]["labels"] == {"spleen": 1}, info["models"][name]
+        source = nib.load(studies / "spleen0.nii.gz")
+        pred = nib.load(server.infer("spleen0", tmp_path / "infer.nii.gz"))
+        assert pred.shape == source.shape, (pred.shape, source.shape)
+        np.testing.assert_allclose(pred.affine, source.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(pred.dataobj)).astype(int)) <= {0, 1}
+    finally:
+        server.stop()
