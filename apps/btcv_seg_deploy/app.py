@@ -106,6 +106,11 @@ class BTCVSegApp(Application):
         if not model_path.exists():
             raise FileNotFoundError(f"model path {model_path} (-m) does not exist: a bundle folder or a model.ts")
         config_names = DIRECTORY_CONFIGS if model_path.is_dir() else ARCHIVE_CONFIGS
+        if model_path.is_dir():
+            # SDK 4.0.0's model factory wraps any other folder in a generic Model without a predictor, which
+            # the bundle operator would then call as the network: the folder goes to the operator's bundle_path
+            # alone, and the operator builds the network from the bundle's configs and models/model.pt.
+            app_context.models = None
         logging.info(f"bundle {model_path} ({'directory' if model_path.is_dir() else 'model.ts'}): {config_names}")
 
         loader = DICOMDataLoaderOperator(
