@@ -81,6 +81,7 @@ def case(tmp_path_factory) -> dict:
     network = parser.get_parsed_content("network_def")
     record = parser.get_parsed_content("network_record")
     forget_scripts_modules()
+    sys.path.remove(str(bundle))  # bundle_parser put the copy's scripts first on sys.path
     assert record["patch_merging"] == "legacy"
     (bundle / "models").mkdir()
     torch.save({"model": network.state_dict(), "network_record": record}, bundle / "models" / "model.pt")
