@@ -13,6 +13,10 @@ reqs="tests/clients/requirements-${name}.txt"
 env_dir="${CLIENT_ENV_DIR:-.venv-clients}/${name}"
 stamp="$env_dir/.requirements.sha256"
 want="$(sha256sum "$reqs" | cut -d' ' -f1)"
+mkdir -p "$(dirname "$env_dir")"
+# one creator at a time: a second caller waits, then finds the venv up to date
+exec 9>"$env_dir.lock"
+flock 9
 if [ -x "$env_dir/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "client env '$name' is up to date: $env_dir" >&2
 else
