@@ -439,9 +439,13 @@ def test_network_def_builds_from_the_configs_alone(bundle, tmp_path):
     assert isinstance(y, torch.Tensor) and y.shape == (1, meta["outputs"]["pred"]["num_channels"], 64, 64, 64)
 
 
-@pytest.mark.parametrize("bundle", list(BUNDLES))
+# BTCV's export is also tested in the default suite on a trained model (test_btcv_evaluate_infer.py)
+@pytest.mark.parametrize("bundle", [pytest.param("btcv", marks=pytest.mark.slow), "msd", "ssl"])
 def test_traced_torchscript_export_from_the_bundle_checkpoint_matches_the_eager_network(bundle, tmp_path):
-    """``monai.bundle ckpt_export --use_trace True --key_in_ckpt model`` (the model card's command) at a small size."""
+    """``monai.bundle ckpt_export --use_trace True --key_in_ckpt model`` (the model card's command) at a small size.
+
+    torch's own trace check (rerunning the network, about 50 s here) is off: the traced model is compared with
+    the eager network below."""
     import os
     import subprocess
     import sys
@@ -453,6 +457,7 @@ def test_traced_torchscript_export_from_the_bundle_checkpoint_matches_the_eager_
     cmd += ["--ckpt_file", str(weights), "--key_in_ckpt", "model", "--ckpt_path", str(weights)]
     cmd += ["--meta_file", str(configs / "metadata.json"), "--config_file", str(configs / "inference.json")]
     cmd += ["--use_trace", "True", "--input_shape", "[1,1,64,64,64]", "--feature_size", "12"]
+    cmd += ["--converter_kwargs", "{'check_trace': False}"]
     env = {**os.environ, "PYTHONPATH": str(BUNDLES[bundle])}
     result = subprocess.run(cmd, cwd=BUNDLES[bundle], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
