@@ -3,7 +3,7 @@
 Metadata valid against MONAI's schema, version = newest changelog entry, public knobs documented in
 the model card, the run ids MONAI's tools call, workflow properties (``check_properties``), the
 network against ``network_data_format`` (``verify_net_in_out``, where there is an inference config),
-and the multi-GPU config extending, not replacing, the single-process ``initialize``.
+and the multi-GPU config extending, not replacing, the single-process ``setup``.
 """
 
 from __future__ import annotations
@@ -214,24 +214,28 @@ def test_msd_readme_names_every_task():
 @pytest.mark.parametrize("bundle", list(BUNDLES))
 def test_run_ids_are_present(bundle):
     train, multi = _config(bundle, "train.json"), _config(bundle, "multi_gpu_train.json")
-    assert {"run", "training", "initialize"} <= set(train)
-    assert {"run", "training", "+initialize", "finalize"} <= set(multi)
-    assert "initialize" not in multi  # extends train.json's, never replaces it
+    assert {"run", "training", "setup"} <= set(train)
+    assert {"run", "training", "+setup", "finalize"} <= set(multi)
+    assert "setup" not in multi  # extends train.json's, never replaces it
+    # no "initialize": MONAI resolves it before run() puts the bundle on sys.path, which would make
+    # `import scripts` fail from another folder; the setup steps run first in "training" instead
+    assert "initialize" not in train and "initialize" not in multi
+    assert train["training"][0] == multi["training"][0] == "@setup"
     if bundle in WITH_INFERENCE:
         assert {"run", "inferring"} <= set(_config(bundle, "inference.json"))
         assert {"run", "evaluating"} <= set(_config(bundle, "evaluate.json"))
 
 
 @pytest.mark.parametrize("bundle", list(BUNDLES))
-def test_multi_gpu_initialize_keeps_every_single_process_step(bundle):
+def test_multi_gpu_setup_keeps_every_single_process_step(bundle):
     """Parsed as monai.bundle run merges the two files: train.json's steps first, then the DDP ones."""
-    train = _config(bundle, "train.json")["initialize"]
+    train = _config(bundle, "train.json")["setup"]
     merged = ConfigParser.load_config_files(
         [str(BUNDLES[bundle] / "configs" / name) for name in ("train.json", "multi_gpu_train.json")]
     )
-    assert merged["initialize"][: len(train)] == train
-    assert "$scripts.allocator.reuse_freed_memory(@reuse_cpu_memory and @device.type == 'cpu')" in train
-    assert len(merged["initialize"]) > len(train)
+    assert merged["setup"][: len(train)] == train
+    assert "$scripts.allocator.reuse_freed_memory(@reuse_cpu_memory and torch.device(@device).type == 'cpu')" in train
+    assert len(merged["setup"]) > len(train)
     # the process group is joined where the device is resolved, before any step reads @device
     assert merged["device"] == "$scripts.distributed.rank_device()"
     assert "$import torch.distributed as dist" in merged["imports"]

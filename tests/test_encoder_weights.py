@@ -90,8 +90,13 @@ def _official_state(swin_state, fs, heads=True):
     return state
 
 
+def _tensors(state):
+    """A state dict without the patch-merging layers' order records (``<layer>._extra_state``)."""
+    return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+
+
 def _assert_encoder_equals(encoder, state):
-    got = encoder.state_dict()
+    got, state = _tensors(encoder.state_dict()), _tensors(state)
     assert set(got) == set(state) and len(got) == N_ENCODER
     for k, v in state.items():
         assert torch.equal(got[k], v), k
@@ -130,10 +135,12 @@ def test_legacy_patch_merging_matches_reference(bundle):
     torch.manual_seed(2)
     legacy = pm.LegacyPatchMerging(dim=12)
     assert isinstance(legacy, PatchMergingV2)
-    assert list(legacy.state_dict()) == list(PatchMerging(dim=12).state_dict())
+    # monai's tensors with monai's names, plus the layer's patch-merging record
+    assert sorted(legacy.state_dict()) == sorted([*PatchMerging(dim=12).state_dict(), "_extra_state"])
+    assert legacy.state_dict()["_extra_state"] == {"patch_merging": "legacy", "format_version": 1}
     ref, current = ReferenceLegacyMerging(12), PatchMerging(12)
-    ref.load_state_dict(legacy.state_dict())
-    current.load_state_dict(legacy.state_dict())
+    ref.load_state_dict(legacy.state_dict(), strict=False)
+    current.load_state_dict(legacy.state_dict(), strict=False)
     for shape in [(2, 5, 6, 7, 12), (1, 4, 6, 8, 12), (1, 3, 3, 3, 12)]:  # odd sizes exercise the padding
         x = torch.randn(shape)
         out = legacy(x)
@@ -142,7 +149,7 @@ def test_legacy_patch_merging_matches_reference(bundle):
         assert (out - current(x)).abs().max() > 0.1  # monai>=1.5 order is a different function
     # 4D input (2D spatial) is the parent's
     legacy2d, v2 = pm.LegacyPatchMerging(dim=12, spatial_dims=2), PatchMergingV2(dim=12, spatial_dims=2)
-    v2.load_state_dict(legacy2d.state_dict())
+    v2.load_state_dict(legacy2d.state_dict(), strict=False)
     x = torch.randn(1, 5, 6, 12)
     assert torch.equal(legacy2d(x), v2(x))
 
@@ -165,17 +172,20 @@ def test_merging_order_of(bundle):
 def test_resolve_downsample_explicit_and_empty(bundle, log):
     pm = bundle.pm
     assert pm.resolve_downsample("legacy") is pm.LegacyPatchMerging
-    assert pm.resolve_downsample("current", "/nonexistent/file.pt") == "merging"  # explicit: file not read
-    assert pm.resolve_downsample("auto", "") == "merging"
-    assert pm.resolve_downsample("auto", None) == "merging"
-    assert pm.resolve_downsample() == "merging"
+    assert pm.resolve_downsample("current", "/nonexistent/file.pt") is pm.RecordedPatchMerging  # file not read
+    assert pm.resolve_downsample("auto", "") is pm.RecordedPatchMerging
+    assert pm.resolve_downsample("auto", None) is pm.RecordedPatchMerging
+    assert pm.resolve_downsample() is pm.RecordedPatchMerging
+    assert pm.merging_order_of(_net(12, pm.resolve_downsample())) == "current"
     messages = [r.getMessage() for r in log.records]
     assert any("legacy = monai<=1.4 order" in m and "explicitly" in m for m in messages)
     assert any("no weights file" in m for m in messages)
     with pytest.raises(ValueError, match="patch_merging"):
         pm.resolve_downsample("mergingv2")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        pm.resolve_downsample("auto", "/nonexistent/missing.pt")
+    # a file that does not exist yet: built in the current order, the weights loaded later set theirs
+    log.clear()
+    assert pm.resolve_downsample("auto", "/nonexistent/missing.pt") is pm.RecordedPatchMerging
+    assert any("no weights file at /nonexistent/missing.pt yet" in r.getMessage() for r in log.records)
 
 
 # ---------------------------------------------------------------------------- official weights
@@ -246,7 +256,7 @@ def test_monai_native_files_load_all_tensors(bundle, fs12, tmp_path, log, varian
     assert ew.detect_weights_format(torch.load(path), path) == "monai"
     assert ew.detect_merging_order(path) == "current"
     assert any("assuming the current" in r.getMessage() and "'legacy'" in r.getMessage() for r in log.records)
-    assert pm.resolve_downsample("auto", path) == "merging"
+    assert pm.resolve_downsample("auto", path) is pm.RecordedPatchMerging
 
     net = _net(12, "merging", seed=5)
     decoder_before = net.encoder1.layer.conv1.conv.weight.clone()
@@ -364,7 +374,7 @@ def test_missing_tensor_is_listed_and_nothing_is_loaded(bundle, fs12, tmp_path):
     path = str(tmp_path / "incomplete.pt")
     torch.save({"state_dict": official}, path)
     net = _net(12, pm.LegacyPatchMerging, seed=11)
-    before = {k: v.clone() for k, v in net.swinViT.state_dict().items()}
+    before = {k: v.clone() for k, v in _tensors(net.swinViT.state_dict()).items()}
     with pytest.raises(ValueError) as err:
         ew.load_pretrained_encoder(net, path)
     assert path in str(err.value)
@@ -401,7 +411,7 @@ def test_unrelated_state_dict_is_rejected(bundle, tmp_path):
 def test_current_network_refuses_legacy_file(bundle, fs12):
     pm, ew = bundle.pm, bundle.ew
     net = _net(12, pm.resolve_downsample("current", fs12.path), seed=12)
-    before = {k: v.clone() for k, v in net.swinViT.state_dict().items()}
+    before = {k: v.clone() for k, v in _tensors(net.swinViT.state_dict()).items()}
     with pytest.raises(ValueError, match="different function") as err:
         ew.load_pretrained_encoder(net, fs12.path)
     assert fs12.path in str(err.value) and "'auto'" in str(err.value)
@@ -415,7 +425,7 @@ def test_missing_and_empty_paths(bundle, log):
     net = _net(12, seed=13)
     with pytest.raises(FileNotFoundError, match="no_such_model_swinvit.pt"):
         ew.load_pretrained_encoder(net, "/nonexistent/no_such_model_swinvit.pt")
-    before = {k: v.clone() for k, v in net.state_dict().items()}
+    before = {k: v.clone() for k, v in _tensors(net.state_dict()).items()}
     for empty in ("", None):
         log.clear()
         assert ew.load_pretrained_encoder(net, empty) is net

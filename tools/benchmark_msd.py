@@ -12,7 +12,7 @@ MRI task), in a fresh Python process of its own:
    on only on CUDA), ``num_workers`` 0, ``cache_rate`` 1.0, ``max_epochs`` and a ``val_interval``
    larger than it (no validation runs), ``num_folds`` (at most the number of cases written),
    ``pretrained_path`` and ``resume_from`` empty;
-3. the bundle's ``initialize`` runs (``set_determinism``), then the real ``train#trainer`` (a MONAI
+3. the bundle's ``setup`` runs (``set_determinism``), then the real ``train#trainer`` (a MONAI
    ``SupervisedTrainer``, an ignite engine, with the bundle's handlers: lr schedule, validation
    handler, stats, TensorBoard) for ``warmup + iterations`` iterations (the engine is terminated there).
 
@@ -239,7 +239,7 @@ def measure_task(
                 seed=seed,
             )
         )
-        parser.get_parsed_content("initialize")
+        parser.get_parsed_content("setup")
         trainer = parser.get_parsed_content("train#trainer")
         settings = {k: parser.get_parsed_content(k, reset=False) for k in RECORDED_SETTINGS}
         setup_s = time.perf_counter() - t0
@@ -481,7 +481,7 @@ def run_benchmark(
         "machine": machine_info(dev),
         "settings": {
             "bundle": "swin_unetr_msd",
-            "config": "configs/train.json (train#trainer, after initialize)",
+            "config": "configs/train.json (train#trainer, after setup)",
             "tasks": tasks,
             "device": str(dev),
             "feature_size": int(feature_size),

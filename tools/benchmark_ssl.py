@@ -9,7 +9,7 @@ autocast + GradScaler on CUDA (``--amp``):
 
 * ``bundle``   - the bundle's own objects, parsed from ``configs/train.json`` with
   ``monai.bundle.ConfigParser`` (``network``, ``optimizer``, ``loss``, ``proxy_tasks``,
-  ``train#iteration`` with its lr scheduler and scaler; ``initialize``'s ``set_determinism`` and
+  ``train#iteration`` with its lr scheduler and scaler; ``setup``'s ``set_determinism`` and
   proxy-task seeding are applied as the bundle does). ``SSLTrainIteration(engine, batch)`` is
   called on a batch already on the device: the proxy tasks (rotation, box cutout) run there.
 * ``research`` - the research code's way (Project-MONAI research-contributions
@@ -255,15 +255,15 @@ class TimedProxyTasks:
 
 
 def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tensor) -> dict[str, Any]:
-    """The bundle's workflow objects from train.json, seeded as its ``initialize``; the batch on the device."""
+    """The bundle's workflow objects from train.json, seeded as its ``setup``; the batch on the device."""
     from monai.utils import set_determinism
 
-    set_determinism(seed=int(seed))  # train.json "initialize" (also: cudnn deterministic, no benchmark)
+    set_determinism(seed=int(seed))  # train.json "setup" (also: cudnn deterministic, no benchmark)
     network = parser.get_parsed_content("network")
     optimizer = parser.get_parsed_content("optimizer")
     loss = parser.get_parsed_content("loss")
     proxy_tasks = parser.get_parsed_content("proxy_tasks")
-    proxy_tasks.set_random_state(int(seed))  # train.json "initialize"
+    proxy_tasks.set_random_state(int(seed))  # train.json "setup"
     iteration = parser.get_parsed_content("train#iteration")
     if iteration.proxy_tasks is not proxy_tasks or iteration.loss is not loss:
         raise RuntimeError("train#iteration does not use the parsed proxy_tasks / loss")

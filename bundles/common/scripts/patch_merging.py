@@ -21,13 +21,24 @@ file's order through it, so this module never imports ``encoder_weights``.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import BasicLayer, PatchMerging, PatchMergingV2
 from torch import nn
 
 from .bundle_logger import logger
-from .weights_format import AUTO, CURRENT, LEGACY, MERGING_ORDERS, ORDER_DESCRIPTIONS, detect_merging_order
+from .weights_format import (
+    AUTO,
+    CURRENT,
+    EXTRA_STATE_SUFFIX,
+    LEGACY,
+    MERGING_ORDERS,
+    ORDER_DESCRIPTIONS,
+    detect_merging_order,
+)
 
 __all__ = [
     "LEGACY",
@@ -35,8 +46,10 @@ __all__ = [
     "AUTO",
     "MERGING_ORDERS",
     "ORDER_DESCRIPTIONS",
+    "RecordedPatchMerging",
     "LegacyPatchMerging",
     "merging_order_of",
+    "set_merging_order",
     "resolve_downsample",
 ]
 
@@ -53,17 +66,46 @@ _LEGACY_OFFSETS = (
     (0, 0, 1),
     (1, 1, 1),
 )
+# the same for monai >= 1.5 PatchMerging ("merging")
+_CURRENT_OFFSETS = (
+    (0, 0, 0),
+    (1, 0, 0),
+    (0, 1, 0),
+    (0, 0, 1),
+    (1, 1, 0),
+    (1, 0, 1),
+    (0, 1, 1),
+    (1, 1, 1),
+)
+_OFFSETS = {LEGACY: _LEGACY_OFFSETS, CURRENT: _CURRENT_OFFSETS}
+
+# version of the record a RecordedPatchMerging keeps in the state dict (key "<module>._extra_state")
+RECORD_VERSION = 1
 
 
-class LegacyPatchMerging(PatchMergingV2):
-    """Patch merging with the monai <= 1.4 sub-voxel order (the order of the official weights).
+class RecordedPatchMerging(PatchMergingV2):
+    """Patch merging whose sub-voxel order is a setting of the layer, carried in its state dict.
 
-    Same parameters and names as monai's ``PatchMerging`` (``reduction``, ``norm``), so state
-    dicts are interchangeable; only the 5D (3D spatial) forward differs. 4D input is handled by
-    the parent class.
+    Same parameters and names as monai's ``PatchMerging`` (``reduction``, ``norm``) plus one
+    non-tensor entry, ``<module>._extra_state`` = ``{"patch_merging": order, "format_version": 1}``.
+    Loading a state dict that carries it (``load_state_dict``, strict or not, hence any loader:
+    ignite's ``CheckpointLoader``, a bare ``net.load_state_dict(sd)``) sets the layer to that order,
+    so the network always computes the function its weights were trained with. A state dict
+    without it (a raw MONAI one) leaves the order chosen when the network was built
+    (:func:`resolve_downsample`), and is not reported missing even by a strict load.
     """
 
-    merging_order = LEGACY
+    merging_order = CURRENT
+
+    def __init__(
+        self,
+        dim: int,
+        norm_layer: type[nn.LayerNorm] = nn.LayerNorm,
+        spatial_dims: int = 3,
+        merging_order: str | None = None,
+    ) -> None:
+        super().__init__(dim=dim, norm_layer=norm_layer, spatial_dims=spatial_dims)
+        self.merging_order = _checked_order(merging_order or type(self).merging_order, "merging_order")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Merge 2x2x2 neighbourhoods of ``x`` (B, D, H, W, C) into (B, D/2, H/2, W/2, 2C)."""
@@ -74,16 +116,58 @@ class LegacyPatchMerging(PatchMergingV2):
         _, d, h, w, _ = x.shape
         if d % 2 or h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
-        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in _LEGACY_OFFSETS], dim=-1)
+        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in _OFFSETS[self.merging_order]], dim=-1)
         x = self.norm(x)
         return self.reduction(x)
+
+    def get_extra_state(self) -> dict:
+        """The record saved with the weights: ``{"patch_merging": order, "format_version": 1}``."""
+        return {"patch_merging": self.merging_order, "format_version": RECORD_VERSION}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Take the order recorded with loaded weights (a record as written by :meth:`get_extra_state`)."""
+        if not isinstance(state, dict) or "patch_merging" not in state:
+            raise ValueError(f"patch-merging record {state!r} is not a dict with a 'patch_merging' entry.")
+        version = state.get("format_version")
+        if not isinstance(version, int) or version > RECORD_VERSION:
+            raise ValueError(f"patch-merging record format_version {version!r} is not supported (reads up to 1).")
+        order = _checked_order(state["patch_merging"], "recorded patch_merging")
+        if order != self.merging_order:
+            logger.info(
+                "patch merging: switched to the %s, as recorded in the weights loaded", ORDER_DESCRIPTIONS[order]
+            )
+        self.merging_order = order
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: D401 (torch's hook)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # a raw MONAI state dict has no record: keep the order chosen at build time, strict or not
+        key = prefix + EXTRA_STATE_SUFFIX
+        if key in missing_keys:
+            missing_keys.remove(key)
+
+
+class LegacyPatchMerging(RecordedPatchMerging):
+    """:class:`RecordedPatchMerging` built with the monai <= 1.4 order (the order of the official weights)."""
+
+    merging_order = LEGACY
+
+
+def _checked_order(order: Any, what: str) -> str:
+    if order not in MERGING_ORDERS:
+        raise ValueError(f"{what} must be one of {MERGING_ORDERS}; got {order!r}.")
+    return order
 
 
 def _order_of_module(module: nn.Module | None) -> str:
     """Order name of one downsample module, or raise ValueError."""
-    if module is not None and getattr(type(module), "merging_order", None) == LEGACY:
-        # checked by attribute, not identity, so a re-imported copy of this module still counts
-        return LEGACY
+    order = getattr(module, "merging_order", None)
+    if isinstance(module, PatchMergingV2) and order in MERGING_ORDERS:
+        # checked by attribute, not class identity, so a re-imported copy of this module still counts
+        return order
     if type(module) is PatchMerging:
         return CURRENT
     if type(module) is PatchMergingV2:
@@ -115,26 +199,38 @@ def merging_order_of(network: nn.Module) -> str:
     return found.pop()
 
 
-def resolve_downsample(patch_merging: str = AUTO, weights_path: str | None = "") -> str | type[nn.Module]:
-    """Return the value to pass as ``SwinUNETR(downsample=...)``.
+def set_merging_order(network: nn.Module, order: str) -> bool:
+    """Set every :class:`RecordedPatchMerging` layer of ``network`` to ``order``; False if it has none."""
+    order = _checked_order(order, "patch_merging")
+    layers = [m for m in network.modules() if isinstance(getattr(m, "merging_order", None), str)]
+    layers = [m for m in layers if isinstance(m, PatchMergingV2) and callable(getattr(m, "set_extra_state", None))]
+    for layer in layers:
+        layer.set_extra_state({"patch_merging": order, "format_version": RECORD_VERSION})
+    return bool(layers)
 
-    ``patch_merging``: ``"legacy"`` -> :class:`LegacyPatchMerging`; ``"current"`` -> ``"merging"``;
-    ``"auto"`` -> the order recorded in, or implied by, the file at ``weights_path`` (see
-    ``weights_format.detect_merging_order``); ``"auto"`` with no path -> ``"current"``.
-    A missing file with ``"auto"`` raises FileNotFoundError.
+
+def resolve_downsample(patch_merging: str = AUTO, weights_path: str | None = "") -> type[nn.Module]:
+    """Return the value to pass as ``SwinUNETR(downsample=...)``: a :class:`RecordedPatchMerging` class.
+
+    The order it starts with: ``patch_merging`` ``"legacy"`` -> :class:`LegacyPatchMerging`,
+    ``"current"`` -> :class:`RecordedPatchMerging`; ``"auto"`` -> the order recorded in, or implied
+    by, the file at ``weights_path`` (see ``weights_format.detect_merging_order``), or ``"current"``
+    when no path is given or the file does not exist (yet): the network can be built from the
+    configs alone. Whatever it starts with, weights loaded later with a patch-merging record in
+    their state dict set each layer to their order.
     """
     choice = str(patch_merging).strip().lower()
     if choice not in (AUTO, *MERGING_ORDERS):
         raise ValueError(f"patch_merging must be one of 'auto', 'legacy', 'current'; got {patch_merging!r}.")
-    if choice == AUTO:
-        if not weights_path:
-            order = CURRENT
-            why = "patch_merging 'auto' and no weights file"
-        else:
-            order = detect_merging_order(str(weights_path))
-            why = f"patch_merging 'auto', read from {weights_path}"
+    if choice != AUTO:
+        order, why = choice, f"patch_merging {choice!r} set explicitly"
+    elif not weights_path:
+        order, why = CURRENT, "patch_merging 'auto' and no weights file"
+    elif not os.path.isfile(os.fspath(weights_path)):
+        order = CURRENT
+        why = f"patch_merging 'auto', no weights file at {weights_path} yet: weights loaded later set their order"
     else:
-        order = choice
-        why = f"patch_merging {choice!r} set explicitly"
+        order = detect_merging_order(os.fspath(weights_path))
+        why = f"patch_merging 'auto', read from {weights_path}"
     logger.info("patch merging: %s (%s)", ORDER_DESCRIPTIONS[order], why)
-    return LegacyPatchMerging if order == LEGACY else "merging"
+    return LegacyPatchMerging if order == LEGACY else RecordedPatchMerging

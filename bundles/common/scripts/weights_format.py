@@ -27,6 +27,7 @@ __all__ = [
     "SSL_FORMAT",
     "SSL_FORMAT_VERSION",
     "RECORD_KEY",
+    "EXTRA_STATE_SUFFIX",
     "detect_weights_format",
     "detect_merging_order",
     "UnreadableWeightsError",
@@ -49,6 +50,9 @@ SSL_FORMAT_VERSION = 1
 OFFICIAL = "official"
 MONAI = "monai"
 RECORD_KEY = "network_record"
+# state-dict key suffix of a module's non-tensor state (torch's get_extra_state): the patch-merging
+# layers of this project record their order there (patch_merging.RecordedPatchMerging)
+EXTRA_STATE_SUFFIX = "_extra_state"
 
 _FORMAT_LABELS = {
     OFFICIAL: "official model_swinvit.pt",
@@ -118,8 +122,31 @@ def _torch_load(path: str) -> Any:
         raise _unreadable(path, err) from err
 
 
+def _is_extra_state(key: Any) -> bool:
+    return isinstance(key, str) and key.rsplit(".", 1)[-1] == EXTRA_STATE_SUFFIX
+
+
 def _is_tensor_mapping(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+    """A non-empty state dict: tensors, plus any modules' non-tensor ``_extra_state`` entries."""
+    return (
+        isinstance(obj, Mapping)
+        and any(not _is_extra_state(k) for k in obj)
+        and all(isinstance(v, torch.Tensor) or _is_extra_state(k) for k, v in obj.items())
+    )
+
+
+def _embedded_order(mapping: Mapping[str, Any], source: str) -> str | None:
+    """The patch-merging order recorded inside a state dict by its downsample layers, or None."""
+    orders = {
+        v.get("patch_merging") if isinstance(v, Mapping) else v
+        for k, v in mapping.items()
+        if _is_extra_state(k) and k.rsplit(".", 2)[-2] == "downsample"
+    }
+    if len(orders) > 1:
+        raise ValueError(
+            f"{source}: the downsample layers record different patch-merging orders {sorted(map(str, orders))}."
+        )
+    return orders.pop() if orders else None
 
 
 def _tensor_mapping(obj: Any) -> Mapping[str, torch.Tensor] | None:
@@ -181,6 +208,8 @@ def _order_from_file(obj: Any, fmt: str, source: str) -> tuple[str, str]:
         order, where = obj.get("patch_merging"), "record"
     elif fmt == OFFICIAL:
         return LEGACY, "official"
+    elif _embedded_order(_tensor_mapping(obj), source) is not None:
+        order, where = _embedded_order(_tensor_mapping(obj), source), "record"
     elif isinstance(obj, Mapping) and isinstance(obj.get(RECORD_KEY), Mapping):
         order, where = obj[RECORD_KEY].get("patch_merging"), "record"
     else:
@@ -202,8 +231,10 @@ def _log_assumed(path: str) -> None:
 def detect_merging_order(path: str) -> str:
     """Return the patch-merging order ("legacy" | "current") that the weights at ``path`` were trained with.
 
-    Official file -> "legacy"; ``swin_ssl_encoder`` export or a checkpoint with a "network_record"
-    -> the recorded order; other MONAI-native state dicts -> "current" (assumed, logged).
+    Official file -> "legacy"; ``swin_ssl_encoder`` export, a state dict whose downsample layers
+    carry their record (``<layer>._extra_state``, written since this format) or a checkpoint with
+    a top-level "network_record" (written before) -> the recorded order; other MONAI-native state
+    dicts -> "current" (assumed, logged).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -2,7 +2,12 @@
 
 Every module except ``bundle_logger`` is generated from ``bundles/common/scripts`` (see the header of
 each file): edit it there, then run ``python tools/sync_bundle_code.py``.
+
+``BUNDLE_ROOT`` is the folder that holds this package: the configs' default ``bundle_root``, so every
+default path (models/, eval/, ...) is under the bundle whatever the working directory.
 """
+
+import os
 
 from . import (
     checkpoints,
@@ -18,3 +23,5 @@ from . import (
     transforms,
     weights_format,
 )
+
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ from .bundle_logger import logger
 from .encoder_weights import NetworkRecord
 from .weights_format import _tensor_mapping, _torch_load
 
-__all__ = ["checkpoint_paths", "first_checkpoint", "SoftmaxEnsemble", "build_inference_network"]
+__all__ = ["checkpoint_paths", "SoftmaxEnsemble", "build_inference_network"]
 
 
 def checkpoint_paths(ckpt_path: str | Sequence[str], folds_dir: str) -> list[str]:
@@ -33,16 +33,6 @@ def checkpoint_paths(ckpt_path: str | Sequence[str], folds_dir: str) -> list[str
     if missing:
         raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
     return paths
-
-
-def first_checkpoint(ckpt_path: str | Sequence[str], folds_dir: str) -> str:
-    """The checkpoint whose patch-merging order the network takes: the first of :func:`checkpoint_paths`, or ``""``
-    when there is none yet, so that ``network_def`` builds from the configs alone (loading the weights, in
-    ``network``, still fails naming what is missing)."""
-    try:
-        return checkpoint_paths(ckpt_path, folds_dir)[0]
-    except FileNotFoundError:
-        return ""
 
 
 def _load_into(network: nn.Module, path: str) -> nn.Module:

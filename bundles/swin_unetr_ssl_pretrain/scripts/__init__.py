@@ -2,7 +2,12 @@
 
 Modules with a "Generated from bundles/common/scripts/..." header are copies: edit the source there,
 then run ``python tools/sync_bundle_code.py``; the others belong to this bundle.
+
+``BUNDLE_ROOT`` is the folder that holds this package: the configs' default ``bundle_root``, so every
+default path (models/, eval/, ...) is under the bundle whatever the working directory.
 """
+
+import os
 
 from . import (
     checkpoints,
@@ -20,3 +25,5 @@ from . import (
     transforms,
     weights_format,
 )
+
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -49,7 +49,7 @@ from torch import nn
 
 from .bundle_logger import logger
 from .checkpoints import atomic_torch_save
-from .patch_merging import merging_order_of
+from .patch_merging import merging_order_of, set_merging_order
 from .weights_format import (
     _FORMAT_LABELS,
     AUTO,
@@ -61,6 +61,7 @@ from .weights_format import (
     SSL_FORMAT,
     SSL_FORMAT_VERSION,
     _few,
+    _is_extra_state,
     _log_assumed,
     _order_from_file,
     _tensor_mapping,
@@ -167,6 +168,8 @@ def save_encoder(network_or_swinvit: nn.Module, path: str, patch_merging: str | 
     feature_size, in_channels = _encoder_shape(encoder)
     state = {}
     for key, value in encoder.state_dict().items():
+        if _is_extra_state(key):  # the official layout holds tensors only; the order is recorded below
+            continue
         key = key.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2.")
         state[f"module.{key}"] = value.detach().cpu().clone()
     payload = {
@@ -217,6 +220,8 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
     dropped, ignored, unexpected = [], [], []
     has_swinvit_prefix = fmt == MONAI and any(_strip(k, prefix).startswith("swinViT.") for k in keys)
     for key in keys:
+        if _is_extra_state(key):  # a layer's patch-merging record: read into the order above
+            continue
         name = _strip(key, prefix)
         if fmt in (OFFICIAL, SSL_FORMAT):
             if name in OFFICIAL_HEAD_KEYS:
@@ -276,7 +281,7 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
 
 def _shape_problems(encoder: nn.Module, state: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> str | None:
     """A readable description of missing / unexpected / mis-shaped tensors, or None if they fit."""
-    expected = encoder.state_dict()
+    expected = {k: v for k, v in encoder.state_dict().items() if not _is_extra_state(k)}
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     mismatched = [
@@ -382,7 +387,7 @@ def load_pretrained_encoder(
         )
 
     encoder.load_state_dict(state, strict=True)
-    total = len(encoder.state_dict())
+    total = sum(not _is_extra_state(k) for k in encoder.state_dict())
     extras = [f"dropped {info['dropped_head_tensors']} head tensors"] if info["dropped_head_tensors"] else []
     if net_in != info["in_channels"]:
         extras.append(
@@ -415,6 +420,7 @@ class NetworkRecord:
 
     def __init__(self, network: nn.Module):
         encoder = _encoder_of(network)
+        self._network = network
         self._record = {
             "patch_merging": merging_order_of(encoder),
             "feature_size": _encoder_shape(encoder)[0],
@@ -426,12 +432,15 @@ class NetworkRecord:
         return dict(self._record)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Store a record read from a checkpoint; its patch_merging must match the network's."""
+        """Take a record read from a checkpoint (top-level ``network_record``, written before the layers
+        carried their own): the network's patch-merging layers are set to its order; a network whose
+        layers cannot switch (monai's own ``PatchMerging``) must already have it."""
         order = state_dict.get("patch_merging")
         if order != self._record["patch_merging"]:
-            raise ValueError(
-                f"the checkpoint's network_record says patch merging {order!r}, but this network uses the "
-                f"{ORDER_DESCRIPTIONS[self._record['patch_merging']]}: rebuild it with "
-                f"resolve_downsample('auto', <checkpoint>)."
-            )
+            if order not in MERGING_ORDERS or not set_merging_order(self._network, order):
+                raise ValueError(
+                    f"the checkpoint's network_record says patch merging {order!r}, but this network uses the "
+                    f"{ORDER_DESCRIPTIONS[self._record['patch_merging']]}: rebuild it with "
+                    f"resolve_downsample('auto', <checkpoint>)."
+                )
         self._record = dict(state_dict)
