@@ -128,8 +128,9 @@ def test_monai_download_unpacks_the_zip_and_the_bundle_runs_from_there(
             device="cpu",
         )
         saved = torch.load(btcv_weights, map_location="cpu", weights_only=True)["model"]
-        for key, value in network.state_dict().items():
-            torch.testing.assert_close(value, saved[key], msg=key)
+        loaded = network.state_dict()
+        for key, value in saved.items():
+            torch.testing.assert_close(loaded[key], value, msg=key)
 
         out = tmp_path / "predictions"
         workflow = btcv_workflow(

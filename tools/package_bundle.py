@@ -96,10 +96,12 @@ def check_weights(path: Path) -> str:
     except Exception as e:  # noqa: BLE001 (torch raises many kinds for a bad file)
         raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
     state = obj.get("model", obj) if isinstance(obj, Mapping) else None
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    # a state dict maps names to tensors; extra states (e.g. a layer's recorded patch-merging order) may be other values
+    tensors = sum(isinstance(v, torch.Tensor) for v in state.values()) if isinstance(state, Mapping) else 0
+    if not tensors:
         raise ValueError(f"{path}: expected {{'model': state_dict}} or a state dict of tensors")
     kind = "{'model': state_dict}" if "model" in obj else "bare state dict"
-    return f"{kind}, {len(state)} tensors"
+    return f"{kind}, {tensors} tensors"
 
 
 def large_files_yaml(entries: list[dict[str, str]]) -> str:
