@@ -228,8 +228,11 @@ def test_torchscript_export_for_monai_deploy_matches_the_checkpoint(trained, tmp
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     traced = torch.jit.load(str(ts_path))
-    eager = SwinUNETR(1, 14, feature_size=12)
-    eager.load_state_dict(torch.load(trained["model"], map_location="cpu", weights_only=True)["model"])
+    eager = SwinUNETR(1, 14, feature_size=12)  # monai's own class: all but the patch-merging order records
+    result = eager.load_state_dict(
+        torch.load(trained["model"], map_location="cpu", weights_only=True)["model"], strict=False
+    )
+    assert result.missing_keys == [] and all(k.endswith("downsample._extra_state") for k in result.unexpected_keys)
     x = torch.rand(1, 1, 64, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
