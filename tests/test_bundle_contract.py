@@ -478,12 +478,13 @@ def test_traced_torchscript_export_from_the_bundle_checkpoint_matches_the_eager_
         torch.testing.assert_close(traced(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
 
 
-def _text_files() -> list[Path]:
-    binary = {".png", ".jpg", ".pt", ".ts", ".zip", ".gz", ".pyc"}
-    return [
-        p
-        for p in sorted((BUNDLES["btcv"].parent).rglob("*"))
-        if p.is_file() and p.suffix not in binary and "__pycache__" not in p.parts
+def _released_files() -> list[Path]:
+    """The files the packaging tool puts into the bundles' zips (no run outputs), and bundles/common."""
+    from tools.package_bundle import bundle_files
+
+    common = [p for p in sorted((BUNDLES["btcv"].parent / "common").rglob("*")) if "__pycache__" not in p.parts]
+    return [path for bundle in BUNDLES.values() for path, _ in bundle_files(bundle)] + [
+        p for p in common if p.is_file()
     ]
 
 
@@ -493,10 +494,11 @@ def test_bundle_files_follow_the_zoo_pre_commit_rules():
     import ast
 
     problems = []
-    for path in sorted((BUNDLES["btcv"].parent).rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and path.stat().st_size > 1024 * 1024:
+    for path in _released_files():
+        if path.stat().st_size > 1024 * 1024:
             problems.append(f"{path}: over 1024 KB")
-    for path in _text_files():
+        if path.suffix in {".png", ".jpg", ".pt", ".ts", ".zip", ".gz"}:
+            continue
         text = path.read_text()
         if not text.endswith("\n") or text.endswith("\n\n"):
             problems.append(f"{path}: must end with exactly one newline")
