@@ -17,7 +17,7 @@ import torch
 from monai.bundle import ConfigParser, create_workflow
 from monai.networks.nets import SwinUNETR
 
-from tests.conftest import BTCV_DIR, MSD_DIR, SMALL, bundle_on_path, forget_scripts_modules
+from tests.conftest import BTCV_DIR, MSD_DIR, SMALL, SSL_DIR, bundle_on_path, forget_scripts_modules
 
 INFER_SMALL = {k: SMALL[k] for k in ("feature_size", "roi_size", "sw_batch_size", "num_workers")}
 MSD_TASK = "Task09_Spleen"
@@ -211,7 +211,7 @@ def test_legacy_weights_give_a_legacy_network_whatever_loads_them(btcv_copy, tmp
     from monai.handlers import CheckpointLoader
 
     path = _save_model(btcv_copy, "legacy", seed=3, path=tmp_path / "legacy" / "model.pt")
-    x = torch.rand(1, 1, 64, 64, 64)
+    x = torch.rand(1, 1, 32, 64, 64)  # the smallest input whose bottleneck holds more than one voxel
     with bundle_on_path(btcv_copy):
         from scripts.patch_merging import LegacyPatchMerging, merging_order_of
 
@@ -253,3 +253,25 @@ def test_files_written_before_the_layers_recorded_their_order_still_load_in_thei
         result = net.load_state_dict(old["model"], strict=True)  # a record-less state dict loads strictly
         assert not result.missing_keys and not result.unexpected_keys
         assert merging_order_of(net) == "legacy"
+
+
+@pytest.mark.parametrize(
+    "bundle, configs",
+    [
+        (BTCV_DIR, ["train.json"]),
+        (BTCV_DIR, ["train.json", "evaluate.json"]),
+        (BTCV_DIR, ["inference.json"]),
+        (MSD_DIR, ["train.json"]),
+        (MSD_DIR, ["inference.json"]),
+        (SSL_DIR, ["train.json"]),
+        (SSL_DIR, ["export.json"]),
+    ],
+)
+def test_every_default_path_is_under_the_bundle_folder(bundle, configs, elsewhere):
+    with bundle_on_path(bundle):
+        parser = ConfigParser()
+        parser.read_config([str(bundle / "configs" / c) for c in configs])
+        assert Path(parser.get_parsed_content("bundle_root")) == bundle
+        for key in ("output_dir", "ckpt_dir", "ckpt_path", "folds_dir", "cache_dir", "encoder_path"):
+            if key in parser and parser[key]:
+                assert Path(parser.get_parsed_content(key)).is_relative_to(bundle), key

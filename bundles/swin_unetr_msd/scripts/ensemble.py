@@ -41,8 +41,8 @@ def _load_into(network: nn.Module, path: str) -> nn.Module:
     state = _tensor_mapping(obj)
     if state is None:
         raise ValueError(f"{path}: not a model checkpoint (expected {{'model': state_dict}} or a state dict)")
-    if isinstance(obj.get("network_record"), dict):
-        NetworkRecord(network).load_state_dict(obj["network_record"])  # raises if the patch-merging order differs
+    if isinstance(obj.get("network_record"), dict):  # files written before the layers recorded their order
+        NetworkRecord(network).load_state_dict(obj["network_record"])  # sets the network's patch-merging order
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -50,7 +50,8 @@ def _load_into(network: nn.Module, path: str) -> nn.Module:
             f"{path}: does not fit the network built from this config "
             f"(task, feature_size or in_channels differ?): {str(e).splitlines()[0]}"
         ) from e
-    logger.info(f"loaded {len(state)}/{len(network.state_dict())} model tensors from {path}")
+    tensors = [sum(torch.is_tensor(v) for v in sd.values()) for sd in (state, network.state_dict())]
+    logger.info(f"loaded {tensors[0]}/{tensors[1]} model tensors from {path}")  # not counting the order records
     return network
 
 
@@ -85,7 +86,7 @@ def build_inference_network(
     """``network_def`` loaded from the single checkpoint, or a ``SoftmaxEnsemble`` of one copy per checkpoint.
 
     With one checkpoint and no ``tta_flips`` the plain network is returned (tracing for MONAI Deploy
-    works on it). Each checkpoint is loaded strictly; its recorded patch-merging order must match.
+    works on it). Each checkpoint is loaded strictly and sets its copy's patch-merging order.
     """
     paths = list(ckpt_paths)
     if len(paths) == 1 and not tta_flips:
