@@ -301,16 +301,12 @@ def test_train_and_infer_workflows_pass_check_properties(bundle, phantom_dir, ms
             assert infer.check_properties() in (None, [])
 
 
-@pytest.mark.parametrize("bundle", WITH_INFERENCE)
-def test_network_def_matches_network_data_format(bundle, msd_task_root, tmp_path):
-    """monai.bundle.verify_net_in_out on inference.json's network_def (fs 12, CPU); SSL has no inference config."""
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_network_def_matches_network_data_format(bundle, tmp_path):
+    """monai.bundle.verify_net_in_out on inference.json's network_def (fs 12, CPU), as the zoo runs it: from the
+    bundle's configs and a checkpoint only (MSD: no dataset.json). SSL's inference.json returns the reconstruction."""
     configs = BUNDLES[bundle] / "configs"
-    out_channels = json.loads((configs / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"][
-        "num_channels"
-    ]
-    overrides = {"feature_size": 12, "ckpt_path": _checkpoint(tmp_path / "model.pt", 1, out_channels)}
-    if bundle == "msd":
-        overrides.update(task=MSD_TASK, dataset_dir=str(msd_task_root / MSD_TASK))
+    overrides = {"feature_size": 12, "ckpt_path": str(_bundle_weights(bundle, tmp_path / "model.pt"))}
     with bundle_on_path(BUNDLES[bundle]):
         verify_net_in_out(
             net_id="network_def",
@@ -366,3 +362,220 @@ def test_bundle_scripts_import_one_way_and_at_module_level(bundle):
 
     for module in graph:
         visit(module, ())
+
+
+# ---- The model zoo's CI (ci/verify_bundle.py min and full mode, pre-commit rules), checked our way ----
+
+ZOO_HASH_TYPES = {"md5", "sha1", "sha256", "sha512"}
+
+
+def _zoo_directory_problems(bundle_dir: Path) -> list[str]:
+    """What the zoo's directory check would refuse: LICENSE, metadata, an inference config, and weights
+    (``models/model.pt`` or a ``large_files.yml`` naming it with url and hash)."""
+    import yaml
+
+    problems = [f"missing {r}" for r in ("LICENSE", "configs/metadata.json") if not (bundle_dir / r).is_file()]
+    if not (bundle_dir / "configs" / "inference.json").is_file():
+        problems.append("missing configs/inference.json")
+    large = bundle_dir / "large_files.yml"
+    hosted = []
+    if large.is_file():
+        entries = (yaml.safe_load(large.read_text()) or {}).get("large_files") or []
+        for entry in entries:
+            if not (str(entry.get("url", "")).startswith("https://") and entry.get("hash_val")):
+                problems.append(f"large_files.yml entry without https url and hash: {entry}")
+            elif entry.get("hash_type") not in ZOO_HASH_TYPES:
+                problems.append(f"large_files.yml entry with unknown hash_type: {entry}")
+            else:
+                hosted.append(entry.get("path"))
+    if not (bundle_dir / "models" / "model.pt").is_file() and "models/model.pt" not in hosted:
+        problems.append("no models/model.pt and no large_files.yml naming it")
+    return problems
+
+
+def _bundle_weights(bundle: str, path: Path) -> Path:
+    """A small (feature size 12) checkpoint of ``bundle``'s inference network, in the bundle's format."""
+    with bundle_on_path(BUNDLES[bundle]):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES[bundle] / "configs" / "inference.json"))
+        parser.update({"feature_size": 12, "patch_merging": "current", "ckpt_path": ""})
+        torch.manual_seed(0)
+        torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_released_bundle_has_weights_or_names_hosted_ones(bundle, tmp_path):
+    """The zoo needs models/model.pt after its large-file download. The git folder ships no weights (only that
+    is missing); the packaging tool's zip has them, or a large_files.yml with url and md5 for hosted ones."""
+    import zipfile
+
+    from tools.package_bundle import package_bundle
+
+    assert _zoo_directory_problems(BUNDLES[bundle]) == ["no models/model.pt and no large_files.yml naming it"]
+    weights = _bundle_weights(bundle, tmp_path / "model.pt")
+    url = f"https://example.org/{BUNDLES[bundle].name}/model.pt"
+    for name, options in {"shipped": {}, "hosted": {"weights_url": url}}.items():
+        zip_path = package_bundle(str(BUNDLES[bundle]), out_dir=str(tmp_path / name), weights=str(weights), **options)
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(tmp_path / name)
+        assert _zoo_directory_problems(tmp_path / name / BUNDLES[bundle].name) == [], name
+
+
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_network_def_builds_from_the_configs_alone(bundle, tmp_path):
+    """As the zoo builds it: the bundle's own files only (no models/, no dataset.json), another working folder."""
+    import shutil
+
+    copy = tmp_path / BUNDLES[bundle].name
+    for part in ("configs", "scripts"):
+        shutil.copytree(BUNDLES[bundle] / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    meta = json.loads((copy / "configs" / "metadata.json").read_text())["network_data_format"]
+    with bundle_on_path(copy):
+        parser = ConfigParser()
+        parser.read_config(str(copy / "configs" / "inference.json"))
+        parser.read_meta(str(copy / "configs" / "metadata.json"))
+        parser.update({"bundle_root": str(copy), "feature_size": 12})
+        network = parser.get_parsed_content("network_def")
+    x = torch.rand(1, meta["inputs"]["image"]["num_channels"], 64, 64, 64)
+    with torch.no_grad():
+        y = network.eval()(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (1, meta["outputs"]["pred"]["num_channels"], 64, 64, 64)
+
+
+# BTCV's export is also tested in the default suite on a trained model (test_btcv_evaluate_infer.py)
+@pytest.mark.parametrize("bundle", [pytest.param("btcv", marks=pytest.mark.slow), "msd", "ssl"])
+def test_traced_torchscript_export_from_the_bundle_checkpoint_matches_the_eager_network(bundle, tmp_path):
+    """``monai.bundle ckpt_export --use_trace True --key_in_ckpt model`` (the model card's command) at a small size.
+
+    torch's own trace check (rerunning the network, about 50 s here) is off: the traced model is compared with
+    the eager network below."""
+    import os
+    import subprocess
+    import sys
+
+    weights = _bundle_weights(bundle, tmp_path / "model.pt")
+    ts_path = tmp_path / "model.ts"
+    configs = BUNDLES[bundle] / "configs"
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_path)]
+    cmd += ["--ckpt_file", str(weights), "--key_in_ckpt", "model", "--ckpt_path", str(weights)]
+    cmd += ["--meta_file", str(configs / "metadata.json"), "--config_file", str(configs / "inference.json")]
+    cmd += ["--use_trace", "True", "--input_shape", "[1,1,64,64,64]", "--feature_size", "12"]
+    cmd += ["--converter_kwargs", "{'check_trace': False}"]
+    env = {**os.environ, "PYTHONPATH": str(BUNDLES[bundle])}
+    result = subprocess.run(cmd, cwd=BUNDLES[bundle], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    traced = torch.jit.load(str(ts_path))
+    with bundle_on_path(BUNDLES[bundle]):
+        parser = ConfigParser()
+        parser.read_config(str(configs / "inference.json"))
+        parser.update({"feature_size": 12, "ckpt_path": str(weights)})
+        eager = parser.get_parsed_content("network_def")
+    eager.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def _released_files() -> list[Path]:
+    """The files the packaging tool puts into the bundles' zips (no run outputs), and bundles/common."""
+    from tools.package_bundle import bundle_files
+
+    common = [p for p in sorted((BUNDLES["btcv"].parent / "common").rglob("*")) if "__pycache__" not in p.parts]
+    return [path for bundle in BUNDLES.values() for path, _ in bundle_files(bundle)] + [
+        p for p in common if p.is_file()
+    ]
+
+
+def test_bundle_files_follow_the_zoo_pre_commit_rules():
+    """JSON with 4-space indent; every text file ends in exactly one newline, no trailing whitespace; no file
+    over 1024 KB; a Python file starts with its docstring."""
+    import ast
+
+    problems = []
+    for path in _released_files():
+        if path.stat().st_size > 1024 * 1024:
+            problems.append(f"{path}: over 1024 KB")
+        if path.suffix in {".png", ".jpg", ".pt", ".ts", ".zip", ".gz"}:
+            continue
+        text = path.read_text()
+        if not text.endswith("\n") or text.endswith("\n\n"):
+            problems.append(f"{path}: must end with exactly one newline")
+        if any(line != line.rstrip() for line in text.splitlines()):
+            problems.append(f"{path}: trailing whitespace")
+        if path.suffix == ".json" and json.dumps(json.loads(text), indent=4, ensure_ascii=False) + "\n" != text:
+            problems.append(f"{path}: not 4-space indented JSON")
+        if path.suffix == ".py" and text.strip():
+            first = ast.parse(text).body[0]
+            if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)):
+                problems.append(f"{path}: does not start with a docstring")
+    assert problems == []
+
+
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_model_card_data_licence_and_export_lines(bundle):
+    """docs/data_license.txt, and the card says how to export TorchScript, that scripting is unsupported,
+    and what is known about TensorRT."""
+    docs = BUNDLES[bundle] / "docs"
+    assert len((docs / "data_license.txt").read_text().strip()) > 200
+    readme = _readme(bundle)
+    assert "ckpt_export network_def" in readme and "--use_trace True" in readme and "--key_in_ckpt model" in readme
+    assert "cannot be scripted" in readme
+    assert "TensorRT" in readme
+
+
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_required_packages_are_what_the_bundle_imports_pinned_for_python_3_10(bundle):
+    """What the zoo installs (``pip install name==version`` on Python 3.10): the bundle's own needs, at versions
+    that exist for 3.10 (checked with ``pip download --python-version 3.10 --only-binary :all:`` when pinned)."""
+    meta = json.loads((BUNDLES[bundle] / "configs" / "metadata.json").read_text())
+    required = meta["required_packages_version"]
+    needed = {"pytorch-ignite", "nibabel", "itk", "einops", "pydicom", "tensorboard", "fire"}
+    if bundle in WITH_INFERENCE:
+        needed.add("scipy")  # Hausdorff distance and surface Dice (monai's distance transform)
+    assert set(required) == needed
+    # numpy 2.3+ and scipy 1.16+ need Python 3.11: the zoo's runners would fail to install them
+    assert _version(meta["numpy_version"]) < (2, 3)
+    assert "scipy" not in required or _version(required["scipy"]) < (1, 16)
+
+
+@pytest.mark.parametrize("bundle", WITH_INFERENCE)
+def test_supported_apps_pass_the_property_check_of_each_app(bundle, phantom_dir, msd_task_root, tmp_path):
+    """The zoo checks an inference workflow's properties per app in ``supported_apps``; here each app's own needs.
+
+    MONAI's ``dataset`` property is parsed, which checks the input folder: a folder that exists is given."""
+    from monai.bundle.properties import InferProperties, MetaProperties
+
+    needs = {
+        # ids and metadata MONAI Label reads from a bundle (reference: "Clients of a bundle")
+        "monai-label": ["network_def", "preprocessing", "postprocessing", "inferer", "device"],
+        # MONAI Deploy's bundle operator
+        "monai-deploy-app-sdk": ["network_def", "preprocessing", "postprocessing", "inferer", "device"],
+    }
+    meta = json.loads((BUNDLES[bundle] / "configs" / "metadata.json").read_text())
+    apps = meta["supported_apps"]
+    assert apps and set(apps) <= set(needs) and all(apps.values())  # named with the version tested
+    overrides = (
+        {"task": MSD_TASK, "dataset_dir": str(msd_task_root / MSD_TASK)}
+        if bundle == "msd"
+        else {"dataset_dir": str(phantom_dir), "datalist": str(phantom_dir / "datalist.json")}
+    )
+    overrides.update(feature_size=12, ckpt_path=str(_bundle_weights(bundle, tmp_path / "model.pt")))
+    for app in apps:
+        ids = needs[app]
+        with bundle_on_path(BUNDLES[bundle]):
+            workflow = btcv_workflow(
+                ["inference.json"],
+                "infer",
+                BUNDLES[bundle],
+                meta_file=str(BUNDLES[bundle] / "configs" / "metadata.json"),
+                bundle_root=str(tmp_path),
+                **overrides,
+            )
+            workflow.properties = {**MetaProperties, **InferProperties}
+            assert workflow.check_properties() in (None, []), app
+            for key in ids:
+                assert workflow.parser.get_parsed_content(key) is not None, (app, key)
+            channel_def = workflow.parser.get_parsed_content("_meta_#network_data_format#outputs#pred#channel_def")
+            assert len(channel_def) == meta["network_data_format"]["outputs"]["pred"]["num_channels"], app

@@ -91,7 +91,7 @@ def _spleen_folder_error(tasks_root, task: str, key: str) -> str:
 
 
 def test_a_dataset_json_of_another_task_is_refused(tasks_root):
-    text = _spleen_folder_error(tasks_root, "Task01_BrainTumour", "in_channels")
+    text = _spleen_folder_error(tasks_root, "Task01_BrainTumour", "task_settings")
     assert str(tasks_root / "Task09_Spleen" / "dataset.json") in text
     assert "does not describe Task01_BrainTumour" in text and "1 input channel(s)" in text
 

@@ -211,7 +211,7 @@ def test_legacy_weights_give_a_legacy_network_whatever_loads_them(btcv_copy, tmp
     from monai.handlers import CheckpointLoader
 
     path = _save_model(btcv_copy, "legacy", seed=3, path=tmp_path / "legacy" / "model.pt")
-    x = torch.rand(1, 1, 64, 64, 64)
+    x = torch.rand(1, 1, 32, 64, 64)  # the smallest input whose bottleneck holds more than one voxel
     with bundle_on_path(btcv_copy):
         from scripts.patch_merging import LegacyPatchMerging, merging_order_of
 

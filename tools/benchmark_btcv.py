@@ -985,7 +985,7 @@ def run_benchmark(
             dev, feature_size, roi, train_steps, seed=seed, warmup_steps=train_warmup_steps, crops=train_crops
         )
     Path(output_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(output_json).write_text(json.dumps(result, indent=2))
+    Path(output_json).write_text(json.dumps(result, indent=4) + "\n")
     say(f"wrote {output_json}")
     return result
 

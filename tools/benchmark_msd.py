@@ -545,7 +545,7 @@ def run_benchmark(
         "meaning": "os.getloadavg() 1, 5, 15 min, before the first and after the last task",
     }
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(result, indent=2))
+    Path(output).write_text(json.dumps(result, indent=4) + "\n")
     result["output"] = str(output)
     say(f"wrote {output}")
     return result

@@ -664,7 +664,7 @@ def run_benchmark(
     result["modes"] = results
     result["comparison"] = comparison(results)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(result, indent=2))
+    Path(output).write_text(json.dumps(result, indent=4) + "\n")
     result["output"] = str(output)
     say(f"wrote {output}")
     return result

@@ -352,7 +352,7 @@ def write_outputs(
     write_csv(rows, paths["csv"])
     paths["md"].write_text(markdown(settings, rows, total_runs))
     record = {"settings": settings, "subsets": subsets, "results": rows, "complete": len(rows) == total_runs}
-    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
+    paths["json"].write_text(json.dumps(record, indent=4) + "\n")
     b = settings["budget"]
     plot(rows, paths["png"], f"Swin UNETR BTCV: {b['iterations']} iterations per run, seed {settings['seed']}")
     return {k: str(v) for k, v in paths.items()}

@@ -61,6 +61,9 @@ def write_dicom_series(
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.PatientID = ds.PatientName = patient_id
+        # Type 2 attributes of the Patient and General Study modules: present, empty (DICOM SEG writers copy them)
+        ds.PatientBirthDate = ds.PatientSex = ds.StudyDate = ds.StudyTime = ""
+        ds.ReferringPhysicianName = ds.StudyID = ds.AccessionNumber = ""
         ds.Modality, ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = "CT", series_description, 1, k + 1
         ds.ImagePositionPatient = _decimal(position)
         ds.ImageOrientationPatient = _decimal([*row_dir, *col_dir])

@@ -3,7 +3,9 @@
 The task file holds what the bundle chooses (intensity normalisation, target spacing, ROI,
 augmentation, NSD tolerances) and what the Decathlon fixes for the task (modality kind, channel
 and label counts), which is used to check the ``dataset.json`` found in the data folder. Channel
-names and label ids and names are read from ``dataset.json`` only.
+names and label ids and names are read from ``dataset.json`` only. The network's shape (channel and
+label counts) needs the task file alone (``read_task_file``), so ``network_def`` builds without a
+``dataset.json`` on disk.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "TASKS",
     "TaskSettingsError",
     "read_task_json",
+    "read_task_file",
     "load_task",
     "intensity_transforms",
     "augmentations",
@@ -88,14 +91,11 @@ def _indexed_names(mapping: Any, path: str, field: str) -> dict[int, str]:
     return names
 
 
-def load_task(task: str, dataset_json: str, task_dir: str = TASK_DIR) -> dict[str, Any]:
-    """Settings of ``task`` from ``<task_dir>/<task>.json`` (the bundle's), checked against and joined with
-    ``dataset_json``.
+def read_task_file(task: str, task_dir: str = TASK_DIR) -> dict[str, Any]:
+    """The bundle's settings of ``task`` (``<task_dir>/<task>.json``) alone, checked; no ``dataset.json`` is read.
 
-    Returns a dict with the task file's entries plus ``in_channels``, ``channel_names`` (id -> name),
-    ``num_classes`` and ``label_names`` (id -> name, background included), read from ``dataset_json``.
-    Raises ``TaskSettingsError`` naming the file for an unknown task, a malformed file, or a
-    ``dataset.json`` whose channels or labels do not match the task (e.g. the wrong task folder).
+    Enough to build the network: ``num_channels`` and ``num_labels`` are the Decathlon's counts for
+    the task. Raises ``TaskSettingsError`` naming the file for an unknown task or a malformed file.
     """
     if task not in TASKS:
         raise TaskSettingsError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
@@ -111,7 +111,20 @@ def load_task(task: str, dataset_json: str, task_dir: str = TASK_DIR) -> dict[st
         raise TaskSettingsError(
             f"{task_file}: intensity type must be {CT_WINDOW!r} or {ZSCORE_NONZERO!r}, got {kind!r}"
         )
+    return settings
 
+
+def load_task(task: str, dataset_json: str, task_dir: str = TASK_DIR) -> dict[str, Any]:
+    """Settings of ``task`` from ``<task_dir>/<task>.json`` (the bundle's), checked against and joined with
+    ``dataset_json``.
+
+    Returns a dict with the task file's entries plus ``in_channels``, ``channel_names`` (id -> name),
+    ``num_classes`` and ``label_names`` (id -> name, background included), read from ``dataset_json``.
+    Raises ``TaskSettingsError`` naming the file for an unknown task, a malformed file, or a
+    ``dataset.json`` whose channels or labels do not match the task (e.g. the wrong task folder).
+    """
+    task_file = os.path.join(task_dir, f"{task}.json")
+    settings = read_task_file(task, task_dir)
     dataset = read_task_json(dataset_json, f"dataset.json of {task}")
     channels = _indexed_names(dataset.get("modality"), dataset_json, "modality")
     labels = _indexed_names(dataset.get("labels"), dataset_json, "labels")

@@ -8,7 +8,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
-__all__ = ["SSLOutputs", "SwinSSLNet"]
+__all__ = ["SSLOutputs", "SwinSSLNet", "SwinSSLReconstruction"]
 
 
 class SSLOutputs(NamedTuple):
@@ -79,3 +79,17 @@ class SwinSSLNet(nn.Module):
             contrastive=self.contrastive_head(tokens[:, 1]),
             reconstruction=self.reconstruction_head(bottleneck),
         )
+
+
+class SwinSSLReconstruction(SwinSSLNet):
+    """The pre-training network returning only its reconstruction (one tensor), for ``configs/inference.json``.
+
+    Same parameters and state dict keys as :class:`SwinSSLNet`, so the bundle's ``model.pt`` loads
+    into it. One tensor in, one out: what ``verify_net_in_out``, ``ckpt_export`` (tracing) and
+    ``monai.bundle load`` expect of ``network_def``. The rotation and contrastive heads are kept
+    (unused) so the checkpoint loads strictly.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """The inpainted crop (B, in_channels, D, H, W) for crops ``x`` of that shape, each side a multiple of 32."""
+        return self.reconstruction_head(self.swinViT(x.contiguous())[4])

@@ -1,0 +1,153 @@
+"""tools/package_bundle.py: the zip that ``monai.bundle download`` unpacks, unpacked by MONAI and run from there."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import download, load
+from monai.networks.nets import SwinUNETR
+
+from tests.conftest import BTCV_DIR, MSD_DIR, SMALL, SSL_DIR, btcv_workflow, bundle_on_path
+from tools.package_bundle import large_files_yaml, md5_of, package_bundle
+
+BUNDLES = [BTCV_DIR, MSD_DIR, SSL_DIR]
+
+
+def _version(bundle_dir: Path) -> str:
+    return json.loads((bundle_dir / "configs" / "metadata.json").read_text())["version"]
+
+
+def _names(zip_path: Path) -> list[str]:
+    with zipfile.ZipFile(zip_path) as zf:
+        return zf.namelist()
+
+
+@pytest.fixture(scope="module")
+def btcv_weights(tmp_path_factory) -> Path:
+    """A BTCV checkpoint in the bundle's own format, at the small test size (feature size 12)."""
+    path = tmp_path_factory.mktemp("weights") / "model.pt"
+    torch.manual_seed(0)
+    torch.save({"model": SwinUNETR(1, 14, feature_size=12).state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("bundle_dir", BUNDLES, ids=lambda p: p.name)
+def test_zip_holds_one_bundle_folder_named_by_version_without_outputs(bundle_dir, tmp_path):
+    """A used bundle folder (caches, outputs, local weights) packs to exactly its configs, docs, scripts and LICENSE."""
+    used = tmp_path / bundle_dir.name
+    shutil.copytree(bundle_dir, used, ignore=shutil.ignore_patterns("__pycache__"))
+    for junk in ("scripts/__pycache__/a.cpython-311.pyc", "eval/x_seg.nii.gz", "runs/events", "models/model.pt"):
+        (used / junk).parent.mkdir(parents=True, exist_ok=True)
+        (used / junk).write_bytes(b"x")
+    (used / "docs" / "__pycache__").mkdir()
+    (used / "docs" / "__pycache__" / "b.pyc").write_bytes(b"x")
+
+    zip_path = package_bundle(str(used), out_dir=str(tmp_path / "dist"))
+
+    assert zip_path.name == f"{bundle_dir.name}_v{_version(bundle_dir)}.zip"
+    names = _names(zip_path)
+    expected = sorted(
+        f"{bundle_dir.name}/{p.relative_to(bundle_dir).as_posix()}"
+        for top in ("configs", "docs", "scripts")
+        for p in (bundle_dir / top).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
+    assert sorted(names) == sorted(expected + [f"{bundle_dir.name}/LICENSE"])
+    assert f"{bundle_dir.name}/configs/metadata.json" in names
+    assert f"{bundle_dir.name}/docs/data_license.txt" in names
+    assert not [n for n in names if n.endswith(".pyc") or "/models/" in n or "/eval/" in n or "/runs/" in n]
+    assert [p.name for p in zip_path.parent.iterdir()] == [zip_path.name]  # no temporary left
+
+
+def test_existing_zip_is_kept_unless_overwrite(tmp_path):
+    zip_path = package_bundle(str(BTCV_DIR), out_dir=str(tmp_path))
+    zip_path.write_bytes(b"earlier release")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        package_bundle(str(BTCV_DIR), out_dir=str(tmp_path))
+    assert zip_path.read_bytes() == b"earlier release"
+    package_bundle(str(BTCV_DIR), out_dir=str(tmp_path), overwrite=True)
+    assert zipfile.is_zipfile(zip_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [zip_path.name]
+
+
+def test_hosted_weights_are_named_in_large_files_yml_with_their_md5(btcv_weights, tmp_path):
+    import yaml
+
+    url = "https://example.org/releases/swin_unetr_btcv_seg/model.pt"
+    zip_path = package_bundle(str(BTCV_DIR), out_dir=str(tmp_path), weights=str(btcv_weights), weights_url=url)
+    names = _names(zip_path)
+    assert "swin_unetr_btcv_seg/large_files.yml" in names
+    assert not [n for n in names if "/models/" in n]  # hosted, not shipped
+    with zipfile.ZipFile(zip_path) as zf:
+        listed = yaml.safe_load(zf.read("swin_unetr_btcv_seg/large_files.yml"))
+    assert listed == {
+        "large_files": [{"path": "models/model.pt", "url": url, "hash_val": md5_of(btcv_weights), "hash_type": "md5"}]
+    }
+    # the layout of the model zoo's own files
+    assert large_files_yaml([listed["large_files"][0]]).startswith('large_files:\n  - path: "models/model.pt"\n')
+
+
+def test_weights_url_without_the_file_and_unloadable_weights_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--weights"):
+        package_bundle(str(BTCV_DIR), out_dir=str(tmp_path), weights_url="https://example.org/model.pt")
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=str(bad)):
+        package_bundle(str(BTCV_DIR), out_dir=str(tmp_path / "dist"), weights=str(bad))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        package_bundle(str(tmp_path), out_dir=str(tmp_path / "dist"))
+    assert not (tmp_path / "dist").exists() or list((tmp_path / "dist").iterdir()) == []
+
+
+def test_monai_download_unpacks_the_zip_and_the_bundle_runs_from_there(
+    btcv_weights, phantom_dir, tmp_path, monkeypatch
+):
+    """``monai.bundle download --url file://...`` then ``load`` and one inference, from the unpacked folder."""
+    zip_path = package_bundle(str(BTCV_DIR), out_dir=str(tmp_path / "dist"), weights=str(btcv_weights))
+    bundles = tmp_path / "downloaded"
+    download(name="swin_unetr_btcv_seg", url=zip_path.resolve().as_uri(), bundle_dir=str(bundles), progress=False)
+    unpacked = bundles / "swin_unetr_btcv_seg"
+    assert (unpacked / "models" / "model.pt").read_bytes() == btcv_weights.read_bytes()
+    assert (unpacked / "scripts" / "__init__.py").is_file()
+
+    monkeypatch.chdir(unpacked)  # the bundle's paths start at "." = its folder, as a downloaded bundle is used
+    with bundle_on_path(unpacked):
+        network = load(
+            name="swin_unetr_btcv_seg",
+            bundle_dir=str(bundles),
+            workflow_type="inference",
+            key_in_ckpt="model",
+            net_override={"feature_size": 12},
+            device="cpu",
+        )
+        saved = torch.load(btcv_weights, map_location="cpu", weights_only=True)["model"]
+        loaded = network.state_dict()
+        for key, value in saved.items():
+            torch.testing.assert_close(loaded[key], value, msg=key)
+
+        out = tmp_path / "predictions"
+        workflow = btcv_workflow(
+            ["inference.json"],
+            "infer",
+            unpacked,
+            dataset_dir=str(phantom_dir),
+            datalist=str(phantom_dir / "datalist.json"),
+            output_dir=str(out),
+            num_workers=0,
+            **{k: SMALL[k] for k in ("feature_size", "roi_size", "sw_batch_size")},
+        )
+        assert workflow.check_properties() in (None, [])
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+    image = phantom_dir / json.loads((phantom_dir / "datalist.json").read_text())["testing"][0]["image"]
+    pred = nib.load(out / image.name.replace(".nii.gz", "_seg.nii.gz"))
+    assert pred.shape == nib.load(image).shape
+    assert set(np.unique(np.asarray(pred.dataobj))) <= set(range(14))
