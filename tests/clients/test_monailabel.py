@@ -1,7 +1,8 @@
 """The BTCV and MSD bundles in the real MONAI Label 0.8.5 server (its ``monaibundle`` sample app), from its own venv.
 
-The test does what the model card's "MONAI Label" section tells a user to do: download the sample app,
-put a copy of the bundle under ``<app>/model/``, start the server offline on 127.0.0.1, and use its REST
+The tests do what the model cards' "MONAI Label" sections tell a user to do: download the sample app,
+put a copy of the bundle under ``<app>/model/`` (for MSD, the single-task copy that
+``tools/msd_label_bundle.py`` writes), start the server offline on 127.0.0.1, and use its REST
 API: ``/info/`` (labels from ``channel_def``), ``/infer`` (a label map on the input's grid), ``/train``
 for one epoch, then ``/infer`` again, which must use the weights that training wrote to ``models/model.pt``.
 Small knobs (``SMALL``) are written into the copy's configs, as a user would edit them.
@@ -14,6 +15,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +27,7 @@ import pytest
 import torch
 
 from tests.conftest import PHANTOM_SHAPE, PHANTOM_SPACING, SMALL, run_workflow
-from tools.common.bundles import BTCV_DIR, MSD_DIR, bundle_parser, forget_scripts_modules
+from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_parser, forget_scripts_modules
 
 pytestmark = pytest.mark.clients
 
@@ -150,8 +152,8 @@ class Server:
         self._log_file.close()
 
 
-def _sample_app(python: Path, tmp_path: Path, source: Path, name: str) -> tuple[Path, Path]:
-    """``monaibundle`` downloaded from the MONAI Label wheel, with a copy of bundle ``source`` as ``name``."""
+def _sample_app(python: Path, tmp_path: Path, source: Path | None, name: str) -> tuple[Path, Path]:
+    """``monaibundle`` downloaded from the MONAI Label wheel, with a copy of bundle ``source`` (if any) as ``name``."""
     done = subprocess.run(
         [str(python), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle"]
         + ["--output", str(tmp_path / "apps")],
@@ -161,7 +163,8 @@ def _sample_app(python: Path, tmp_path: Path, source: Path, name: str) -> tuple[
     assert done.returncode == 0, done.stdout + done.stderr
     app = tmp_path / "apps" / "monaibundle"
     bundle = app / "model" / name
-    shutil.copytree(source, bundle, ignore=shutil.ignore_patterns("models", "eval", "predictions", "__pycache__"))
+    if source is not None:
+        shutil.copytree(source, bundle, ignore=shutil.ignore_patterns("models", "eval", "predictions", "__pycache__"))
     return app, bundle
 
 
@@ -181,22 +184,27 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _local_prediction(bundle: Path, image: Path, weights: Path, out: Path) -> np.ndarray:
-    """The bundle's own inference (project venv) of ``image`` with ``weights``: the label map as saved."""
-    inputs = out / "input"
-    inputs.mkdir(parents=True)
-    shutil.copy(image, inputs / image.name)
+def _bundle_prediction(bundle: Path, weights: Path, out: Path, **overrides) -> np.ndarray:
+    """The bundle's own inference (project venv) with ``weights`` of its one input image: the label map as saved."""
     run_workflow(
         ["inference.json"],
         "infer",
         bundle_dir=bundle,
         bundle_root=str(bundle),
-        dataset_dir=str(inputs),
         ckpt_path=str(weights),
         output_dir=str(out / "output"),
+        **overrides,
     )
     (saved,) = (out / "output").glob("*.nii.gz")
     return np.asarray(nib.load(saved).dataobj)
+
+
+def _local_prediction(bundle: Path, image: Path, weights: Path, out: Path) -> np.ndarray:
+    """The bundle's own inference (project venv) of ``image`` with ``weights``: the label map as saved."""
+    inputs = out / "input"
+    inputs.mkdir(parents=True)
+    shutil.copy(image, inputs / image.name)
+    return _bundle_prediction(bundle, weights, out, dataset_dir=str(inputs))
 
 
 def test_monailabel_server_infers_trains_and_infers_with_the_trained_model(monailabel_app, tmp_path):
@@ -244,38 +252,99 @@ def test_monailabel_server_infers_trains_and_infers_with_the_trained_model(monai
         "server after ~ local new": float(np.mean(after_labels == new)),
         "local old ~ local new": float(np.mean(old == new)),
     }
+    print(f"voxel agreement: {agree}")
     assert agree["server before ~ local old"] > 0.99, agree
     assert agree["server after ~ local new"] > 0.99, agree
     # the trained weights predict differently, so the server's second answer came from them
     assert agree["local old ~ local new"] < 0.98, agree
 
 
-def test_monailabel_server_lists_msd_labels_and_infers(tmp_path, monailabel_python):
-    """The MSD bundle (Task09_Spleen, the default task): /info/ labels from its channel_def, one /infer."""
+MSD_BUNDLE = "swin_unetr_msd_spleen"
+MSD_TASK = "Task09_Spleen"
+
+
+def _msd_datastore(task_dir: Path, studies: Path) -> list[str]:
+    """The task's 3 training cases, labelled, and its test case (``spleen3``, unlabelled) in MONAI Label's layout."""
+    (studies / "labels" / "final").mkdir(parents=True)
+    ids = []
+    training = sorted((task_dir / "imagesTr").glob("*.nii.gz"))
+    for k, image in enumerate(training):
+        shutil.copy(image, studies / f"spleen{k}.nii.gz")
+        shutil.copy(task_dir / "labelsTr" / image.name, studies / "labels" / "final" / f"spleen{k}.nii.gz")
+        ids.append(f"spleen{k}")
+    (test,) = sorted((task_dir / "imagesTs").glob("*.nii.gz"))
+    shutil.copy(test, studies / f"spleen{len(training)}.nii.gz")
+    return [*ids, f"spleen{len(training)}"]
+
+
+def _msd_label_bundle(task_dir: Path, output: Path) -> None:
+    """``python -m tools.msd_label_bundle`` (project venv), as the MSD card tells a user to run it."""
+    cmd = [sys.executable, "-m", "tools.msd_label_bundle", "--task", MSD_TASK, "--dataset_dir", str(task_dir)]
+    done = subprocess.run([*cmd, "--output", str(output)], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture()
+def msd_label_app(tmp_path, monailabel_python) -> dict:
+    """The sample app with the tool's Task09 copy of the MSD bundle (small knobs, initial model.pt) and a datastore."""
     from tools.make_msd_tasks import write_msd_task
 
-    name = "swin_unetr_msd"
-    task_dir = write_msd_task(tmp_path / "msd", "Task09_Spleen", num_training=1, num_test=1, seed=3, shape=(48, 48, 32))
-    app, bundle = _sample_app(monailabel_python, tmp_path, MSD_DIR, name)
-    # what the MSD card's MONAI Label section tells a user to set in the app's copy
-    _write_knobs(bundle / "configs" / "train.json", {**SMALL, "dataset_dir": str(task_dir)})
-    _write_knobs(bundle / "configs" / "train.json", {"ckpt_dir": "$@bundle_root + '/models'"})
-    _write_knobs(bundle / "configs" / "inference.json", {**INFER_KNOBS, "dataset_dir": str(task_dir)})
+    task_dir = write_msd_task(tmp_path / "msd", MSD_TASK, num_training=3, num_test=1, seed=3, shape=(64, 64, 40))
+    app, _ = _sample_app(monailabel_python, tmp_path, None, MSD_BUNDLE)
+    bundle = app / "model" / MSD_BUNDLE
+    _msd_label_bundle(task_dir, bundle)
+    _write_knobs(bundle / "configs" / "train.json", TRAIN_KNOBS)
+    _write_knobs(bundle / "configs" / "inference.json", INFER_KNOBS)
     _initial_model(bundle)
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    (image,) = sorted((task_dir / "imagesTs").glob("*.nii.gz"))
-    shutil.copy(image, studies / "spleen0.nii.gz")
-    server = Server(monailabel_python, app, studies, tmp_path / "server.log", model=name)
+    ids = _msd_datastore(task_dir, tmp_path / "studies")
+    return {"python": monailabel_python, "app": app, "bundle": bundle, "studies": tmp_path / "studies", "ids": ids}
+
+
+def test_monailabel_server_lists_msd_labels_infers_trains_and_infers_with_the_trained_model(msd_label_app, tmp_path):
+    """The MSD bundle's Task09 copy from tools/msd_label_bundle.py: /info/ labels from its channel_def,
+    /infer, /train for one epoch (model.pt changes), and the next /infer uses the trained weights."""
+    app, bundle, ids = msd_label_app["app"], msd_label_app["bundle"], msd_label_app["ids"]
+    model_pt = bundle / "models" / "model.pt"
+    first_weights = tmp_path / "model_before.pt"
+    shutil.copy(model_pt, first_weights)
+    server = Server(msd_label_app["python"], app, msd_label_app["studies"], tmp_path / "server.log", model=MSD_BUNDLE)
+    image_id = ids[-1]
     try:
         info = server.wait_ready()
-        if name not in info.get("models", {}):
-            server.fail(f"/info/ lists no model {name}: {json.dumps(info)[:2000]}")
-        assert info["models"][name]["labels"] == {"spleen": 1}, info["models"][name]
-        source = nib.load(studies / "spleen0.nii.gz")
-        pred = nib.load(server.infer("spleen0", tmp_path / "infer.nii.gz"))
-        assert pred.shape == source.shape, (pred.shape, source.shape)
-        np.testing.assert_allclose(pred.affine, source.affine, atol=1e-4)
-        assert set(np.unique(np.asarray(pred.dataobj)).astype(int)) <= {0, 1}
+        if MSD_BUNDLE not in info.get("models", {}):
+            server.fail(f"/info/ lists no model {MSD_BUNDLE}: {json.dumps(info)[:2000]}")
+        assert info["models"][MSD_BUNDLE]["labels"] == {"spleen": 1}, info["models"][MSD_BUNDLE]
+        assert MSD_BUNDLE in info.get("trainers", {}), info.get("trainers")
+
+        source = nib.load(msd_label_app["studies"] / f"{image_id}.nii.gz")
+        before = nib.load(server.infer(image_id, tmp_path / "infer_before.nii.gz"))
+        assert before.shape == source.shape, (before.shape, source.shape)
+        np.testing.assert_allclose(before.affine, source.affine, atol=1e-4)
+        before_labels = np.asarray(before.dataobj)
+        assert set(np.unique(before_labels).astype(int)) <= {0, 1}
+
+        sha_before = _sha(model_pt)
+        train = json.dumps({"max_epochs": 1, "device": "cpu"}).encode()
+        server.request("POST", f"/train/{MSD_BUNDLE}?run_sync=true", train, {"Content-Type": "application/json"})
+        if not model_pt.is_file() or _sha(model_pt) == sha_before:
+            server.fail("training left models/model.pt unchanged")
+        after = nib.load(server.infer(image_id, tmp_path / "infer_after.nii.gz"))
+        after_labels = np.asarray(after.dataobj)
+        assert after.shape == source.shape
+        np.testing.assert_allclose(after.affine, source.affine, atol=1e-4)
     finally:
         server.stop()
+
+    # the copy's own inference reads the task's test list (dataset.json), whose one image is the one inferred above
+    old = _bundle_prediction(bundle, first_weights, tmp_path / "local_before")
+    new = _bundle_prediction(bundle, model_pt, tmp_path / "local_after")
+    agree = {
+        "server before ~ local old": float(np.mean(before_labels == old)),
+        "server after ~ local new": float(np.mean(after_labels == new)),
+        "local old ~ local new": float(np.mean(old == new)),
+    }
+    print(f"voxel agreement: {agree}")
+    assert agree["server before ~ local old"] > 0.99, agree
+    assert agree["server after ~ local new"] > 0.99, agree
+    # the trained weights predict differently, so the server's second answer came from them
+    assert agree["local old ~ local new"] < 0.98, agree
