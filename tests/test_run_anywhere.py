@@ -58,6 +58,8 @@ def elsewhere(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(cwd)
     forget_scripts_modules()
     path_before = list(sys.path)
+    # as in a fresh process: no bundle folder that an earlier test's workflow.run() left on sys.path
+    sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "scripts" / "__init__.py").is_file()]
     yield cwd
     sys.path[:] = path_before  # ConfigWorkflow.run() puts the bundle on sys.path
     forget_scripts_modules()
