@@ -207,6 +207,43 @@ def _local_prediction(bundle: Path, image: Path, weights: Path, out: Path) -> np
     return _bundle_prediction(bundle, weights, out, dataset_dir=str(inputs))
 
 
+def _checked_answer(server, source, image_id: str, path: Path, labels: set) -> np.ndarray:
+    """``/infer`` of ``image_id``: a label map with the input's shape and affine and only ``labels`` in it."""
+    answer = nib.load(server.infer(image_id, path))
+    assert answer.shape == source.shape, (path.name, answer.shape, source.shape)
+    np.testing.assert_allclose(answer.affine, source.affine, atol=1e-4)
+    answer_labels = np.asarray(answer.dataobj)
+    assert set(np.unique(answer_labels).astype(int)) <= labels, path.name
+    return answer_labels
+
+
+def _infer_train_infer(server, studies: Path, image_id: str, model: str, model_pt: Path, labels: set, out: Path):
+    """``/infer``, ``/train`` for one epoch (which must change ``model_pt``), ``/infer`` again: both label maps."""
+    source = nib.load(studies / f"{image_id}.nii.gz")
+    before = _checked_answer(server, source, image_id, out / "infer_before.nii.gz", labels)
+    sha_before = _sha(model_pt)
+    train = json.dumps({"max_epochs": 1, "device": "cpu"}).encode()
+    server.request("POST", f"/train/{model}?run_sync=true", train, {"Content-Type": "application/json"})
+    if not model_pt.is_file() or _sha(model_pt) == sha_before:
+        server.fail("training left models/model.pt unchanged")
+    after = _checked_answer(server, source, image_id, out / "infer_after.nii.gz", labels)
+    return before, after
+
+
+def _assert_second_answer_from_trained_weights(before, after, old, new) -> None:
+    """The server's answers equal the bundle's own predictions with the first and the trained weights."""
+    agree = {
+        "server before ~ local old": float(np.mean(before == old)),
+        "server after ~ local new": float(np.mean(after == new)),
+        "local old ~ local new": float(np.mean(old == new)),
+    }
+    print(f"voxel agreement: {agree}")
+    assert agree["server before ~ local old"] > 0.99, agree
+    assert agree["server after ~ local new"] > 0.99, agree
+    # the trained weights predict differently, so the server's second answer came from them
+    assert agree["local old ~ local new"] < 0.98, agree
+
+
 def test_monailabel_server_infers_trains_and_infers_with_the_trained_model(monailabel_app, tmp_path):
     app, bundle, ids = monailabel_app["app"], monailabel_app["bundle"], monailabel_app["ids"]
     model_pt = bundle / "models" / "model.pt"
@@ -225,38 +262,16 @@ def test_monailabel_server_infers_trains_and_infers_with_the_trained_model(monai
         assert BUNDLE in info.get("trainers", {}), info.get("trainers")
 
         image_id = ids[3]
-        source = nib.load(monailabel_app["studies"] / f"{image_id}.nii.gz")
-        before = nib.load(server.infer(image_id, tmp_path / "infer_before.nii.gz"))
-        assert before.shape == source.shape, (before.shape, source.shape)
-        np.testing.assert_allclose(before.affine, source.affine, atol=1e-4)
-        before_labels = np.asarray(before.dataobj)
-        assert set(np.unique(before_labels).astype(int)) <= set(range(14))
-
-        sha_before = _sha(model_pt)
-        train = json.dumps({"max_epochs": 1, "device": "cpu"}).encode()
-        server.request("POST", f"/train/{BUNDLE}?run_sync=true", train, {"Content-Type": "application/json"})
-        if not model_pt.is_file() or _sha(model_pt) == sha_before:
-            server.fail("training left models/model.pt unchanged")
-        after = nib.load(server.infer(image_id, tmp_path / "infer_after.nii.gz"))
-        after_labels = np.asarray(after.dataobj)
-        assert after.shape == source.shape
-        np.testing.assert_allclose(after.affine, source.affine, atol=1e-4)
+        before_labels, after_labels = _infer_train_infer(
+            server, monailabel_app["studies"], image_id, BUNDLE, model_pt, set(range(14)), tmp_path
+        )
     finally:
         server.stop()
 
     image = monailabel_app["studies"] / f"{image_id}.nii.gz"
     old = _local_prediction(bundle, image, first_weights, tmp_path / "local_before")
     new = _local_prediction(bundle, image, model_pt, tmp_path / "local_after")
-    agree = {
-        "server before ~ local old": float(np.mean(before_labels == old)),
-        "server after ~ local new": float(np.mean(after_labels == new)),
-        "local old ~ local new": float(np.mean(old == new)),
-    }
-    print(f"voxel agreement: {agree}")
-    assert agree["server before ~ local old"] > 0.99, agree
-    assert agree["server after ~ local new"] > 0.99, agree
-    # the trained weights predict differently, so the server's second answer came from them
-    assert agree["local old ~ local new"] < 0.98, agree
+    _assert_second_answer_from_trained_weights(before_labels, after_labels, old, new)
 
 
 MSD_BUNDLE = "swin_unetr_msd_spleen"
@@ -316,35 +331,13 @@ def test_monailabel_server_lists_msd_labels_infers_trains_and_infers_with_the_tr
         assert info["models"][MSD_BUNDLE]["labels"] == {"spleen": 1}, info["models"][MSD_BUNDLE]
         assert MSD_BUNDLE in info.get("trainers", {}), info.get("trainers")
 
-        source = nib.load(msd_label_app["studies"] / f"{image_id}.nii.gz")
-        before = nib.load(server.infer(image_id, tmp_path / "infer_before.nii.gz"))
-        assert before.shape == source.shape, (before.shape, source.shape)
-        np.testing.assert_allclose(before.affine, source.affine, atol=1e-4)
-        before_labels = np.asarray(before.dataobj)
-        assert set(np.unique(before_labels).astype(int)) <= {0, 1}
-
-        sha_before = _sha(model_pt)
-        train = json.dumps({"max_epochs": 1, "device": "cpu"}).encode()
-        server.request("POST", f"/train/{MSD_BUNDLE}?run_sync=true", train, {"Content-Type": "application/json"})
-        if not model_pt.is_file() or _sha(model_pt) == sha_before:
-            server.fail("training left models/model.pt unchanged")
-        after = nib.load(server.infer(image_id, tmp_path / "infer_after.nii.gz"))
-        after_labels = np.asarray(after.dataobj)
-        assert after.shape == source.shape
-        np.testing.assert_allclose(after.affine, source.affine, atol=1e-4)
+        before_labels, after_labels = _infer_train_infer(
+            server, msd_label_app["studies"], image_id, MSD_BUNDLE, model_pt, {0, 1}, tmp_path
+        )
     finally:
         server.stop()
 
     # the copy's own inference reads the task's test list (dataset.json), whose one image is the one inferred above
     old = _bundle_prediction(bundle, first_weights, tmp_path / "local_before")
     new = _bundle_prediction(bundle, model_pt, tmp_path / "local_after")
-    agree = {
-        "server before ~ local old": float(np.mean(before_labels == old)),
-        "server after ~ local new": float(np.mean(after_labels == new)),
-        "local old ~ local new": float(np.mean(old == new)),
-    }
-    print(f"voxel agreement: {agree}")
-    assert agree["server before ~ local old"] > 0.99, agree
-    assert agree["server after ~ local new"] > 0.99, agree
-    # the trained weights predict differently, so the server's second answer came from them
-    assert agree["local old ~ local new"] < 0.98, agree
+    _assert_second_answer_from_trained_weights(before_labels, after_labels, old, new)
