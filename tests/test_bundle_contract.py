@@ -480,7 +480,7 @@ def test_traced_torchscript_export_from_the_bundle_checkpoint_matches_the_eager_
 
 def _released_files() -> list[Path]:
     """The files the packaging tool puts into the bundles' zips (no run outputs), and bundles/common."""
-    from tools.package_bundle import bundle_files
+    from tools.common.bundles import bundle_files
 
     common = [p for p in sorted((BUNDLES["btcv"].parent / "common").rglob("*")) if "__pycache__" not in p.parts]
     return [path for bundle in BUNDLES.values() for path, _ in bundle_files(bundle)] + [

@@ -27,13 +27,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tools.common.bundles import MSD_DIR, bundle_command
+from tools.common.bundles import MSD_DIR, bundle_command, bundle_files
 from tools.common.processes import shell_quote
 
 logger = logging.getLogger("msd_label_bundle")
 
-CONTENT = ("configs", "docs", "scripts", "LICENSE")
-IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp", "metadata_*.json")
 CKPT_DIR = "$@bundle_root + '/models'"
 MODEL_PATH = "$@bundle_root + '/models/model.pt'"
 
@@ -65,13 +63,9 @@ def copy_bundle(output: Path) -> None:
     """Copy the bundle's configs, docs, scripts and LICENSE to ``output`` (replacing it if it exists)."""
     if output.exists():
         shutil.rmtree(output)
-    output.mkdir(parents=True)
-    for name in CONTENT:
-        source = MSD_DIR / name
-        if source.is_dir():
-            shutil.copytree(source, output / name, ignore=IGNORED)
-        else:
-            shutil.copy2(source, output / name)
+    for source, inside in bundle_files(MSD_DIR):
+        (output / inside).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, output / inside)
 
 
 def write_json(path: Path, content: Any) -> None:

@@ -29,17 +29,12 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from tools.common.bundles import LARGE_FILES, bundle_files
+
 logger = logging.getLogger("package_bundle")
 
-CONTENT = ("configs", "docs", "scripts")
 REQUIRED = ("configs/metadata.json", "LICENSE")
-# run outputs, caches and weights a bundle folder collects when it is used in place
-EXCLUDED_DIRS = frozenset(
-    {"__pycache__", ".pytest_cache", ".ipynb_checkpoints", "eval", "runs", "predictions", "cache", "models"}
-)
-EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp")
 WEIGHTS_PATH = "models/model.pt"
-LARGE_FILES = "large_files.yml"
 
 
 def name_and_version(bundle_dir: Path) -> tuple[str, str]:
@@ -56,21 +51,6 @@ def name_and_version(bundle_dir: Path) -> tuple[str, str]:
     if not isinstance(version, str) or not version:
         raise ValueError(f"{meta_file}: no 'version' string")
     return bundle_dir.name, version
-
-
-def bundle_files(bundle_dir: Path) -> list[tuple[Path, str]]:
-    """(file, path inside the bundle) for every file that goes into the zip, sorted; outputs and caches left out."""
-    files = [(bundle_dir / "LICENSE", "LICENSE")]
-    if (bundle_dir / LARGE_FILES).is_file():
-        files.append((bundle_dir / LARGE_FILES, LARGE_FILES))
-    for top in CONTENT:
-        for root, dirs, names in os.walk(bundle_dir / top):
-            dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS)
-            for name in sorted(names):
-                if not name.endswith(EXCLUDED_SUFFIXES):
-                    path = Path(root) / name
-                    files.append((path, path.relative_to(bundle_dir).as_posix()))
-    return sorted(files, key=lambda f: f[1])
 
 
 def md5_of(path: Path) -> str:

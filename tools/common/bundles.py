@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,16 @@ BUNDLES_DIR = REPO_ROOT / "bundles"
 BTCV_DIR = BUNDLES_DIR / "swin_unetr_btcv_seg"
 SSL_DIR = BUNDLES_DIR / "swin_unetr_ssl_pretrain"
 MSD_DIR = BUNDLES_DIR / "swin_unetr_msd"
+
+# what a released or copied bundle holds, and what a bundle folder used in place collects besides
+BUNDLE_CONTENT = ("configs", "docs", "scripts")
+LARGE_FILES = "large_files.yml"
+_OUTPUT_DIRS = frozenset(
+    {"__pycache__", ".pytest_cache", ".ipynb_checkpoints", "eval", "runs", "predictions", "cache", "models"}
+)
+_OUTPUT_SUFFIXES = (".pyc", ".pyo", ".tmp")
+# written into configs/ by the MSD bundle's task_metadata.json run in place
+_GENERATED_CONFIGS = re.compile(r"metadata_.+\.json")
 
 
 def forget_scripts_modules() -> None:
@@ -107,3 +118,23 @@ def bundle_command(run_id: str | None, config_files: Sequence[str], overrides: d
     for key, value in overrides.items():
         cmd += [f"--{key}", format_arg(value)]
     return cmd
+
+
+def bundle_files(bundle_dir: Path) -> list[tuple[Path, str]]:
+    """(file, path inside the bundle) of every file a bundle is made of, sorted.
+
+    ``LICENSE``, ``large_files.yml`` if present, and ``configs/``, ``docs/``, ``scripts/`` without run
+    outputs, caches, weights or the per-task metadata a run in place writes.
+    """
+    files = [(bundle_dir / "LICENSE", "LICENSE")]
+    if (bundle_dir / LARGE_FILES).is_file():
+        files.append((bundle_dir / LARGE_FILES, LARGE_FILES))
+    for top in BUNDLE_CONTENT:
+        for root, dirs, names in os.walk(bundle_dir / top):
+            dirs[:] = sorted(d for d in dirs if d not in _OUTPUT_DIRS)
+            for name in sorted(names):
+                generated = top == "configs" and _GENERATED_CONFIGS.fullmatch(name)
+                if not name.endswith(_OUTPUT_SUFFIXES) and not generated:
+                    path = Path(root) / name
+                    files.append((path, path.relative_to(bundle_dir).as_posix()))
+    return sorted(files, key=lambda f: f[1])

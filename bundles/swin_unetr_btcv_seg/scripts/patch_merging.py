@@ -203,8 +203,8 @@ def merging_order_of(network: nn.Module) -> str:
 def set_merging_order(network: nn.Module, order: str) -> bool:
     """Set every :class:`RecordedPatchMerging` layer of ``network`` to ``order``; False if it has none."""
     order = _checked_order(order, "patch_merging")
-    layers = [m for m in network.modules() if isinstance(getattr(m, "merging_order", None), str)]
-    layers = [m for m in layers if isinstance(m, PatchMergingV2) and callable(getattr(m, "set_extra_state", None))]
+    # by attribute, not class identity, so layers of a re-imported copy of this module count too
+    layers = [m for m in network.modules() if isinstance(m, PatchMergingV2) and hasattr(m, "merging_order")]
     for layer in layers:
         layer.set_extra_state({"patch_merging": order, "format_version": RECORD_VERSION})
     return bool(layers)

@@ -209,8 +209,8 @@ def _order_from_file(obj: Any, fmt: str, source: str) -> tuple[str, str]:
         order, where = obj.get("patch_merging"), "record"
     elif fmt == OFFICIAL:
         return LEGACY, "official"
-    elif _embedded_order(_tensor_mapping(obj), source) is not None:
-        order, where = _embedded_order(_tensor_mapping(obj), source), "record"
+    elif (embedded := _embedded_order(_tensor_mapping(obj) or {}, source)) is not None:
+        order, where = embedded, "record"
     elif isinstance(obj, Mapping) and isinstance(obj.get(RECORD_KEY), Mapping):
         order, where = obj[RECORD_KEY].get("patch_merging"), "record"
     else:
