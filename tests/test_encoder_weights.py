@@ -130,6 +130,16 @@ def fs12(tmp_path_factory):
 # ------------------------------------------------------------------------------- patch merging
 
 
+def test_recorded_patch_merging_in_the_current_order_is_monais_patch_merging(bundle):
+    """The bundle's own table of the monai >= 1.5 order computes exactly MONAI's PatchMerging."""
+    torch.manual_seed(3)
+    recorded, monai_current = bundle.pm.RecordedPatchMerging(dim=12), PatchMerging(dim=12)
+    monai_current.load_state_dict(recorded.state_dict(), strict=False)
+    for shape in [(2, 5, 6, 7, 12), (1, 4, 6, 8, 12)]:  # odd sizes exercise the padding
+        x = torch.randn(shape)
+        assert torch.equal(recorded(x), monai_current(x))
+
+
 def test_legacy_patch_merging_matches_reference(bundle):
     pm = bundle.pm
     torch.manual_seed(2)
