@@ -20,30 +20,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import fire
-import nibabel as nib
-import numpy as np
 
+from tools.common.submission import SubmissionError, check_label_map, write_zip_atomically
 from tools.make_msd_tasks import MSD_TASKS
 
 __all__ = ["SubmissionError", "make_submission"]
 
 INFERENCE_MANIFEST = "manifest.json"
 """The inference's input-to-output list in a prediction folder: not a prediction, not zipped."""
-AFFINE_ATOL = 1e-3
-"""Largest difference allowed between a prediction's affine and its image's."""
-
-
-class SubmissionError(ValueError):
-    """Every problem found in a submission, one line each."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__(f"{len(problems)} problem(s) in the submission:\n" + "\n".join(problems))
 
 
 def _prediction_files(folder: Path, problems: list[str]) -> list[Path]:
@@ -74,34 +61,6 @@ def _test_images(task_dir: Path, problems: list[str]) -> tuple[dict[str, Path], 
     else:
         images = [p for p in sorted((task_dir / "imagesTs").glob("*.nii.gz")) if not p.name.startswith(".")]
     return {image.name: image for image in images}, label_ids
-
-
-def _check_prediction(path: Path, image_path: Path | None, label_ids: set[int] | None) -> list[str]:
-    """Problems of one prediction file: readable 3D integer NIfTI, and when given, matching its image."""
-    try:
-        prediction = nib.load(path)
-        data = np.asanyarray(prediction.dataobj)
-    except Exception as err:  # noqa: BLE001 (nibabel, gzip and zlib raise many kinds for a damaged file)
-        return [f"{path}: unreadable NIfTI ({err!r})"]
-    problems = []
-    if data.ndim != 3:
-        problems.append(f"{path}: not a 3D label map (shape {data.shape})")
-    if not np.issubdtype(data.dtype, np.integer):
-        problems.append(f"{path}: data type {data.dtype} is not an integer type")
-    if problems or image_path is None:
-        return problems
-    try:
-        image = nib.load(image_path)
-    except Exception as err:  # noqa: BLE001 (as above)
-        return [f"{path}: cannot read its test image {image_path} ({err!r})"]
-    if data.shape != image.shape[:3]:
-        problems.append(f"{path}: shape {data.shape} differs from its image's {image.shape[:3]} ({image_path})")
-    elif not np.allclose(prediction.affine, image.affine, atol=AFFINE_ATOL):
-        problems.append(f"{path}: affine differs from its image's ({image_path}) by more than {AFFINE_ATOL}")
-    outside = np.unique(data[~np.isin(data, list(label_ids))])
-    if outside.size:
-        problems.append(f"{path}: label values {outside.tolist()} not among the task's ids {sorted(label_ids)}")
-    return problems
 
 
 def make_submission(prediction_dirs: list[str], zip_path: str, data_root: str | None = None) -> dict:
@@ -136,25 +95,14 @@ def make_submission(prediction_dirs: list[str], zip_path: str, data_root: str | 
             if expected and path.name not in images:
                 problems.append(f"{path}: no test image of that name in {Path(data_root) / task}")
                 continue
-            problems += _check_prediction(path, images.get(path.name), label_ids)
+            problems += check_label_map(path, images.get(path.name), label_ids)
             members[f"{task}/{path.name}"] = path
         missing = sorted(set(images) - {path.name for path in files})
         problems += [f"{folder / name}: missing prediction for test image {images[name]}" for name in missing]
     if problems:
         raise SubmissionError(problems)
 
-    zip_path = Path(zip_path)
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=zip_path.parent, prefix=f".{zip_path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        with zipfile.ZipFile(temp_name, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for member, path in members.items():
-                archive.write(path, member)
-        os.replace(temp_name, zip_path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
+    write_zip_atomically(members, zip_path)
     return {"zip_path": str(zip_path), "tasks": file_counts, "num_files": len(members)}
 
 
