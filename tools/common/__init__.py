@@ -9,5 +9,6 @@
 * ``engines``: timing the iterations of a bundle's trainer (an ignite engine);
 * ``stats``: small numeric helpers for reports (mean, ratio, number formatting);
 * ``scalars``: scalars from TensorBoard event files;
+* ``submission``: leaderboard submissions: checking a predicted label map against its test image, atomic zips;
 * ``cli``: a function exposed as a command line by ``fire``, with logging and a failure message.
 """
