@@ -66,7 +66,7 @@ def test_copy_is_fixed_to_the_task_with_checkpoints_in_its_models_folder(label_c
     assert json.loads((MSD_DIR / "configs" / "train.json").read_text())["task"] == "Task09_Spleen"
 
 
-def test_copy_metadata_describes_the_task_from_its_dataset_json(label_copy, task_dir):
+def test_copy_metadata_describes_the_task_as_its_dataset_json_does(label_copy, task_dir):
     meta = json.loads((label_copy / "configs" / "metadata.json").read_text())
     dataset = json.loads((task_dir / "dataset.json").read_text())
     image = meta["network_data_format"]["inputs"]["image"]
@@ -103,3 +103,19 @@ def test_a_dataset_of_another_task_fails_naming_it_and_leaves_no_copy(tmp_path, 
     with pytest.raises(LabelBundleError, match="does not describe Task09_Spleen"):
         msd_label_bundle("Task09_Spleen", str(task_dir), str(tmp_path / "spleen"))
     assert not (tmp_path / "spleen").exists()
+
+
+def test_without_a_dataset_the_copy_describes_the_task_from_its_task_file_and_infers(tmp_path):
+    """A copy for inference (MONAI Deploy): no dataset folder anywhere; metadata and network from the task file."""
+    out = msd_label_bundle("Task05_Prostate", output=str(tmp_path / "prostate"))
+    task_file = json.loads((MSD_DIR / "configs" / "tasks" / "Task05_Prostate.json").read_text())
+    meta = json.loads((out / "configs" / "metadata.json").read_text())["network_data_format"]
+    assert meta["inputs"]["image"]["channel_def"] == task_file["channel_names"] == {"0": "T2", "1": "ADC"}
+    assert meta["outputs"]["pred"]["channel_def"] == task_file["label_names"]
+    train = json.loads((out / "configs" / "train.json").read_text())
+    assert train["dataset_dir"] == json.loads((MSD_DIR / "configs" / "train.json").read_text())["dataset_dir"]
+    infer = _parsed(out, "inference.json", ["task", "ckpt_path", "label_names", "spacing", "network_def"])
+    assert infer["task"] == "Task05_Prostate" and Path(infer["ckpt_path"]) == out / "models" / "model.pt"
+    assert infer["label_names"] == {0: "background", 1: "PZ", 2: "TZ"} and infer["spacing"] == task_file["spacing"]
+    with pytest.raises(LabelBundleError, match="--output"):
+        msd_label_bundle("Task05_Prostate")

@@ -79,6 +79,54 @@ def test_task_settings_come_from_the_task_file_and_dataset_json(task, tasks_root
     assert names.count("RandFlipd") == len(task_file["augmentation"]["flip_axes"])
 
 
+@pytest.mark.parametrize("task", list(MSD_TASKS))
+def test_task_files_name_the_channels_and_labels_of_the_decathlons_dataset_json(task):
+    """The bundle's own copy of what each task's dataset.json says (mimicked by tools/make_msd_tasks.py)."""
+    _, modality, labels, _ = MSD_TASKS[task]
+    task_file = json.loads((CONFIGS / "tasks" / f"{task}.json").read_text())
+    assert (task_file["channel_names"], task_file["label_names"]) == (modality, labels)
+    assert "num_channels" not in task_file and "num_labels" not in task_file  # the counts follow from the names
+
+
+@pytest.mark.parametrize("task", ["Task09_Spleen", "Task05_Prostate"])
+def test_inference_needs_no_dataset_json(task, tmp_path):
+    """Labels, spacing, ROI, intensity and the network come from the bundle alone; dataset_dir does not exist."""
+    channels, labels, rule = EXPECTED[task]
+    task_file = json.loads((CONFIGS / "tasks" / f"{task}.json").read_text())
+    with bundle_on_path(MSD_DIR):
+        parser = btcv_workflow(
+            ["inference.json"], "infer", MSD_DIR, task=task, dataset_dir=str(tmp_path / "nowhere"), **MSD_INFER_SMALL
+        ).parser
+        assert parser.get_parsed_content("label_names") == {int(k): v for k, v in task_file["label_names"].items()}
+        assert (parser.get_parsed_content("in_channels"), parser.get_parsed_content("num_classes")) == (
+            channels,
+            labels,
+        )
+        assert parser.get_parsed_content("spacing") == task_file["spacing"]
+        assert parser.get_parsed_content("intensity")["type"] == rule
+        names = [type(t).__name__ for t in parser.get_parsed_content("preprocessing").transforms]
+        net = parser.get_parsed_content("network_def")
+    assert ("ScaleIntensityRanged" in names) == (rule == "ct_window")
+    assert net.out.conv.conv.out_channels == labels
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_dataset_json_label_names_that_differ_are_a_warning_and_the_task_files_are_used(tmp_path, caplog):
+    folder = write_msd_task(tmp_path, "Task09_Spleen", num_training=1, num_test=0, shape=(8, 8, 8))
+    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset["labels"] = {"0": "background", "1": "Spleen (renamed)"}
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    bundle_log = logging.getLogger("swin_unetr_msd")
+    bundle_log.addHandler(caplog.handler)  # the bundle's logging.conf does not propagate it to the root
+    try:
+        with bundle_on_path(MSD_DIR):
+            parser = btcv_workflow(["train.json"], "train", MSD_DIR, task="Task09_Spleen", dataset_dir=str(folder))
+            assert parser.parser.get_parsed_content("label_names") == {0: "background", 1: "spleen"}
+    finally:
+        bundle_log.removeHandler(caplog.handler)
+    assert "Spleen (renamed)" in caplog.text and "using the task file's" in caplog.text
+
+
 def _spleen_folder_error(tasks_root, task: str, key: str) -> str:
     """The error text of parsing ``key`` for ``task`` on the Task09_Spleen folder (which must fail)."""
     with bundle_on_path(MSD_DIR):
@@ -273,10 +321,9 @@ def test_metadata_describes_the_default_task():
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     spleen = json.loads((CONFIGS / "tasks" / "Task09_Spleen.json").read_text())
     train = json.loads((CONFIGS / "train.json").read_text())
-    assert (
-        train["task"] == "Task09_Spleen"
-        and spleen["num_labels"] == meta["network_data_format"]["outputs"]["pred"]["num_channels"]
-    )
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert train["task"] == "Task09_Spleen" and len(spleen["label_names"]) == pred["num_channels"]
+    assert pred["channel_def"] == spleen["label_names"]
 
 
 def test_a_metadata_copy_for_another_task_names_its_channels_and_labels(tasks_root, tmp_path):

@@ -37,7 +37,7 @@ MODEL_PATH = "$@bundle_root + '/models/model.pt'"
 
 
 class LabelBundleError(ValueError):
-    """The copy cannot be written: bad task, missing dataset.json, existing output, failed metadata run."""
+    """The copy cannot be written: bad task, missing dataset.json, no or existing output, failed metadata run."""
 
 
 def known_tasks(bundle_dir: Path = MSD_DIR) -> list[str]:
@@ -45,13 +45,13 @@ def known_tasks(bundle_dir: Path = MSD_DIR) -> list[str]:
     return sorted(p.stem for p in (bundle_dir / "configs" / "tasks").glob("*.json"))
 
 
-def check_inputs(task: str, dataset_dir: Path, output: Path, overwrite: bool) -> None:
+def check_inputs(task: str, dataset_dir: Path | None, output: Path, overwrite: bool) -> None:
     """Fail, naming the file or folder, on an unknown task, a missing ``dataset.json`` or an existing output."""
     tasks = known_tasks()
     if task not in tasks:
         raise LabelBundleError(f"unknown task {task!r}: {MSD_DIR / 'configs' / 'tasks'} has {tasks}")
-    dataset_json = dataset_dir / "dataset.json"
-    if not dataset_json.is_file():
+    dataset_json = dataset_dir / "dataset.json" if dataset_dir is not None else None
+    if dataset_json is not None and not dataset_json.is_file():
         raise LabelBundleError(f"{dataset_json} not found: --dataset_dir must be the task folder holding dataset.json")
     if output.exists() and not overwrite:
         raise LabelBundleError(f"{output} exists; pass --overwrite to replace it")
@@ -85,10 +85,15 @@ def set_knobs(config: Path, knobs: dict[str, Any]) -> None:
     write_json(config, content)
 
 
-def write_task_metadata(output: Path, task: str) -> Path:
-    """Run the copy's ``configs/task_metadata.json`` and make its output the copy's ``configs/metadata.json``."""
+def write_task_metadata(output: Path, task: str, check_dataset: bool) -> Path:
+    """Run the copy's ``configs/task_metadata.json`` and make its output the copy's ``configs/metadata.json``.
+
+    With ``check_dataset``, it runs on ``train.json``, whose task settings check the task's ``dataset.json``;
+    otherwise on ``inference.json``, which reads the task file alone.
+    """
     configs = output / "configs"
-    cmd = bundle_command(None, ["configs/train.json", "configs/task_metadata.json"], {})
+    base = "configs/train.json" if check_dataset else "configs/inference.json"
+    cmd = bundle_command(None, [base, "configs/task_metadata.json"], {})
     done = subprocess.run(cmd, cwd=output, capture_output=True, text=True, check=False)
     written = configs / f"metadata_{task}.json"
     if done.returncode != 0 or not written.is_file():
@@ -103,26 +108,32 @@ def write_task_metadata(output: Path, task: str) -> Path:
     return configs / "metadata.json"
 
 
-def msd_label_bundle(task: str, dataset_dir: str, output: str, overwrite: bool = False) -> Path:
-    """Write a MONAI-Label-ready copy of the MSD bundle for ``task`` to ``output``; return ``output``.
+def msd_label_bundle(
+    task: str, dataset_dir: str | None = None, output: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write a single-task copy of the MSD bundle for ``task`` to ``output``; return ``output``.
 
     Args:
         task: the Decathlon task, e.g. ``Task09_Spleen`` (one of the bundle's ``configs/tasks``).
-        dataset_dir: the task folder holding ``dataset.json`` (the server reads the task settings with it).
+        dataset_dir: the task folder holding ``dataset.json``, for training (MONAI Label's /train);
+            optional: inference reads nothing but the copy.
         output: the copy's folder, e.g. ``apps/monaibundle/model/swin_unetr_msd_spleen``.
         overwrite: replace an existing ``output``.
     """
-    data = Path(dataset_dir).expanduser().resolve()
+    if not output:
+        raise LabelBundleError("--output (the copy's folder) is required")
+    data = Path(dataset_dir).expanduser().resolve() if dataset_dir else None
     out = Path(output).expanduser().resolve()
     check_inputs(task, data, out, overwrite)
     copy_bundle(out)
     configs = out / "configs"
+    where = {"dataset_dir": str(data)} if data is not None else {}
     try:
-        set_knobs(configs / "train.json", {"task": task, "dataset_dir": str(data), "ckpt_dir": CKPT_DIR})
-        set_knobs(configs / "inference.json", {"task": task, "dataset_dir": str(data), "ckpt_path": MODEL_PATH})
-        meta = write_task_metadata(out, task)
+        set_knobs(configs / "train.json", {"task": task, "ckpt_dir": CKPT_DIR, **where})
+        set_knobs(configs / "inference.json", {"task": task, "ckpt_path": MODEL_PATH, **where})
+        meta = write_task_metadata(out, task, check_dataset=data is not None)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # no half-made copy for MONAI Label to pick up
+        shutil.rmtree(out, ignore_errors=True)  # no half-made copy for a client to pick up
         raise
     labels = json.loads(meta.read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
     logger.info(f"{out}: {task}, labels {labels}, checkpoints in {out / 'models'}")

@@ -1,11 +1,14 @@
-"""MONAI Deploy application: a DICOM CT series in, a DICOM SEG of the 13 BTCV organs out (Swin UNETR BTCV bundle).
+"""MONAI Deploy application: a DICOM CT series in, a DICOM SEG out, with the segments the bundle's metadata names.
 
     python apps/btcv_seg_deploy/app.py -i <DICOM folder> -o <output folder> -m <bundle folder | model.ts>
 
-``-m`` is either the bundle folder itself (``bundles/swin_unetr_btcv_seg`` with ``models/model.pt``; the Deploy
+Written for the Swin UNETR BTCV bundle (13 organs); it runs any of this project's CT segmentation bundles whose
+``configs/inference.json`` the Deploy operator can run, e.g. the MSD bundle's single-task copy of Task09_Spleen
+(``tools/msd_label_bundle.py``). ``-m`` is either the bundle folder itself (with ``models/model.pt``; the Deploy
 operator puts the folder on ``sys.path`` and runs ``configs/inference.json`` with the bundle's own inferer) or a
-TorchScript ``model.ts`` exported with the ``inference_deploy.json`` overlay (MONAI's own classes only; see README.md).
-The segment labels are the bundle's ``channel_def`` (configs/metadata.json, or extra/metadata.json in the archive).
+TorchScript ``model.ts`` exported with the BTCV bundle's ``inference_deploy.json`` overlay (MONAI's own classes only;
+see README.md). The segments are the foreground labels of the bundle's ``channel_def`` (configs/metadata.json, or
+extra/metadata.json in the archive), and the algorithm name is the bundle's ``name``.
 Runs with the MONAI Deploy App SDK (tests/clients/requirements-deploy.txt); needs nothing from this repository.
 """
 
@@ -37,7 +40,8 @@ from pydicom.sr.coding import Code
 ARCHIVE_CONFIGS = ["inference", "inference_deploy"]
 DIRECTORY_CONFIGS = ["inference"]
 
-# SNOMED CT codes of the BTCV organs, by channel_def name. Left/right structures have codes of their own.
+# SNOMED CT codes of the organs, by channel_def name (the BTCV organs; MSD's spleen, liver, pancreas). Left/right
+# structures have codes of their own. Other names (e.g. MSD's tumours) are typed as "Anatomical structure".
 ORGAN_CODES = {
     "spleen": codes.SCT.Spleen,
     "right kidney": Code("9846003", "SCT", "Right kidney"),
@@ -81,15 +85,17 @@ def segment_descriptions(metadata: dict) -> list[SegmentDescription]:
     if labels != list(range(1, len(labels) + 1)):
         raise ValueError(f"channel_def labels must be 1..N after the background, got {labels}")
     version = str(metadata.get("version", ""))
+    algorithm = str(metadata.get("name", "Swin UNETR"))
     descriptions = []
     for label in labels:
         name = channel_def[str(label)]
+        organ = ORGAN_CODES.get(name.lower())
         descriptions.append(
             SegmentDescription(
                 segment_label=name,
-                segmented_property_category=codes.SCT.Organ,
-                segmented_property_type=ORGAN_CODES.get(name, codes.SCT.AnatomicalStructure),
-                algorithm_name="swin_unetr_btcv_seg",
+                segmented_property_category=codes.SCT.Organ if organ else codes.SCT.AnatomicalStructure,
+                segmented_property_type=organ or codes.SCT.AnatomicalStructure,
+                algorithm_name=algorithm,
                 algorithm_family=codes.DCM.ArtificialIntelligence,
                 algorithm_version=version,
             )
@@ -97,8 +103,8 @@ def segment_descriptions(metadata: dict) -> list[SegmentDescription]:
     return descriptions
 
 
-class BTCVSegApp(Application):
-    """DICOM series -> Swin UNETR BTCV bundle -> DICOM SEG with the 13 organs."""
+class BundleSegApp(Application):
+    """DICOM CT series -> the bundle's inference -> DICOM SEG with one segment per foreground label of channel_def."""
 
     def compose(self):
         app_context: AppContext = Application.init_app_context(self.argv)
@@ -142,4 +148,4 @@ class BTCVSegApp(Application):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    BTCVSegApp().run()
+    BundleSegApp().run()

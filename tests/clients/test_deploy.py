@@ -1,4 +1,4 @@
-"""The BTCV bundle in the real MONAI Deploy App SDK 4.0.0 (apps/btcv_seg_deploy), as a directory bundle and as model.ts.
+"""The BTCV and MSD bundles in the real MONAI Deploy App SDK 4.0.0 (apps/btcv_seg_deploy).
 
 A small copy of the bundle (feature size 12, 64^3 windows, written into its configs, since a model.ts archive
 carries the configs as they are on disk) gets weights saved the bundle's way: ``{"model": state dict,
@@ -8,6 +8,11 @@ a folder that is not the bundle's, on (a) the bundle folder and (b) a traced mod
 ``inference_deploy.json`` overlay. Each DICOM SEG must reference the input series, put its frames on the input
 slices, describe the 13 organs, and hold the labels that the same bundle predicts in memory (project venv) on the
 same series: ``inference.json`` for the folder, ``inference.json`` + ``inference_deploy.json`` for model.ts.
+
+The MSD bundle runs as the single-task copy of Task09_Spleen that ``tools/msd_label_bundle.py`` writes with no
+dataset folder (the task file gives labels, spacing, ROI and intensity), small sizes written into its
+``inference.json`` and random weights saved the bundle's way, through the operator's ``bundle_path``: the SEG has one
+segment, "spleen", from the copy's ``channel_def``, and equals the copy's in-memory prediction.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from tests.conftest import PHANTOM_SHAPE, PHANTOM_SPACING, run_workflow
 from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_parser, forget_scripts_modules
+from tools.msd_label_bundle import msd_label_bundle
 
 pytestmark = pytest.mark.clients
 
@@ -34,6 +40,7 @@ SMALL_KNOBS = {"feature_size": 12, "roi_size": [64, 64, 64], "sw_batch_size": 1,
 TRACE_SHAPE = "[1, 1, 64, 64, 64]"  # = roi_size: a traced network runs only at its traced shape
 # model.ts runs a traced network: float32 like the eager overlay run, but not bit-identical.
 MODEL_TS_AGREEMENT = 0.999
+MSD_TASK = "Task09_Spleen"
 
 
 def export_command(bundle: Path, model_ts: Path) -> list[str]:
@@ -61,20 +68,16 @@ def export_command(bundle: Path, model_ts: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory) -> dict:
-    """The small bundle copy with weights, its model.ts, and a DICOM series of one phantom CT."""
-    from tools.make_dicom_series import write_dicom_series
-    from tools.make_phantoms import make_phantom
+def small_copy_with_weights(bundle: Path) -> None:
+    """Write SMALL_KNOBS into the copy's inference.json and save random weights the bundle's way in models/model.pt.
 
-    root = tmp_path_factory.mktemp("deploy")
-    bundle = root / "swin_unetr_btcv_seg"
-    shutil.copytree(BTCV_DIR, bundle, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    ``{"model": state dict, "network_record": ...}`` with the legacy (monai <= 1.4) patch-merging order, which only
+    the record tells apart.
+    """
     config_file = bundle / "configs" / "inference.json"
     config = json.loads(config_file.read_text())
     config.update(SMALL_KNOBS)
     config_file.write_text(json.dumps(config, indent=4) + "\n")
-
     parser = bundle_parser(bundle, "inference.json", {"patch_merging": "legacy", "ckpt_path": ""})
     parser["network_record"] = "$scripts.encoder_weights.NetworkRecord(@network_def).state_dict()"  # as train.json
     torch.manual_seed(0)
@@ -83,31 +86,63 @@ def case(tmp_path_factory) -> dict:
     forget_scripts_modules()
     sys.path.remove(str(bundle))  # bundle_parser put the copy's scripts first on sys.path
     assert record["patch_merging"] == "legacy"
-    (bundle / "models").mkdir()
+    (bundle / "models").mkdir(exist_ok=True)
     torch.save({"model": network.state_dict(), "network_record": record}, bundle / "models" / "model.pt")
 
-    model_ts = root / "export" / "model.ts"  # outside models/: the SDK would prefer models/model.ts over model.pt
-    model_ts.parent.mkdir()
-    done = subprocess.run(export_command(bundle, model_ts), cwd=bundle, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+def phantom_series(root: Path) -> tuple[Path, np.ndarray]:
+    """A DICOM series of one phantom CT (tools/make_dicom_series.py) and its affine."""
+    from tools.make_dicom_series import write_dicom_series
+    from tools.make_phantoms import make_phantom
 
     image, _, affine = make_phantom(21, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
     if np.linalg.det(affine[:3, :3]) < 0:  # a DICOM series stacks slices along the right-handed normal
         affine[:, 2] *= -1
     series = root / "dicom" / "ct"
     write_dicom_series(image, affine, str(series))
+    return series, affine
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict:
+    """The small bundle copy with weights, its model.ts, and a DICOM series of one phantom CT."""
+    root = tmp_path_factory.mktemp("deploy")
+    bundle = root / "swin_unetr_btcv_seg"
+    shutil.copytree(BTCV_DIR, bundle, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    small_copy_with_weights(bundle)
+
+    model_ts = root / "export" / "model.ts"  # outside models/: the SDK would prefer models/model.ts over model.pt
+    model_ts.parent.mkdir()
+    done = subprocess.run(export_command(bundle, model_ts), cwd=bundle, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    series, affine = phantom_series(root)
     return {"root": root, "bundle": bundle, "model_ts": model_ts, "series": series, "affine": affine}
+
+
+@pytest.fixture(scope="module")
+def msd_case(tmp_path_factory) -> dict:
+    """The MSD bundle's Task09_Spleen copy (no dataset folder), small, with weights; a phantom series; a datalist."""
+    root = tmp_path_factory.mktemp("deploy_msd")
+    bundle = msd_label_bundle(MSD_TASK, output=str(root / "swin_unetr_msd_spleen"))
+    small_copy_with_weights(bundle)
+    series, affine = phantom_series(root)
+    datalist = root / "datalist.json"  # the in-memory run: the MSD bundle lists cases from a datalist or dataset.json
+    datalist.write_text(json.dumps({"testing": [{"image": str(series)}]}))
+    return {"root": root, "bundle": bundle, "series": series, "affine": affine, "datalist": datalist}
 
 
 def in_memory_prediction(case: dict, configs: list[str]) -> np.ndarray:
     """The bundle's label map of the series, predicted in this process: the evaluator's post-processed output."""
     bundle = case["bundle"]
+    listing = {"datalist": str(case["datalist"])} if "datalist" in case else {}
     workflow = run_workflow(
         configs,
         "infer",
         bundle,
         dataset_dir=str(case["series"].parent),
         output_dir=str(case["root"] / f"pred_{len(configs)}"),
+        **listing,
     )
     (item,) = workflow.parser.get_parsed_content("evaluator").state.output
     pred = item["pred"]
@@ -138,7 +173,9 @@ def seg_label_map(seg: pydicom.Dataset, slices: list[pydicom.Dataset]) -> np.nda
         distance = np.abs(by_position - position).max(axis=1)
         k = int(distance.argmin())
         assert distance[k] < 1e-3, f"SEG frame at {position} lies on no input slice"
-        segment = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        # with one segment, highdicom puts its identification into the shared functional groups
+        identification = group if "SegmentIdentificationSequence" in group else seg.SharedFunctionalGroupsSequence[0]
+        segment = int(identification.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         mask = frame.T > 0  # rows follow j, columns follow i (tools/make_dicom_series.py)
         assert not labels[..., k][mask].any(), "segments overlap"
         labels[..., k][mask] = segment
@@ -156,10 +193,12 @@ def check_seg(seg_file: Path, case: dict) -> np.ndarray:
     assert referenced.SeriesInstanceUID == slices[0].SeriesInstanceUID
     instances = {item.ReferencedSOPInstanceUID for item in referenced.ReferencedInstanceSequence}
     assert instances <= {s.SOPInstanceUID for s in slices}
-    channel_def = json.loads((case["bundle"] / "configs" / "metadata.json").read_text())["network_data_format"]
-    organs = channel_def["outputs"]["pred"]["channel_def"]
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == [organs[str(i)] for i in range(1, 14)]
-    assert [s.SegmentNumber for s in seg.SegmentSequence] == list(range(1, 14))
+    meta = json.loads((case["bundle"] / "configs" / "metadata.json").read_text())
+    organs = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    labels = range(1, len(organs))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [organs[str(i)] for i in labels]
+    assert [s.SegmentNumber for s in seg.SegmentSequence] == list(labels)
+    assert {s.SegmentAlgorithmName for s in seg.SegmentSequence} == {meta["name"]}
     return seg_label_map(seg, slices)
 
 
@@ -178,3 +217,14 @@ def test_deploy_app_on_the_exported_model_ts(deploy_python, case):
     assert labels.shape == expected.shape
     agreement = float(np.mean(labels == expected))
     assert agreement >= MODEL_TS_AGREEMENT, f"model.ts labels agree on {agreement:.4%} of voxels"
+
+
+def test_deploy_app_on_the_msd_single_task_copy(deploy_python, msd_case):
+    meta = json.loads((msd_case["bundle"] / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "spleen"}
+    expected = in_memory_prediction(msd_case, ["inference.json"])
+    labels = check_seg(run_deploy_app(deploy_python, msd_case["bundle"], msd_case, "msd_directory"), msd_case)
+    assert labels.shape == expected.shape
+    assert 0.01 < np.mean(expected == 1) < 0.99, "a prediction of one label would test little"
+    mismatch = np.count_nonzero(labels != expected)
+    assert mismatch == 0, f"{mismatch} of {labels.size} voxels differ from the in-memory prediction"

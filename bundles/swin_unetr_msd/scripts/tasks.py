@@ -1,11 +1,12 @@
-"""Per-task settings: the bundle's ``configs/tasks/<task>.json`` joined with the task's ``dataset.json``.
+"""Per-task settings: the bundle's ``configs/tasks/<task>.json``, checked against ``dataset.json`` for training.
 
 The task file holds what the bundle chooses (intensity normalisation, target spacing, ROI,
-augmentation, NSD tolerances) and what the Decathlon fixes for the task (modality kind, channel
-and label counts), which is used to check the ``dataset.json`` found in the data folder. Channel
-names and label ids and names are read from ``dataset.json`` only. The network's shape (channel and
-label counts) needs the task file alone (``read_task_file``), so ``network_def`` builds without a
-``dataset.json`` on disk.
+augmentation, NSD tolerances) and what the Decathlon fixes for the task: the modality kind, and the
+input channel and label names by id (as in the Decathlon's ``dataset.json``: ``channel_names`` is its
+``modality``, ``label_names`` its ``labels``). The counts follow from the names. Everything inference
+needs comes from the task file alone (``read_task_file``), so the bundle runs, and ``network_def``
+builds, without any ``dataset.json`` on disk. ``load_task`` checks a ``dataset.json`` against the task
+file (training and evaluation read their cases from it); the task file's names are the ones used.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ TASK_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), os.pardir, "
 _TASK_KEYS = (
     "task",
     "modality",
-    "num_channels",
-    "num_labels",
+    "channel_names",
+    "label_names",
     "intensity",
     "spacing",
     "roi_size",
@@ -94,8 +95,10 @@ def _indexed_names(mapping: Any, path: str, field: str) -> dict[int, str]:
 def read_task_file(task: str, task_dir: str = TASK_DIR) -> dict[str, Any]:
     """The bundle's settings of ``task`` (``<task_dir>/<task>.json``) alone, checked; no ``dataset.json`` is read.
 
-    Enough to build the network: ``num_channels`` and ``num_labels`` are the Decathlon's counts for
-    the task. Raises ``TaskSettingsError`` naming the file for an unknown task or a malformed file.
+    Returns the file's entries, with ``channel_names`` and ``label_names`` as ``{id: name}`` (ids 0..n-1),
+    plus the counts that follow from them: ``num_channels`` = ``in_channels`` and ``num_labels`` =
+    ``num_classes`` (background included). Raises ``TaskSettingsError`` naming the file for an unknown
+    task or a malformed file.
     """
     if task not in TASKS:
         raise TaskSettingsError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
@@ -111,19 +114,26 @@ def read_task_file(task: str, task_dir: str = TASK_DIR) -> dict[str, Any]:
         raise TaskSettingsError(
             f"{task_file}: intensity type must be {CT_WINDOW!r} or {ZSCORE_NONZERO!r}, got {kind!r}"
         )
-    return settings
+    channels = _indexed_names(settings["channel_names"], task_file, "channel_names")
+    labels = _indexed_names(settings["label_names"], task_file, "label_names")
+    if len(settings["nsd_tolerance_mm"]) != len(labels) - 1:
+        raise TaskSettingsError(
+            f"{task_file}: nsd_tolerance_mm needs one value per foreground label "
+            f"({len(labels) - 1}), got {len(settings['nsd_tolerance_mm'])}"
+        )
+    counts = {"num_channels": len(channels), "in_channels": len(channels)}
+    counts.update(num_labels=len(labels), num_classes=len(labels))
+    return dict(settings, channel_names=channels, label_names=labels, **counts)
 
 
 def load_task(task: str, dataset_json: str, task_dir: str = TASK_DIR) -> dict[str, Any]:
-    """Settings of ``task`` from ``<task_dir>/<task>.json`` (the bundle's), checked against and joined with
-    ``dataset_json``.
+    """Settings of ``task`` (``read_task_file``), checked against the task's ``dataset_json``.
 
-    Returns a dict with the task file's entries plus ``in_channels``, ``channel_names`` (id -> name),
-    ``num_classes`` and ``label_names`` (id -> name, background included), read from ``dataset_json``.
-    Raises ``TaskSettingsError`` naming the file for an unknown task, a malformed file, or a
-    ``dataset.json`` whose channels or labels do not match the task (e.g. the wrong task folder).
+    Returns ``read_task_file``'s settings. Raises ``TaskSettingsError`` naming the file for an unknown
+    task, a malformed file, or a ``dataset.json`` whose channel or label counts do not match the task
+    (e.g. the wrong task folder). Names that differ from the task file's are logged as a warning; the
+    task file's are used.
     """
-    task_file = os.path.join(task_dir, f"{task}.json")
     settings = read_task_file(task, task_dir)
     dataset = read_task_json(dataset_json, f"dataset.json of {task}")
     channels = _indexed_names(dataset.get("modality"), dataset_json, "modality")
@@ -143,18 +153,16 @@ def load_task(task: str, dataset_json: str, task_dir: str = TASK_DIR) -> dict[st
             + "; ".join(problems)
             + ". Is dataset_dir the right task folder?"
         )
-    tolerances = settings["nsd_tolerance_mm"]
-    if len(tolerances) != len(labels) - 1:
-        raise TaskSettingsError(
-            f"{task_file}: nsd_tolerance_mm needs one value per foreground label "
-            f"({len(labels) - 1}), got {len(tolerances)}"
-        )
-    settings = dict(
-        settings, in_channels=len(channels), channel_names=channels, num_classes=len(labels), label_names=labels
-    )
+    for field, found, own in (("modality", channels, "channel_names"), ("labels", labels, "label_names")):
+        if found != settings[own]:
+            logger.warning(
+                f"{dataset_json}: '{field}' {found} differs from the task file's {own} {settings[own]}; "
+                f"using the task file's"
+            )
     logger.info(
-        f"{task}: {len(channels)} channel(s) {list(channels.values())}, labels {labels}, "
-        f"intensity {settings['intensity']}, spacing {settings['spacing']} mm, ROI {settings['roi_size']}"
+        f"{task}: {settings['num_channels']} channel(s) {list(settings['channel_names'].values())}, "
+        f"labels {settings['label_names']}, intensity {settings['intensity']}, "
+        f"spacing {settings['spacing']} mm, ROI {settings['roi_size']}"
     )
     return settings
 
