@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import HausdorffDistance
+from monai.metrics import compute_dice
 from monai.utils import ImageMetaKey
 
 from .bundle_logger import logger
 
-__all__ = ["BEST_METRICS", "HausdorffDistanceMM", "OrganMetricsReport", "split_key_metric"]
+__all__ = ["BEST_METRICS", "HausdorffDistanceMM", "OrganMetricsReport", "label_map_dice", "split_key_metric"]
 
 # ``best_metric`` knob value -> the Dice handler's name: organs only, or with background as the research code
 BEST_METRICS = {"organs": "val_mean_dice", "with_background": "val_mean_dice_with_background"}
@@ -47,6 +48,24 @@ class HausdorffDistanceMM(HausdorffDistance):
         for pred, label in zip(y_pred, y):
             spacing = [float(s) for s in pred.pixdim] if hasattr(pred, "pixdim") else None
             self.metric_fn([pred], [label], spacing=spacing)
+
+
+def label_map_dice(pred: Any, reference: Any, labels: Sequence[int]) -> np.ndarray:
+    """Dice of each label in ``labels`` between two label maps of one case (same shape; arrays or tensors).
+
+    Computed one label at a time with MONAI's ``compute_dice`` (``ignore_empty=True``), the
+    definition behind the evaluators' ``MeanDice``: NaN where the reference lacks the label, so the
+    means skip it as they do. One label at a time keeps memory at two masks of the volume's size,
+    where a one-hot map of a full-size CT would take gigabytes.
+    """
+    pred, reference = torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(reference))
+    if pred.shape != reference.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from the reference's {tuple(reference.shape)}")
+    values = []
+    for label in labels:
+        p, r = (pred == label)[None, None].float(), (reference == label)[None, None].float()
+        values.append(float(compute_dice(p, r, include_background=True, ignore_empty=True)[0, 0]))
+    return np.array(values, dtype=float)
 
 
 def _finite_mean(values: np.ndarray) -> float | None:
