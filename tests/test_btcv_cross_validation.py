@@ -56,7 +56,7 @@ def test_fold_splits_are_disjoint_seeded_and_cover_the_pooled_lists(tmp_path):
         assert split(0) == split(0) and [split(k, seed=7) for k in range(3)] != validation
         assert len({n for k in range(3) for n in split(k, pool=["training"])}) == 7
         assert split(None) == [i["image"] for i in items[7:] + items[:1]]  # no fold: the datalist's own list
-        with pytest.raises(ValueError, match="fold must be an integer in 0..2"):
+        with pytest.raises(ValueError, match="fold must be 0..2"):
             split(3)
     for fold, suffix in ((None, ""), (1, "/fold1")):
         with bundle_on_path(BTCV_DIR):
@@ -178,16 +178,18 @@ def test_lcc_labels_that_are_not_organ_ids_fail_clearly(value):
 
 
 def test_inference_with_lcc_leaves_one_component_per_organ(trained, phantom_dir, tmp_path):
+    """With every organ listed (as an overlay file, the way choose_postprocessing's output is used)."""
+    overlay = tmp_path / "lcc_labels.json"
+    overlay.write_text(json.dumps({"lcc_labels": list(range(1, 14))}))
     maps = {}
-    for name, labels in (("plain", []), ("lcc", list(range(1, 14)))):
+    for name, configs in (("plain", ["inference.json"]), ("lcc", ["inference.json", str(overlay)])):
         run_workflow(
-            ["inference.json"],
+            configs,
             "infer",
             dataset_dir=str(phantom_dir),
             datalist=str(phantom_dir / "datalist.json"),
             output_dir=str(tmp_path / name),
             ckpt_path=str(trained["model"]),
-            lcc_labels=labels,
             num_workers=0,
             **INFER_SMALL,
         )
@@ -195,7 +197,7 @@ def test_inference_with_lcc_leaves_one_component_per_organ(trained, phantom_dir,
         maps[name] = np.asarray(nib.load(out).dataobj)
     plain, lcc = maps["plain"], maps["lcc"]
     changed = plain != lcc
-    assert (lcc[changed] == 0).all()  # LCC only sets voxels to background
+    assert changed.any() and (lcc[changed] == 0).all()  # LCC removed islands, only setting voxels to background
     for organ in np.unique(lcc[lcc > 0]):
         assert ndimage.label(lcc == organ, structure=np.ones((3, 3, 3)))[1] == 1
         kept = lcc == organ

@@ -34,7 +34,7 @@ def fold_indices(num_cases: int, num_folds: int = 5, seed: int = 12345) -> list[
 def check_fold(fold: int, num_folds: int) -> int:
     """``fold`` as an int in ``0..num_folds - 1``; anything else is an error naming the knob."""
     if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= int(fold) < int(num_folds):
-        raise ValueError(f"fold must be an integer in 0..{int(num_folds) - 1} (num_folds {num_folds}), got {fold!r}")
+        raise ValueError(f"fold must be 0..{int(num_folds) - 1} (an integer; num_folds {num_folds}), got {fold!r}")
     return int(fold)
 
 
