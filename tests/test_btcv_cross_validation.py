@@ -10,7 +10,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigParser
+from monai.metrics import compute_dice
 from scipy import ndimage
 
 from tests.conftest import BTCV_DIR, REPO, SMALL, bundle_on_path, error_text, run_workflow
@@ -246,3 +248,19 @@ def test_chooser_keeps_lcc_only_for_organs_where_cv_dice_rises(tmp_path):
     assert rows[3]["cases"] == 2 and rows[3]["change"] == 0.0 and not rows[3]["lcc"]  # a tie keeps it off
     assert rows[4]["cases"] == 0 and rows[4]["dice_without_lcc"] is None and not rows[4]["lcc"]
     assert "| 1 | spleen | 4 |" in (tmp_path / "postprocessing.md").read_text()
+
+
+def test_label_map_dice_is_monai_compute_dice_with_ignore_empty():
+    rng = np.random.default_rng(3)
+    pred, ref = rng.integers(0, 5, (12, 10, 8)), rng.integers(0, 5, (12, 10, 8))
+    ref[ref == 3] = 0  # label 3 absent from the reference: NaN, as MeanDice leaves it out
+    pred[pred == 4] = 0  # label 4 absent from the prediction: 0
+    labels = [1, 2, 3, 4, 6]
+    with bundle_on_path(BTCV_DIR):
+        from scripts.metrics import label_map_dice
+
+        ours = label_map_dice(pred, ref, labels)
+    masks = [(torch.as_tensor(m) == v)[None, None].float() for v in labels for m in (pred, ref)]
+    monai = [float(compute_dice(masks[2 * i], masks[2 * i + 1], ignore_empty=True)[0, 0]) for i in range(len(labels))]
+    np.testing.assert_allclose(ours, monai, equal_nan=True)
+    assert np.isnan(ours[2]) and ours[3] == 0.0 and np.isnan(ours[4])

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import HausdorffDistance
-from monai.metrics import compute_dice
 from monai.utils import ImageMetaKey
 
 from .bundle_logger import logger
@@ -52,21 +51,27 @@ class HausdorffDistanceMM(HausdorffDistance):
 
 
 def label_map_dice(pred: Any, reference: Any, labels: Sequence[int]) -> np.ndarray:
-    """Dice of each label in ``labels`` between two label maps of one case (same shape; arrays or tensors).
+    """Dice of each label in ``labels`` between two integer label maps of one case (same shape).
 
-    Computed one label at a time with MONAI's ``compute_dice`` (``ignore_empty=True``), the
-    definition behind the evaluators' ``MeanDice``: NaN where the reference lacks the label, so the
-    means skip it as they do. One label at a time keeps memory at two masks of the volume's size,
-    where a one-hot map of a full-size CT would take gigabytes.
+    The definition of MONAI's ``compute_dice`` with ``ignore_empty=True``, which the evaluators'
+    ``MeanDice`` uses: ``2 |P & R| / (|P| + |R|)``, NaN where the reference lacks the label (so
+    the means skip it as they do). Counted with one ``bincount`` per map instead of a mask per
+    label: on a 512 x 512 x 147 map with 13 labels, 2.5 s instead of 38 s with ``compute_dice`` on
+    per-label masks (2-core Xeon, busy). ``tests/test_btcv_cross_validation.py`` checks it
+    against ``compute_dice``.
     """
-    pred, reference = torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(reference))
+    pred, reference = np.asarray(pred), np.asarray(reference)
     if pred.shape != reference.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from the reference's {tuple(reference.shape)}")
-    values = []
-    for label in labels:
-        p, r = (pred == label)[None, None].float(), (reference == label)[None, None].float()
-        values.append(float(compute_dice(p, r, include_background=True, ignore_empty=True)[0, 0]))
-    return np.array(values, dtype=float)
+        raise ValueError(f"prediction shape {pred.shape} differs from the reference's {reference.shape}")
+    if pred.size and min(pred.min(), reference.min()) < 0:
+        raise ValueError("label maps must hold non-negative label ids")
+    labels = [int(v) for v in labels]
+    size = max(labels + [int(pred.max(initial=0)), int(reference.max(initial=0))]) + 1
+    pred, reference = pred.astype(np.int64, copy=False).ravel(), reference.astype(np.int64, copy=False).ravel()
+    both = np.bincount(pred[pred == reference], minlength=size)[labels]
+    in_pred, in_ref = np.bincount(pred, minlength=size)[labels], np.bincount(reference, minlength=size)[labels]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(in_ref > 0, 2.0 * both / (in_pred + in_ref), np.nan)
 
 
 def _finite_mean(values: np.ndarray) -> float | None:
