@@ -21,6 +21,8 @@ ORGANS = json.loads((BTCV_DIR / "configs" / "metadata.json").read_text())["netwo
     "channel_def"
 ]
 INFER_SMALL = {k: SMALL[k] for k in ("feature_size", "roi_size", "sw_batch_size")}
+# where each config has its largest-connected-component step (after the argmax)
+LCC_STEP = {"inference.json": "postprocessing#transforms#3", "evaluate.json": "validate#postprocessing#transforms#4"}
 
 
 def _parser(configs: list[str], **overrides) -> ConfigParser:
@@ -161,21 +163,21 @@ def test_lcc_removes_a_planted_island_and_leaves_the_rest():
     seg[_blob(shape, (20, 20, 12), (22, 22, 14))] = 6
     seg[_blob(shape, (12, 2, 2), (18, 8, 8))] = 1  # spleen, and a spleen island
     seg[_blob(shape, (2, 20, 12), (4, 22, 14))] = 1
-    with bundle_on_path(BTCV_DIR):
-        lcc = _parser(["inference.json"], lcc_labels=[6]).get_parsed_content("keep_largest_component")
-        out = np.asarray(lcc({"pred": seg[None].copy()})["pred"])[0]
-        default = _parser(["inference.json"]).get_parsed_content("keep_largest_component")  # lcc_labels [] : off
-        np.testing.assert_array_equal(np.asarray(default({"pred": seg[None].copy()})["pred"])[0], seg)
     expected = seg.copy()
     expected[_blob(shape, (20, 20, 12), (22, 22, 14))] = 0  # only the liver island goes, to background
-    np.testing.assert_array_equal(out, expected)
+    for configs in (["inference.json"], ["train.json", "evaluate.json"]):
+        with bundle_on_path(BTCV_DIR):
+            lcc = _parser(configs, lcc_labels=[6]).get_parsed_content(LCC_STEP[configs[-1]])
+            default = _parser(configs).get_parsed_content(LCC_STEP[configs[-1]])  # lcc_labels [] : off
+        np.testing.assert_array_equal(np.asarray(lcc({"pred": seg[None].copy()})["pred"])[0], expected)
+        np.testing.assert_array_equal(np.asarray(default({"pred": seg[None].copy()})["pred"])[0], seg)
 
 
 @pytest.mark.parametrize("value", [[0], [14], ["liver"], [3, 3], "6"])
 def test_lcc_labels_that_are_not_organ_ids_fail_clearly(value):
     for configs in (["inference.json"], ["train.json", "evaluate.json"]):
         with bundle_on_path(BTCV_DIR), pytest.raises(Exception) as info:
-            _parser(configs, lcc_labels=value).get_parsed_content("keep_largest_component")
+            _parser(configs, lcc_labels=value).get_parsed_content(LCC_STEP[configs[-1]])
         assert "lcc_labels" in error_text(info.value)
 
 

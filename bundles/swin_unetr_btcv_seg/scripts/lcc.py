@@ -4,6 +4,9 @@ For each organ id in ``lcc_labels``, MONAI's ``KeepLargestConnectedComponentd`` 
 largest connected component in the label map (full connectivity: 26 neighbours in 3D) and sets its
 other components to background; other organs are left as they are. An empty list (the default)
 changes nothing. ``tools/choose_postprocessing.py`` picks the list from cross-validation predictions.
+inference.json and evaluate.json write the step out after the argmax (``applied_labels`` checked by
+``check_lcc_labels``, ``is_onehot`` false, ``independent`` true); ``keep_largest_component`` builds the
+same step for the tools.
 MONAI computes the components with scikit-image (``skimage.measure.label``), or cuCIM on a GPU.
 """
 
