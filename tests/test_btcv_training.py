@@ -146,6 +146,8 @@ def test_two_process_ddp_training_on_cpu(phantom_dir, tmp_path):
         "datalist": str(phantom_dir / "datalist.json"),
         "bundle_root": str(tmp_path),
         "lr_scaling": "linear",
+        "fold": 1,
+        "num_folds": 2,
     }
     args = [f"--{k}={v!r}" if isinstance(v, list) else f"--{k}={v}" for k, v in overrides.items()]
     cmd = [
@@ -164,7 +166,8 @@ def test_two_process_ddp_training_on_cpu(phantom_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(BTCV_DIR)]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=BTCV_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Epoch: 1/1, Iter: 1/1" in result.stdout + result.stderr  # 2 cases shared by 2 ranks
+    assert "Epoch: 1/1, Iter: 1/1" in result.stdout + result.stderr  # fold 1's 2 training cases shared by 2 ranks
     assert "effective learning rate 0.0002 (learning_rate 0.0001, lr_scaling linear, 2 processes)" in result.stdout
-    model = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert "fold 1 of 2 (seed 12345): 2 training, 2 validation cases" in result.stdout + result.stderr
+    model = torch.load(tmp_path / "models" / "fold1" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in model["model"])  # saved unwrapped from DDP

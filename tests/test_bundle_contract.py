@@ -534,10 +534,13 @@ def test_required_packages_are_what_the_bundle_imports_pinned_for_python_3_10(bu
     needed = {"pytorch-ignite", "nibabel", "itk", "einops", "pydicom", "tensorboard", "fire"}
     if bundle in WITH_INFERENCE:
         needed.add("scipy")  # Hausdorff distance and surface Dice (monai's distance transform)
+    if bundle == "btcv":
+        needed.add("scikit-image")  # lcc_labels: monai's KeepLargestConnectedComponentd labels components with it
     assert set(required) == needed
     # numpy 2.3+ and scipy 1.16+ need Python 3.11: the zoo's runners would fail to install them
     assert _version(meta["numpy_version"]) < (2, 3)
     assert "scipy" not in required or _version(required["scipy"]) < (1, 16)
+    assert "scikit-image" not in required or _version(required["scikit-image"]) < (0, 26)  # 0.26 needs 3.11
 
 
 @pytest.mark.parametrize("bundle", WITH_INFERENCE)

@@ -22,6 +22,8 @@ REPLACED = {
 # Deploy removes LoadImage*/SaveImage* after instantiating them, and a SaveImaged would resolve output_dir, i.e.
 # bundle_root (scripts.BUNDLE_ROOT), which an archive does not have: the overlay ends with the label map.
 DROPPED = {"SaveImaged", "scripts.outputs.RecordOutputd"}
+# lcc_labels (off by default) is checked by the bundle's scripts and needs scikit-image: not applied in Deploy
+DROPPED.add("KeepLargestConnectedComponentd")
 DEPLOY_IDS = ("preprocessing", "inferer", "postprocessing")
 
 

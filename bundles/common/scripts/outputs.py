@@ -183,11 +183,14 @@ class RecordOutputd(MapTransform):
 
     An earlier entry for the same output file (written again with ``overwrite``) is replaced; the
     manifest is rewritten atomically after each label map, so it lists what was written so far.
+    With ``reference_key`` (evaluation), each entry also names the file of that item (the reference
+    label map) under ``"reference"``, so a prediction can be scored again later.
     """
 
-    def __init__(self, keys, output_dir: str, allow_missing_keys: bool = False):
+    def __init__(self, keys, output_dir: str, reference_key: str | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.manifest = os.path.join(output_dir, MANIFEST_NAME)
+        self.reference_key = reference_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -201,6 +204,9 @@ class RecordOutputd(MapTransform):
                 for e in _read_manifest(self.manifest)
                 if not (isinstance(e, Mapping) and _source(e.get(OUTPUT_KEY, "")) == _source(output))
             ]
-            entries.append({"input": str(meta.get("filename_or_obj", "")), OUTPUT_KEY: output})
+            entry = {"input": str(meta.get("filename_or_obj", "")), OUTPUT_KEY: output}
+            if self.reference_key is not None:
+                entry["reference"] = str(getattr(d[self.reference_key], "meta", {}).get("filename_or_obj", ""))
+            entries.append(entry)
             _write_manifest(self.manifest, entries)
         return d

@@ -1,6 +1,6 @@
 """Python parts of the swin_unetr_btcv_seg bundle that its configs cannot express.
 
-Every module except ``bundle_logger`` is generated from ``bundles/common/scripts`` (see the header of
+Every module except ``bundle_logger`` and ``lcc`` is generated from ``bundles/common/scripts`` (see the header of
 each file): edit it there, then run ``python tools/sync_bundle_code.py``.
 
 ``BUNDLE_ROOT`` is the folder that holds this package: the configs' default ``bundle_root``, so every
@@ -16,7 +16,9 @@ from . import (
     dicom_series,
     distributed,
     encoder_weights,
+    folds,
     inferers,
+    lcc,
     metrics,
     outputs,
     patch_merging,

@@ -17,6 +17,7 @@ from . import (
     distributed,
     encoder_weights,
     ensemble,
+    folds,
     inferers,
     metrics,
     msd_data,

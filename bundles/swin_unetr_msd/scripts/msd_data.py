@@ -1,18 +1,17 @@
 """Datalists from a Decathlon task folder (``imagesTr``, ``labelsTr``, ``imagesTs``, ``dataset.json``).
 
-Cross-validation folds are a seeded shuffle of the ``training`` cases cut into ``num_folds``
-nearly equal parts: fold k validates on part k and trains on the rest, so the folds' validation
-sets are disjoint and together cover every case.
+Cross-validation folds split the ``training`` cases with the bundles' shared ``folds.fold_split``:
+a seeded shuffle cut into ``num_folds`` nearly equal parts, fold k validating on part k and training
+on the rest, so the folds' validation sets are disjoint and together cover every case.
 """
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from .bundle_logger import logger
 from .datalists import IMAGE_SUFFIXES, _resolve, inference_items
+from .folds import fold_indices, fold_split
 from .tasks import read_task_json
 
 __all__ = ["training_cases", "fold_indices", "fold_datalist", "split", "test_items"]
@@ -49,32 +48,11 @@ def training_cases(dataset_json: str, dataset_dir: str | None = None) -> list[di
     return items
 
 
-def fold_indices(num_cases: int, num_folds: int = 5, seed: int = 12345) -> list[list[int]]:
-    """Validation case indices of each fold: a seeded permutation split into ``num_folds`` parts."""
-    if not 2 <= num_folds <= num_cases:
-        raise ValueError(f"num_folds must be between 2 and the number of cases ({num_cases}), got {num_folds}")
-    order = np.random.default_rng(seed).permutation(num_cases)
-    return [sorted(int(i) for i in part) for part in np.array_split(order, num_folds)]
-
-
 def fold_datalist(
     dataset_json: str, fold: int, num_folds: int = 5, seed: int = 12345, dataset_dir: str | None = None
 ) -> dict[str, list[dict]]:
-    """``{"training": [...], "validation": [...]}`` for ``fold`` (0-based) of the seeded split."""
-    cases = training_cases(dataset_json, dataset_dir)
-    folds = fold_indices(len(cases), num_folds, seed)
-    if not 0 <= int(fold) < num_folds:
-        raise ValueError(f"fold must be 0..{num_folds - 1}, got {fold}")
-    validation = set(folds[int(fold)])
-    split = {
-        "training": [c for i, c in enumerate(cases) if i not in validation],
-        "validation": [c for i, c in enumerate(cases) if i in validation],
-    }
-    logger.info(
-        f"fold {fold} of {num_folds} (seed {seed}): {len(split['training'])} training, "
-        f"{len(split['validation'])} validation cases"
-    )
-    return split
+    """``{"training": [...], "validation": [...]}`` for ``fold`` (0-based) of the seeded split (``fold_split``)."""
+    return fold_split(training_cases(dataset_json, dataset_dir), fold, num_folds, seed)
 
 
 def split(
