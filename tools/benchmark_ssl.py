@@ -32,6 +32,8 @@ Measured per mode: warm-up steps (untimed), then timed steps (each synchronised 
 mean, iterations/s, the losses (all finite), the research mode's split into CPU augmentation /
 transfer / device compute and the bundle mode's proxy-task time, and the peak memory. The ratio
 research_time / bundle_time (> 1: the bundle is faster) and the peak-memory ratio are reported.
+The limit: the FLOPs of one step's network forward and backward over all views (PyTorch's flop
+counter, ``tools.common.peak``), the achieved FLOP/s and its fraction of the device's peak.
 
 Peak memory: each mode runs in a fresh Python process (started through a forking ``/bin/sh``, as
 tools.benchmark_btcv does, so the child's ``ru_maxrss`` is not inherited from the launcher), so
@@ -70,6 +72,7 @@ from tools.common.bundles import SSL_DIR as BUNDLE_DIR
 from tools.common.bundles import bundle_parser as parse_bundle_config
 from tools.common.machine import machine_info
 from tools.common.memory import MIB, memory_snapshot, reset_peak_rss, status_mib
+from tools.common.peak import device_peak, format_limit, limit, network_flops
 from tools.common.processes import run_child
 from tools.common.stats import mean, num, ratio
 from tools.common.timing import resolve_device, say, sync
@@ -445,12 +448,18 @@ def measure_mode(
     cuda_peak = torch.cuda.max_memory_allocated(dev) / MIB if dev.type == "cuda" else None
     hwm = after["vm_hwm_mib"]
     breakdown_keys = ("augment_s", "transfer_s", "compute_s") if mode == "research" else ("proxy_tasks_s",)
+    flops = network_flops(network, (2 * crops.shape[0], *crops.shape[1:]), backward=True)
+    precision = "float16" if setup["settings"]["amp"] else "float32"
     result = {
         "mode": mode,
         "pid": os.getpid(),
         "device": str(dev),
         "precision": "float16 autocast" if setup["settings"]["amp"] else "float32",
         "settings": setup["settings"],
+        "flops_per_step": flops,
+        "flops_per_view": flops // (2 * crops.shape[0]),
+        "flops_counted": "forward + backward of the network over all views (PyTorch flop counter)",
+        "limit": limit(flops, mean(times), device_peak(dev), precision),
         "use_checkpoint": bool(parser["use_checkpoint"]),
         "use_flash_attention": any(bool(getattr(m, "use_flash_attention", False)) for m in network.modules()),
         "parameters": int(sum(p.numel() for p in network.parameters())),
@@ -550,6 +559,11 @@ def format_report(result: dict[str, Any]) -> str:
             else ""
         )
         lines.append(f"{'':<9} mean split: {extra}{steps_peak}")
+        if r.get("limit"):
+            lines.append(
+                f"{'':<9} limit: {r['flops_per_step'] / 1e9:.1f} GFLOP per step ({r['flops_per_view'] / 1e9:.2f} per "
+                f"view, forward + backward), {format_limit(r['limit'])}"
+            )
     c = result["comparison"]
 
     def fmt(v):
@@ -613,6 +627,7 @@ def run_benchmark(
     crops = int(batch_size) * int(num_samples)
     result: dict[str, Any] = {
         "machine": {**machine_info(dev), "psutil": _has_psutil()},
+        "peak": device_peak(dev),
         "settings": {
             "bundle": "swin_unetr_ssl_pretrain",
             "config": "configs/train.json",
