@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_command
+from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_command, cube
 from tools.common.processes import run_child, run_with_timeout
 from tools.common.stats import num
 from tools.common.timing import say
@@ -54,6 +54,8 @@ SIZES = {
         "train_steps": 5,
         "train_warmup": 2,
         "repeats": 3,
+        "inference": {"warmup": True, "forward_batch": None},
+        "isolate": True,
         "ssl": {"roi_size": [96, 96, 96], "batch_size": 2, "num_samples": 2, "warmup": 1, "steps": 3},
         "msd": {"roi_size": None, "num_samples": 4, "iterations": 3, "warmup": 1, "shape": [128, 128, 96], "cases": 3},
         "ddp": {"phantom_shape": [128, 128, 96], "overrides": {}},
@@ -61,13 +63,16 @@ SIZES = {
     "dry": {
         "device": "cpu",
         "feature_size": 12,
-        "roi_size": 64,
+        "roi_size": [64, 64, 32],  # a 2 x 2 x 1 bottleneck: the smallest that trains
         "train_steps": 1,
         "train_warmup": 0,
         "repeats": 1,
+        # one window per timed call and no warm-up forward (the bundle's sw_batch_size is 4)
+        "inference": {"warmup": False, "forward_batch": 1},
+        "isolate": False,  # the SSL modes and the MSD task in the part's own process
         "ssl": {"roi_size": [64, 32, 32], "batch_size": 1, "num_samples": 2, "warmup": 0, "steps": 1},
         "msd": {
-            "roi_size": [64, 64, 64],
+            "roi_size": [64, 64, 32],
             "num_samples": 1,
             "iterations": 1,
             "warmup": 0,
@@ -75,7 +80,7 @@ SIZES = {
             "cases": 2,
         },
         "ddp": {
-            "phantom_shape": [64, 64, 40],
+            "phantom_shape": [48, 48, 32],
             "overrides": {"num_samples": 1, "sw_batch_size": 1, "use_checkpoint": False},
         },
     },
@@ -89,7 +94,7 @@ def part_btcv_training(size: dict, out: Path, work: Path, image: str) -> dict[st
     """BTCV training steps with the bundle's trainer and AMP rule; summary of speed, memory and the limit."""
     from tools.benchmark_btcv import benchmark_training
 
-    roi = [size["roi_size"]] * 3
+    roi = cube(size["roi_size"])
     r = benchmark_training(
         size["device"], size["feature_size"], roi, size["train_steps"], warmup_steps=size["train_warmup"]
     )
@@ -124,6 +129,7 @@ def part_btcv_inference(size: dict, out: Path, work: Path, image: str) -> dict[s
         output_json=str(out / "btcv_inference.json"),
         skip_training=True,
         repeats=size["repeats"],
+        **size["inference"],
         work_dir=str(work / "btcv_inference"),
     )
     e2e = r["end_to_end"]
@@ -145,7 +151,11 @@ def part_ssl(size: dict, out: Path, work: Path, image: str) -> dict[str, Any]:
     from tools.benchmark_ssl import run_benchmark
 
     r = run_benchmark(
-        device=size["device"], feature_size=size["feature_size"], output=str(out / "ssl.json"), **size["ssl"]
+        device=size["device"],
+        feature_size=size["feature_size"],
+        output=str(out / "ssl.json"),
+        isolate=size["isolate"],
+        **size["ssl"],
     )
     modes = r["modes"]
     failed = {k: v["error"] for k, v in modes.items() if "error" in v}
@@ -172,6 +182,7 @@ def part_msd(size: dict, out: Path, work: Path, image: str) -> dict[str, Any]:
         device=size["device"],
         feature_size=size["feature_size"],
         output=str(out / "msd.json"),
+        isolate=size["isolate"],
         **size["msd"],
     )
     t = r["tasks"][MSD_TASK]
@@ -208,7 +219,7 @@ def part_ddp(size: dict, out: Path, work: Path, image: str) -> dict[str, Any]:
         "val_interval": 1,
         "num_workers": 0,
         "feature_size": size["feature_size"],
-        "roi_size": [size["roi_size"]] * 3,
+        "roi_size": cube(size["roi_size"]),
         **size["ddp"]["overrides"],
     }
     configs = [str(BTCV_DIR / "configs" / c) for c in ("train.json", "multi_gpu_train.json")]
@@ -234,14 +245,19 @@ PART_FUNCTIONS = {
 
 
 def part_child(args_json: str, result_path: str) -> None:
-    """Entry point of a part's process: run it and write its summary to ``result_path``."""
+    """Entry point of a part's process: run it and write its summary, or ``{"error": why}``, to ``result_path``."""
     import logging
+    import traceback
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     a = json.loads(args_json)
     out, work = Path(a["output_dir"]), Path(a["work_dir"])
     work.mkdir(parents=True, exist_ok=True)
-    summary = PART_FUNCTIONS[a["part"]](SIZES[a["size"]], out, work, a["image"])
+    try:
+        summary = PART_FUNCTIONS[a["part"]](SIZES[a["size"]], out, work, a["image"])
+    except Exception as e:  # noqa: BLE001 (any failure is recorded in the report; the next part still runs)
+        traceback.print_exc()
+        summary = {"error": f"{type(e).__name__}: {e}"}
     Path(result_path).write_text(json.dumps(summary, indent=2))
 
 
@@ -344,6 +360,7 @@ def run_check(
     work_dir: str | None = None,
     budget_s: float = 450.0,
     cap_scale: float = 1.0,
+    caps: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run the parts, each under its cap, within ``budget_s``; write gpu_check.json and gpu_check.md.
 
@@ -355,12 +372,13 @@ def run_check(
         work_dir: scratch folder for label maps, phantoms and checkpoints (default <output_dir>/../gpu_check_work).
         budget_s: the whole run's time; a part's cap is cut to what is left of it.
         cap_scale: multiply every part's cap (e.g. on a slower GPU).
+        caps: seconds per part instead of the default caps (and their scale), e.g. "{'ssl': 120}".
     """
     from tools.common.machine import machine_info
     from tools.common.peak import device_peak
 
     parts = [parts] if isinstance(parts, str) else list(parts)
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in [*parts, *(caps or {})] if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown part(s) {unknown}; choose among {list(PARTS)}")
     if not dry_run and not _cuda():
@@ -373,7 +391,7 @@ def run_check(
     if dry_run and image is None:
         from tools.make_phantoms import write_phantom_dataset
 
-        image = str(write_phantom_dataset(work / "phantom", num_cases=1, seed=5, shape=(64, 64, 40))[0][0])
+        image = str(write_phantom_dataset(work / "phantom", num_cases=1, seed=5, shape=(48, 48, 32))[0][0])
     image = str(image or DEFAULT_IMAGE)
     device = SIZES[size]["device"]
     result: dict[str, Any] = {
@@ -385,10 +403,10 @@ def run_check(
     start = time.perf_counter()
     for name in parts:
         left = budget_s - (time.perf_counter() - start)
-        cap = min(CAPS_S[name] * float(cap_scale), left)
-        if cap < 5:
-            result["parts"][name] = {"status": "skipped", "seconds": 0.0, "cap_s": cap, "error": "budget spent"}
+        if left < 5:
+            result["parts"][name] = {"status": "skipped", "seconds": 0.0, "cap_s": 0.0, "error": "budget spent"}
             continue
+        cap = min(float((caps or {}).get(name, CAPS_S[name] * float(cap_scale))), left)
         result["parts"][name] = run_part(name, size, out, work, image, cap)
     result["seconds"] = time.perf_counter() - start
     (out / "gpu_check.json").write_text(json.dumps(result, indent=4) + "\n")
