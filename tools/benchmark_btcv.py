@@ -230,6 +230,16 @@ def model_zoo_network(feature_size: int, downsample: Any) -> torch.nn.Module:
     )
 
 
+def model_zoo_reader() -> str:
+    """The model zoo's ITKReader; NibabelReader where itk is not installed (e.g. a GPU box without its wheels).
+
+    The reader changes only the load stage's time: both give the same array and affine for NIfTI.
+    """
+    import importlib.util
+
+    return MODEL_ZOO["reader"] if importlib.util.find_spec("itk") is not None else "NibabelReader"
+
+
 def model_zoo_pipeline(
     device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str, output_dir: str
 ) -> dict[str, Any]:
@@ -261,7 +271,7 @@ def model_zoo_pipeline(
     b_min, b_max = MODEL_ZOO["intensity_range"]
     preprocessing = Compose(
         [
-            LoadImaged(keys="image", reader=MODEL_ZOO["reader"]),
+            LoadImaged(keys="image", reader=model_zoo_reader()),
             EnsureChannelFirstd(keys="image"),
             Orientationd(keys="image", axcodes=MODEL_ZOO["axcodes"]),
             Spacingd(keys="image", pixdim=MODEL_ZOO["spacing"], mode=MODEL_ZOO["spacing_mode"]),
@@ -298,7 +308,7 @@ def model_zoo_pipeline(
             "config": f"model zoo {MODEL_ZOO['name']} {MODEL_ZOO['version']} (rebuilt from MONAI transforms)",
             "evaluator_amp": MODEL_ZOO["evaluator_amp"],
             "use_flash_attention": flash_attention_of(network),
-            "reader": MODEL_ZOO["reader"],
+            "reader": model_zoo_reader(),
             "sw_batch_size": MODEL_ZOO["sw_batch_size"],
             "overlap": MODEL_ZOO["overlap"],
             "spacing": list(MODEL_ZOO["spacing"]),
