@@ -105,6 +105,7 @@ def train_overrides(
     num_samples: int,
     seed: int,
     amp: bool,
+    view_chunk_size: int = 0,
 ) -> dict[str, Any]:
     """The knobs of train.json this benchmark sets (no pretrained weights, no resume)."""
     return {
@@ -119,6 +120,7 @@ def train_overrides(
         "num_workers": 0,
         # the bundle's rule is `amp and torch.cuda.is_available()`; pinned to the device benchmarked
         "use_amp": bool(amp) and device.type == "cuda",
+        "view_chunk_size": int(view_chunk_size),
     }
 
 
@@ -300,6 +302,7 @@ def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tens
             "scaler_enabled": bool(iteration.scaler.is_enabled()),
             "accumulation_steps": iteration.accumulation_steps,
             "max_grad_norm": iteration.max_grad_norm,
+            "view_chunk_size": iteration.view_chunk_size,
         },
     }
 
@@ -409,6 +412,7 @@ def measure_mode(
     seed: int = 0,
     amp: bool = True,
     research_forward: str = "separate",
+    view_chunk_size: int = 0,
 ) -> dict[str, Any]:
     """Set one mode up and time its steps in this process; return its speed, losses and memory."""
     if mode not in MODES:
@@ -416,7 +420,7 @@ def measure_mode(
     dev = resolve_device(device)
     roi = cube(roi_size)
     t_setup = time.perf_counter()
-    parser = bundle_parser(train_overrides(dev, feature_size, roi, batch_size, num_samples, seed, amp))
+    parser = bundle_parser(train_overrides(dev, feature_size, roi, batch_size, num_samples, seed, amp, view_chunk_size))
     crops = phantom_crops(int(batch_size) * int(num_samples), roi, parser["hu_window"], seed)
     if mode == "bundle":
         setup = setup_bundle(dev, parser, seed, crops)
@@ -590,6 +594,7 @@ def run_benchmark(
     seed: int = 0,
     amp: bool = True,
     research_forward: str = "separate",
+    view_chunk_size: int = 0,
     mode: str | Sequence[str] = "both",
     isolate: bool = True,
     timeout_s: float | None = None,
@@ -610,6 +615,7 @@ def run_benchmark(
         seed: seed of the weights, the phantom crops and the augmentation.
         amp: fp16 autocast + GradScaler on CUDA (no effect on CPU).
         research_forward: "separate" (main.py: one forward per view batch) or "concat" (one forward on both).
+        view_chunk_size: the bundle's knob: views per network call (0: all views in one call).
         mode: "both", "bundle" or "research" (or a list of modes).
         isolate: run each mode in a fresh subprocess (per-mode peak RSS).
         timeout_s: per-mode subprocess time limit.
@@ -644,6 +650,7 @@ def run_benchmark(
             "amp": bool(amp),
             "precision": "float16 autocast" if bool(amp) and dev.type == "cuda" else "float32",
             "research_forward": research_forward,
+            "view_chunk_size": int(view_chunk_size),
             "data": "phantom CT crops (tools.make_phantoms), windowed to 0..1",
             "isolation": (
                 "each mode in a fresh Python process (forked through /bin/sh)"
@@ -669,6 +676,7 @@ def run_benchmark(
         "seed": int(seed),
         "amp": bool(amp),
         "research_forward": research_forward,
+        "view_chunk_size": int(view_chunk_size),
     }
     results: dict[str, dict] = {}
     for name in modes:
