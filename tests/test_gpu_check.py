@@ -54,6 +54,9 @@ def test_every_part_ran_and_the_json_is_the_result(dry):
     for name in ("btcv_training", "btcv_inference", "ssl", "msd"):
         summary = on_disk["parts"][name]["summary"]
         assert (out / summary["json"]).is_file(), name
+    chunked = json.loads((out / "ssl_chunked.json").read_text())
+    assert list(chunked["modes"]) == ["bundle"] and chunked["modes"]["bundle"]["settings"]["view_chunk_size"] == 2
+    assert len(list(out.iterdir())) <= 8  # what a device run brings back from $OUT
 
 
 @pytest.mark.slow
@@ -71,7 +74,7 @@ def test_part_summaries(dry):
         i["speed_ratio_model_zoo_over_bundle"]
     )
     s = parts["ssl"]["summary"]
-    assert set(s["seconds_per_step"]) == {"bundle", "research"} and s["views_per_step"] == 4
+    assert set(s["seconds_per_step"]) == {"bundle", "research", "bundle_view_chunk_2"} and s["views_per_step"] == 4
     assert _positive(s["time_ratio_research_over_bundle"]) and _positive(s["peak_memory_ratio_research_over_bundle"])
     m = parts["msd"]["summary"]
     assert m["task"] == "Task01_BrainTumour" and m["in_channels"] == 4 and _positive(m["iterations_per_second"])
@@ -87,7 +90,7 @@ def test_markdown_table(dry):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0].startswith("| measurement | value | peak memory | fraction of peak FLOP/s |")
     body = rows[1:]
-    assert len(body) == 1 + 3 + 2 + 1 + 1  # training, 3 inference variants, 2 SSL modes, MSD, DDP
+    assert len(body) == 1 + 3 + 3 + 1 + 1  # training, 3 inference variants, 3 SSL runs, MSD, DDP
     assert all(line.count("|") == 6 for line in body)
     for text_in in ("it/s", "s/volume", "s/step", "Task01_BrainTumour", "torchrun", "MiB", " %"):
         assert any(text_in in line for line in body), text_in

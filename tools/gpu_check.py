@@ -147,22 +147,25 @@ def part_btcv_inference(size: dict, out: Path, work: Path, image: str) -> dict[s
 
 
 def part_ssl(size: dict, out: Path, work: Path, image: str) -> dict[str, Any]:
-    """The pre-training step, bundle against the research code's way, each mode in its own process."""
+    """The pre-training step: the bundle (all views in one call, and one view batch per call) and the research way.
+
+    The second bundle run sets ``view_chunk_size`` to one view batch (``batch_size`` x ``num_samples``
+    views), the research code's network calls, with the proxy tasks on the device.
+    """
     from tools.benchmark_ssl import run_benchmark
 
-    r = run_benchmark(
-        device=size["device"],
-        feature_size=size["feature_size"],
-        output=str(out / "ssl.json"),
-        isolate=size["isolate"],
-        **size["ssl"],
-    )
-    modes = r["modes"]
+    common = {"device": size["device"], "feature_size": size["feature_size"], "isolate": size["isolate"], **size["ssl"]}
+    r = run_benchmark(output=str(out / "ssl.json"), **common)
+    chunk = int(size["ssl"]["batch_size"]) * int(size["ssl"]["num_samples"])
+    chunked = run_benchmark(output=str(out / "ssl_chunked.json"), mode="bundle", view_chunk_size=chunk, **common)
+    modes = {**r["modes"], f"bundle_view_chunk_{chunk}": chunked["modes"]["bundle"]}
     failed = {k: v["error"] for k, v in modes.items() if "error" in v}
     if failed:
         raise RuntimeError(f"SSL benchmark modes failed: {failed}")
     return {
         "json": "ssl.json",
+        "json_chunked": "ssl_chunked.json",
+        "view_chunk_size": chunk,
         "seconds_per_step": {k: v["seconds_per_iteration"] for k, v in modes.items()},
         "peak_memory_mib": {k: v["peak_memory_mib"] for k, v in modes.items()},
         "precision": {k: v["precision"] for k, v in modes.items()},
