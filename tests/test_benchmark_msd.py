@@ -73,7 +73,7 @@ def test_json_is_written_and_is_the_result(bench):
     result, output, _ = bench
     assert output.is_file()
     on_disk = json.loads(output.read_text())
-    assert set(on_disk) == {"machine", "settings", "tasks", "load_average"}
+    assert set(on_disk) == {"machine", "peak", "settings", "tasks", "load_average"}
     assert on_disk == json.loads(json.dumps({k: v for k, v in result.items() if k != "output"}))
     assert result["output"] == str(output)
 
@@ -145,6 +145,10 @@ def test_task(bench, task):
     assert r["peak_memory_mib"] == r["peak_rss_mib"] >= r["peak_rss_before_training_mib"] > 0
     assert r["cuda_max_memory_allocated_mib"] is None
     assert len(r["load_average_start"]) == 3 and len(r["load_average_end"]) == 3
+    # the limit: forward + backward of one iteration's input, timed by the mean iteration
+    assert r["flops_per_iteration"] > 1e8 and r["limit"]["flops"] == r["flops_per_iteration"]
+    assert math.isclose(r["limit"]["seconds"], r["seconds_per_iteration"], rel_tol=1e-9)
+    assert 0.0 < r["limit"]["fraction_of_peak"] < 1.0
 
 
 def test_tasks_ran_in_separate_processes(bench):
@@ -155,7 +159,7 @@ def test_tasks_ran_in_separate_processes(bench):
 
 def test_report_mentions_both_tasks(bench):
     _, _, report = bench
-    for text in (*TASKS, "s/it", "it/s", "crops/s", "peak MiB", "Load average"):
+    for text in (*TASKS, "s/it", "it/s", "crops/s", "peak MiB", "Load average", "GFLOP per iteration"):
         assert text in report, text
 
 

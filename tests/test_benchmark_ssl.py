@@ -24,6 +24,14 @@ BATCH_SIZE = 1
 NUM_SAMPLES = 2
 
 
+def _limit_ok(row, flops):
+    """A limit row of ``flops`` FLOPs: achieved FLOP/s = flops / seconds, a fraction of the CPU peak in (0, 1)."""
+    assert flops > 1e8 and row["flops"] == flops
+    assert math.isclose(row["achieved_flops_per_s"], flops / row["seconds"], rel_tol=1e-9)
+    assert math.isclose(row["fraction_of_peak"], row["achieved_flops_per_s"] / row["peak_flops_per_s"], rel_tol=1e-9)
+    assert 0.0 < row["fraction_of_peak"] < 1.0
+
+
 def _positive(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
@@ -52,7 +60,8 @@ def bench(tmp_path_factory):
 
 def test_json_is_the_result(bench):
     result, on_disk, _ = bench
-    assert set(on_disk) == {"machine", "settings", "modes", "comparison"}
+    assert set(on_disk) == {"machine", "peak", "settings", "modes", "comparison"}
+    assert on_disk["peak"]["kind"] == "cpu" and on_disk["peak"]["peak_flops"]["float32"] > 0
     assert on_disk == json.loads(json.dumps({k: v for k, v in result.items() if k != "output"}))
 
 
@@ -109,6 +118,11 @@ def test_mode(bench, mode):
     if m["peak_rss_reset_before_steps"]:
         assert _positive(m["peak_rss_steps_mib"]) and m["peak_rss_steps_mib"] <= m["peak_rss_mib"] + 1
     assert m["pid"] != os.getpid()
+    # the limit: one step = forward + backward over all views, timed by the mean step
+    assert m["flops_per_step"] == 2 * BATCH_SIZE * NUM_SAMPLES * m["flops_per_view"]
+    assert m["flops_per_step"] == r["modes"]["bundle"]["flops_per_step"]  # same network and views
+    _limit_ok(m["limit"], m["flops_per_step"])
+    assert m["limit"]["seconds"] == m["seconds_per_iteration"] and m["limit"]["peak_precision"] == "float32"
 
 
 def test_modes_ran_in_separate_processes_and_breakdowns(bench):
@@ -131,7 +145,7 @@ def test_comparison_and_report(bench):
     )
     assert _positive(c["speedup_bundle_iterations_per_second_over_research"])
     assert _positive(c["peak_memory_ratio_research_over_bundle"])
-    for text in ("bundle", "research", "s/step", "it/s", "peak MiB", "research / bundle"):
+    for text in ("bundle", "research", "s/step", "it/s", "peak MiB", "research / bundle", "GFLOP per step", "% of"):
         assert text in report
 
 

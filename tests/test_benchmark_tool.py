@@ -22,6 +22,14 @@ SHAPE = (40, 40, 24)
 SPACING = (2.25, 2.25, 3.5)
 
 
+def _limit_ok(row, flops):
+    """A limit row of ``flops`` FLOPs: achieved FLOP/s = flops / seconds, a fraction of the CPU peak in (0, 1)."""
+    assert flops > 1e8 and row["flops"] == flops
+    assert math.isclose(row["achieved_flops_per_s"], flops / row["seconds"], rel_tol=1e-9)
+    assert math.isclose(row["fraction_of_peak"], row["achieved_flops_per_s"] / row["peak_flops_per_s"], rel_tol=1e-9)
+    assert 0.0 < row["fraction_of_peak"] < 1.0
+
+
 def _positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -67,7 +75,7 @@ def bench(tmp_path_factory):
 def test_json_is_the_result(bench):
     result, on_disk, _, _ = bench
     assert on_disk == json.loads(json.dumps(result))
-    assert set(on_disk) == {"machine", "settings", "end_to_end", "comparison", "model_forward", "training"}
+    assert set(on_disk) == {"machine", "peak", "settings", "end_to_end", "comparison", "model_forward", "training"}
 
 
 def test_machine_and_settings(bench):
@@ -137,6 +145,13 @@ def test_model_forward(bench):
         assert row["input_shape"] == [1, 1, ROI, ROI, ROI]
         assert row["repeats"] == 1 and all(_positive(t) for t in row["times_s"])
         assert _positive(row["seconds_per_call"]) and _positive(row["seconds_per_window"])
+        # the limit: FLOPs of the windows of one call over its mean time
+        _limit_ok(row["limit"], row["flops_per_window"] * row["windows_per_call"])
+        assert row["limit"]["seconds"] == row["seconds_per_call"]
+    assert len({row["flops_per_window"] for row in timed}) == 1  # same network, same window
+    for name, e2e in r["end_to_end"].items():
+        assert e2e["flops_per_window"] == timed[0]["flops_per_window"], name
+        _limit_ok(e2e["limit"], e2e["flops_per_window"] * e2e["windows"])
     flash = {row["network"]: row["use_flash_attention"] for row in timed}
     assert flash == {"bundle": True, "model_zoo": False}
     if not r["machine"]["native_bf16"]:
@@ -155,6 +170,9 @@ def test_training(bench):
     assert t["cuda_max_memory_allocated_mib"] is None
     # a fresh process: its peak RSS is its own (ru_maxrss agrees with the address space's VmHWM)
     assert t["peak_rss_attributable"] is True
+    # forward + backward of one crop is about 3 forwards of a window
+    assert 2.5 < t["flops_per_crop"] / r["end_to_end"]["bundle"]["flops_per_window"] < 3.5
+    _limit_ok(t["limit"], t["flops_per_iteration"])
 
 
 def test_report_and_small_helpers(bench):

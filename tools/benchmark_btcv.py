@@ -26,6 +26,10 @@ What is measured, for one volume on one device (default: cuda if available, else
    subprocess so that its peak memory (CUDA ``max_memory_allocated``; on CPU the process peak RSS)
    belongs to training alone.
 4. The machine: CPU model, cores, torch CPU capability, native bf16, GPU, library versions.
+5. The limit: the FLOPs of one window (PyTorch's flop counter; forward for inference, forward and
+   backward per crop for training), the achieved FLOP/s of the sliding window, the timed forward
+   and the training step, and their fraction of the device's peak (``tools.common.peak``: the CPU's
+   cores x clock x ISA, or the GPU's datasheet; the assumption is in ``peak``).
 
 Command line::
 
@@ -56,6 +60,7 @@ from tools.common.bundles import cube, device_expr, use_bundle_scripts
 from tools.common.engines import loss_of, time_iterations
 from tools.common.machine import load_average, machine_info, native_bf16
 from tools.common.memory import MIB, memory_snapshot
+from tools.common.peak import device_peak, format_limit, limit, network_flops
 from tools.common.processes import run_child
 from tools.common.stats import finite_or_none
 from tools.common.timing import resolve_device, say, sync
@@ -225,6 +230,16 @@ def model_zoo_network(feature_size: int, downsample: Any) -> torch.nn.Module:
     )
 
 
+def model_zoo_reader() -> str:
+    """The model zoo's ITKReader; NibabelReader where itk is not installed (e.g. a GPU box without its wheels).
+
+    The reader changes only the load stage's time: both give the same array and affine for NIfTI.
+    """
+    import importlib.util
+
+    return MODEL_ZOO["reader"] if importlib.util.find_spec("itk") is not None else "NibabelReader"
+
+
 def model_zoo_pipeline(
     device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str, output_dir: str
 ) -> dict[str, Any]:
@@ -256,7 +271,7 @@ def model_zoo_pipeline(
     b_min, b_max = MODEL_ZOO["intensity_range"]
     preprocessing = Compose(
         [
-            LoadImaged(keys="image", reader=MODEL_ZOO["reader"]),
+            LoadImaged(keys="image", reader=model_zoo_reader()),
             EnsureChannelFirstd(keys="image"),
             Orientationd(keys="image", axcodes=MODEL_ZOO["axcodes"]),
             Spacingd(keys="image", pixdim=MODEL_ZOO["spacing"], mode=MODEL_ZOO["spacing_mode"]),
@@ -293,7 +308,7 @@ def model_zoo_pipeline(
             "config": f"model zoo {MODEL_ZOO['name']} {MODEL_ZOO['version']} (rebuilt from MONAI transforms)",
             "evaluator_amp": MODEL_ZOO["evaluator_amp"],
             "use_flash_attention": flash_attention_of(network),
-            "reader": MODEL_ZOO["reader"],
+            "reader": model_zoo_reader(),
             "sw_batch_size": MODEL_ZOO["sw_batch_size"],
             "overlap": MODEL_ZOO["overlap"],
             "spacing": list(MODEL_ZOO["spacing"]),
@@ -555,10 +570,20 @@ def variant_child(args_json: str, result_path: str) -> None:
     say(f"{a['name']}: running one volume ({pipeline['precision']}, warm-up forward first)")
     result = run_end_to_end(pipeline, a["image"], dev, Path(a["output_dir"]), warmup=a["warmup"])
     result["setup_s"] = setup_s
+    flops = network_flops(pipeline["network"], (1, IN_CHANNELS, *a["roi_size"]))
+    peak = device_peak(dev)
+    result["flops_per_window"] = flops
+    result["limit"] = limit(
+        flops * result["windows"], result["stages_s"]["sliding_window"], peak, pipeline["precision"]
+    )
     forward = []
     if a["time_forward"]:
         batch = int(a["forward_batch"] or pipeline["sw_batch_size"])
         forward = benchmark_forward({a["name"]: pipeline["network"]}, a["roi_size"], batch, dev, a["repeats"])
+        for row in forward:
+            if "skipped" not in row:
+                row["flops_per_window"] = flops
+                row["limit"] = limit(flops * row["windows_per_call"], row["seconds_per_call"], peak, row["precision"])
     Path(result_path).write_text(json.dumps({"end_to_end": result, "model_forward": forward}))
 
 
@@ -621,6 +646,7 @@ def measure_training(
         say(f"training step {len(times)}/{total_steps}: {times[-1]:.2f} s, loss {losses[-1]:.4f}")
 
     times = time_iterations(trainer, dev, _log)
+    flops = network_flops(trainer.network, (crops, IN_CHANNELS, *roi), backward=True)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -628,6 +654,7 @@ def measure_training(
     trainer.run()
     after = memory_snapshot()
     timed = times[int(warmup_steps) :]
+    precision = "float16" if trainer.amp and dev.type == "cuda" else "float32"
     peak, peak_before, hwm = after["ru_maxrss_mib"], before["ru_maxrss_mib"], after["vm_hwm_mib"]
     return {
         "config": "configs/train.json SupervisedTrainer (phantom crops in memory, no handlers)",
@@ -646,6 +673,10 @@ def measure_training(
         "seconds_per_iteration": float(np.mean(timed)) if timed else None,
         "iterations_per_second": float(len(timed) / sum(timed)) if timed and sum(timed) > 0 else None,
         "losses": losses,
+        "flops_per_crop": flops // max(crops, 1),
+        "flops_per_iteration": flops,
+        "flops_counted": "forward + backward of the network (PyTorch flop counter), no optimiser step",
+        "limit": limit(flops, float(np.mean(timed)) if timed else None, device_peak(dev), precision),
         "peak_rss_mib": peak,
         "peak_rss_before_training_mib": peak_before,
         "peak_rss_delta_training_mib": peak - peak_before,
@@ -721,6 +752,22 @@ def comparison(e2e: dict[str, dict]) -> dict[str, Any]:
     }
 
 
+def limit_lines(result: dict[str, Any]) -> list[str]:
+    """The report's lines on the limit: FLOPs of one window, achieved FLOP/s and fraction of the peak."""
+    peak = result.get("peak")
+    lines = ["", f"Limit (peak: {peak['assumption'] if peak else 'unknown device, no peak'})"]
+    for name, r in result["end_to_end"].items():
+        if r.get("limit"):
+            lines.append(
+                f"{name:<12} {r['flops_per_window'] / 1e9:.2f} GFLOP per window (forward); sliding window "
+                f"{format_limit(r['limit'])}"
+            )
+    for r in result["model_forward"]:
+        if r.get("limit"):
+            lines.append(f"{r['network']:<12} forward {r['precision']:<9} {format_limit(r['limit'])}")
+    return lines
+
+
 def format_report(result: dict[str, Any]) -> str:
     """A readable text table of a benchmark result."""
     m, s = result["machine"], result["settings"]
@@ -766,6 +813,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{num(c.get('organ_agreement_bundle_vs_bundle_fp32'), '{:.4%}')}; "
         f"bundle vs model_zoo: {num(c.get('organ_agreement_bundle_vs_model_zoo'), '{:.4%}')}",
         *([f"({c['note']})"] if c.get("note") else []),
+        *limit_lines(result),
         "",
         "Network forward, one call = a batch of windows (the inferer's sw_batch_size unless --forward_batch)",
         f"{'network':<10} {'flash':<6} {'precision':<10} {'windows':>8} {'s/call':>8} {'s/window':>9} {'std':>7}",
@@ -800,6 +848,11 @@ def format_report(result: dict[str, Any]) -> str:
             f"{t['batch_crops']} crops of {t['roi_size']}, use_checkpoint {t['use_checkpoint']}, amp {t['amp']}); "
             f"{mem}"
         )
+        if t.get("limit"):
+            lines.append(
+                f"Training limit: {t['flops_per_iteration'] / 1e9:.1f} GFLOP per iteration (forward + backward), "
+                f"{format_limit(t['limit'])}"
+            )
     return "\n".join(lines)
 
 
@@ -944,6 +997,7 @@ def run_benchmark(
             "model_zoo_constants": {k: list(v) if isinstance(v, tuple) else v for k, v in MODEL_ZOO.items()},
             "bundle_autocast_dtype": dtype_name(bundle_autocast_dtype(dev)),
         },
+        "peak": device_peak(dev),
     }
     Path(image).read_bytes()  # page cache warm for every variant alike
 

@@ -27,7 +27,9 @@ Reported per task: in_channels, roi_size, spacing, feature_size, crops per itera
 timed, mean and min seconds per iteration, iterations/s (= 1 / mean), crops/s, the peak memory
 (on CPU the child's peak RSS, ``ru_maxrss``: interpreter, libraries, cached volumes, model, optimiser
 state and activations; on CUDA ``torch.cuda.max_memory_allocated`` over the iterations) and the final
-loss. Also: the machine (``tools.common.machine.machine_info``), torch/monai versions, the settings,
+loss, and the limit: the FLOPs of one iteration's network forward and backward (PyTorch's flop
+counter, ``tools.common.peak``), the achieved FLOP/s and its fraction of the device's peak. Also:
+the machine (``tools.common.machine.machine_info``), torch/monai versions, the settings,
 and the system load average (``os.getloadavg``) at start and end, so a reader can tell whether the
 cores were shared with other work.
 
@@ -62,6 +64,7 @@ from tools.common.bundles import bundle_parser as parse_bundle_config
 from tools.common.engines import loss_of, time_iterations
 from tools.common.machine import load_average, machine_info
 from tools.common.memory import MIB, memory_snapshot, reset_peak_rss
+from tools.common.peak import device_peak, format_limit, limit, network_flops
 from tools.common.processes import run_child
 from tools.common.stats import mean, num
 from tools.common.timing import resolve_device, say
@@ -260,6 +263,8 @@ def measure_task(
 
     input_shapes = log["input_shapes"]
     crops = input_shapes[-1][0] if input_shapes and input_shapes[-1] else int(batch_size) * int(num_samples)
+    shape_in = input_shapes[-1] if input_shapes and input_shapes[-1] else None
+    flops = network_flops(network, shape_in, backward=True) if shape_in else None
     memory = {
         "before": before,
         "after": after,
@@ -295,6 +300,11 @@ def measure_task(
         "setup_s": setup_s,
         "run_s": run_s,
         **_speed_and_memory(log, int(warmup), crops, memory),
+        "flops_per_iteration": flops,
+        "flops_counted": "forward + backward of the network (PyTorch flop counter), no optimiser step",
+        "limit": limit(
+            flops, mean(log["times"][int(warmup) :]), device_peak(dev), "float16" if trainer.amp else "float32"
+        ),
     }
 
 
@@ -404,6 +414,12 @@ def format_report(result: dict[str, Any]) -> str:
             f"{num(r['iterations_per_second'], '.4f'):>8} {num(r['crops_per_second'], '.4f'):>8} "
             f"{num(r['data_seconds_per_iteration'], '.2f'):>7} {r['peak_memory_mib']:>9.0f} {loss:>8}"
         )
+    lines += [
+        f"{name} limit: {r['flops_per_iteration'] / 1e9:.1f} GFLOP per iteration (forward + backward), "
+        f"{format_limit(r['limit'])}"
+        for name, r in result["tasks"].items()
+        if r.get("flops_per_iteration")
+    ]
     lines.append(
         "Load average per task (start -> end of its process): "
         + "; ".join(
@@ -479,6 +495,7 @@ def run_benchmark(
     load_start = load_average()
     result: dict[str, Any] = {
         "machine": machine_info(dev),
+        "peak": device_peak(dev),
         "settings": {
             "bundle": "swin_unetr_msd",
             "config": "configs/train.json (train#trainer, after setup)",

@@ -32,6 +32,8 @@ Measured per mode: warm-up steps (untimed), then timed steps (each synchronised 
 mean, iterations/s, the losses (all finite), the research mode's split into CPU augmentation /
 transfer / device compute and the bundle mode's proxy-task time, and the peak memory. The ratio
 research_time / bundle_time (> 1: the bundle is faster) and the peak-memory ratio are reported.
+The limit: the FLOPs of one step's network forward and backward over all views (PyTorch's flop
+counter, ``tools.common.peak``), the achieved FLOP/s and its fraction of the device's peak.
 
 Peak memory: each mode runs in a fresh Python process (started through a forking ``/bin/sh``, as
 tools.benchmark_btcv does, so the child's ``ru_maxrss`` is not inherited from the launcher), so
@@ -70,6 +72,7 @@ from tools.common.bundles import SSL_DIR as BUNDLE_DIR
 from tools.common.bundles import bundle_parser as parse_bundle_config
 from tools.common.machine import machine_info
 from tools.common.memory import MIB, memory_snapshot, reset_peak_rss, status_mib
+from tools.common.peak import device_peak, format_limit, limit, network_flops
 from tools.common.processes import run_child
 from tools.common.stats import mean, num, ratio
 from tools.common.timing import resolve_device, say, sync
@@ -102,6 +105,7 @@ def train_overrides(
     num_samples: int,
     seed: int,
     amp: bool,
+    view_chunk_size: int = 0,
 ) -> dict[str, Any]:
     """The knobs of train.json this benchmark sets (no pretrained weights, no resume)."""
     return {
@@ -116,6 +120,7 @@ def train_overrides(
         "num_workers": 0,
         # the bundle's rule is `amp and torch.cuda.is_available()`; pinned to the device benchmarked
         "use_amp": bool(amp) and device.type == "cuda",
+        "view_chunk_size": int(view_chunk_size),
     }
 
 
@@ -297,6 +302,7 @@ def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tens
             "scaler_enabled": bool(iteration.scaler.is_enabled()),
             "accumulation_steps": iteration.accumulation_steps,
             "max_grad_norm": iteration.max_grad_norm,
+            "view_chunk_size": iteration.view_chunk_size,
         },
     }
 
@@ -406,6 +412,7 @@ def measure_mode(
     seed: int = 0,
     amp: bool = True,
     research_forward: str = "separate",
+    view_chunk_size: int = 0,
 ) -> dict[str, Any]:
     """Set one mode up and time its steps in this process; return its speed, losses and memory."""
     if mode not in MODES:
@@ -413,7 +420,7 @@ def measure_mode(
     dev = resolve_device(device)
     roi = cube(roi_size)
     t_setup = time.perf_counter()
-    parser = bundle_parser(train_overrides(dev, feature_size, roi, batch_size, num_samples, seed, amp))
+    parser = bundle_parser(train_overrides(dev, feature_size, roi, batch_size, num_samples, seed, amp, view_chunk_size))
     crops = phantom_crops(int(batch_size) * int(num_samples), roi, parser["hu_window"], seed)
     if mode == "bundle":
         setup = setup_bundle(dev, parser, seed, crops)
@@ -445,12 +452,18 @@ def measure_mode(
     cuda_peak = torch.cuda.max_memory_allocated(dev) / MIB if dev.type == "cuda" else None
     hwm = after["vm_hwm_mib"]
     breakdown_keys = ("augment_s", "transfer_s", "compute_s") if mode == "research" else ("proxy_tasks_s",)
+    flops = network_flops(network, (2 * crops.shape[0], *crops.shape[1:]), backward=True)
+    precision = "float16" if setup["settings"]["amp"] else "float32"
     result = {
         "mode": mode,
         "pid": os.getpid(),
         "device": str(dev),
         "precision": "float16 autocast" if setup["settings"]["amp"] else "float32",
         "settings": setup["settings"],
+        "flops_per_step": flops,
+        "flops_per_view": flops // (2 * crops.shape[0]),
+        "flops_counted": "forward + backward of the network over all views (PyTorch flop counter)",
+        "limit": limit(flops, mean(times), device_peak(dev), precision),
         "use_checkpoint": bool(parser["use_checkpoint"]),
         "use_flash_attention": any(bool(getattr(m, "use_flash_attention", False)) for m in network.modules()),
         "parameters": int(sum(p.numel() for p in network.parameters())),
@@ -550,6 +563,11 @@ def format_report(result: dict[str, Any]) -> str:
             else ""
         )
         lines.append(f"{'':<9} mean split: {extra}{steps_peak}")
+        if r.get("limit"):
+            lines.append(
+                f"{'':<9} limit: {r['flops_per_step'] / 1e9:.1f} GFLOP per step ({r['flops_per_view'] / 1e9:.2f} per "
+                f"view, forward + backward), {format_limit(r['limit'])}"
+            )
     c = result["comparison"]
 
     def fmt(v):
@@ -576,6 +594,7 @@ def run_benchmark(
     seed: int = 0,
     amp: bool = True,
     research_forward: str = "separate",
+    view_chunk_size: int = 0,
     mode: str | Sequence[str] = "both",
     isolate: bool = True,
     timeout_s: float | None = None,
@@ -596,6 +615,7 @@ def run_benchmark(
         seed: seed of the weights, the phantom crops and the augmentation.
         amp: fp16 autocast + GradScaler on CUDA (no effect on CPU).
         research_forward: "separate" (main.py: one forward per view batch) or "concat" (one forward on both).
+        view_chunk_size: the bundle's knob: views per network call (0: all views in one call).
         mode: "both", "bundle" or "research" (or a list of modes).
         isolate: run each mode in a fresh subprocess (per-mode peak RSS).
         timeout_s: per-mode subprocess time limit.
@@ -613,6 +633,7 @@ def run_benchmark(
     crops = int(batch_size) * int(num_samples)
     result: dict[str, Any] = {
         "machine": {**machine_info(dev), "psutil": _has_psutil()},
+        "peak": device_peak(dev),
         "settings": {
             "bundle": "swin_unetr_ssl_pretrain",
             "config": "configs/train.json",
@@ -629,6 +650,7 @@ def run_benchmark(
             "amp": bool(amp),
             "precision": "float16 autocast" if bool(amp) and dev.type == "cuda" else "float32",
             "research_forward": research_forward,
+            "view_chunk_size": int(view_chunk_size),
             "data": "phantom CT crops (tools.make_phantoms), windowed to 0..1",
             "isolation": (
                 "each mode in a fresh Python process (forked through /bin/sh)"
@@ -654,6 +676,7 @@ def run_benchmark(
         "seed": int(seed),
         "amp": bool(amp),
         "research_forward": research_forward,
+        "view_chunk_size": int(view_chunk_size),
     }
     results: dict[str, dict] = {}
     for name in modes:

@@ -5,6 +5,7 @@
 * ``processes``: child processes: shell quoting, streamed bundle commands, fresh-process measurements;
 * ``machine``: a description of the machine and software that numbers were taken on;
 * ``memory``: peak and current resident memory of this process (``/proc``, ``getrusage``);
+* ``peak``: the limit: FLOPs of a network call (PyTorch's flop counter) and the device's peak FLOP/s;
 * ``timing``: devices, synchronised timing, progress lines;
 * ``engines``: timing the iterations of a bundle's trainer (an ignite engine);
 * ``stats``: small numeric helpers for reports (mean, ratio, number formatting);

@@ -11,17 +11,30 @@ from typing import Any
 import torch
 
 
-def _lscpu() -> dict[str, str]:
-    """``lscpu``'s fields (empty where the command is missing or fails)."""
+def lscpu_text() -> str:
+    """``lscpu``'s output in the C locale (empty where the command is missing or fails)."""
     if not shutil.which("lscpu"):
-        return {}
+        return ""
     try:
-        text = subprocess.run(
+        return subprocess.run(
             ["lscpu"], capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"}, check=False
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return {}
-    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if v}
+        return ""
+
+
+def parse_fields(text: str) -> dict[str, str]:
+    """``key: value`` lines (``lscpu``, one processor of ``/proc/cpuinfo``) as a dict; the first of a key wins."""
+    fields: dict[str, str] = {}
+    for key, _, value in (line.partition(":") for line in text.splitlines()):
+        if value.strip():
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _lscpu() -> dict[str, str]:
+    """``lscpu``'s fields (empty where the command is missing or fails)."""
+    return parse_fields(lscpu_text())
 
 
 def _cpuinfo_field(prefix: str) -> str | None:

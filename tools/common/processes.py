@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,12 +124,29 @@ def run_child(
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         }
-        try:
-            rc: int | str = subprocess.run(
-                child_command(code, json.dumps(args), result_path), cwd=str(REPO_ROOT), env=env, timeout=timeout_s
-            ).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+        rc = run_with_timeout(child_command(code, json.dumps(args), result_path), REPO_ROOT, env, timeout_s)
         if rc != 0 or not os.path.exists(result_path):
-            return {"error": f"{label} subprocess failed (exit {rc})"}
+            why = f"timed out after {timeout_s:g} s" if rc == "timeout" else f"exit {rc}"
+            return {"error": f"{label} subprocess failed ({why})", **({"timed_out": True} if rc == "timeout" else {})}
         return json.loads(Path(result_path).read_text())
+
+
+def run_with_timeout(cmd: Sequence[str], cwd: Path, env: dict[str, str], timeout_s: float | None) -> int | str:
+    """Run ``cmd``; return its exit code, or "timeout" after killing it and everything it started.
+
+    With a time limit the command runs in a process group of its own, so that the launcher shell,
+    the Python it forks and their children (a benchmark's own fresh-process measurements, which
+    stay in that group) are killed together.
+    """
+    if timeout_s is None:
+        return subprocess.run(list(cmd), cwd=str(cwd), env=env).returncode
+    proc = subprocess.Popen(list(cmd), cwd=str(cwd), env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        return "timeout"

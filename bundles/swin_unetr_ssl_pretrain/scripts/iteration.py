@@ -16,6 +16,7 @@ __all__ = [
     "VALIDATION_METRICS",
     "SSLTrainIteration",
     "SSLValIteration",
+    "forward_views",
     "loss_terms",
     "lower_is_better",
     "validation_metrics",
@@ -38,6 +39,24 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.float16, enabled=bool(enabled) and device.type == "cuda")
 
 
+def forward_views(network: torch.nn.Module, inputs: torch.Tensor, chunk_size: int = 0) -> Any:
+    """The network's outputs for all views: one call (``chunk_size`` 0), or ``chunk_size`` views per call.
+
+    Chunked, the outputs of the calls are concatenated field by field (``SSLOutputs`` or a tuple), so
+    the loss sees the same 2B views in the same order. SwinSSLNet has no layer that mixes the views
+    of a batch (its norms are per view), so loss and gradients are those of one call, up to the
+    order of floating-point sums; autograd keeps every chunk's activations for the one backward,
+    while each operation works on fewer views at a time.
+    """
+    chunk_size = int(chunk_size)
+    if chunk_size < 0:
+        raise ValueError(f"view_chunk_size must be >= 0 (0: all views in one forward), got {chunk_size}.")
+    if chunk_size == 0 or chunk_size >= inputs.shape[0]:
+        return network(inputs)
+    parts = [network(chunk) for chunk in inputs.split(chunk_size)]
+    return type(parts[0])(*(torch.cat(field) for field in zip(*parts)))
+
+
 def _scalars(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return {name: float(losses[name].detach()) for name in LOGGED}
 
@@ -48,6 +67,8 @@ class SSLTrainIteration:
     Use as ``SupervisedTrainer(iteration_update=...)``. With ``accumulation_steps`` = A, gradients of
     A iterations are summed (each loss divided by A) before one optimiser step; the learning-rate
     scheduler and the AMP ``scaler`` step with the optimiser, so schedules count optimiser steps.
+    ``view_chunk_size`` > 0 sends the views through the network that many at a time
+    (``forward_views``); the proxy tasks still run once on the whole batch, on its device.
     Returns the total and each loss term as floats (for StatsHandler/TensorBoard), plus ``step``.
     """
 
@@ -60,7 +81,10 @@ class SSLTrainIteration:
         scaler: torch.amp.GradScaler | None = None,
         amp: bool = False,
         max_grad_norm: float = 0.0,
+        view_chunk_size: int = 0,
     ) -> None:
+        if int(view_chunk_size) < 0:
+            raise ValueError(f"view_chunk_size must be >= 0 (0: all views in one forward), got {view_chunk_size}.")
         if int(accumulation_steps) < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}.")
         self.proxy_tasks = proxy_tasks
@@ -70,6 +94,7 @@ class SSLTrainIteration:
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
         self.amp = amp
         self.max_grad_norm = float(max_grad_norm)
+        self.view_chunk_size = int(view_chunk_size)
 
     def __call__(self, engine: Engine, batchdata: Any) -> dict[str, float]:
         images = _images(batchdata, engine)
@@ -79,7 +104,7 @@ class SSLTrainIteration:
         if local == 0:
             engine.optimizer.zero_grad(set_to_none=True)
         with _autocast(images.device, self.amp):
-            outputs = engine.network(views["inputs"])
+            outputs = forward_views(engine.network, views["inputs"], self.view_chunk_size)
         losses = self.loss(outputs, views["targets"], views["rotations"])
         self.scaler.scale(losses["loss"] / self.accumulation_steps).backward()
         if local == self.accumulation_steps - 1:
@@ -103,11 +128,21 @@ class SSLValIteration:
     comparable from one validation to the next. Use as ``SupervisedEvaluator(iteration_update=...)``.
     """
 
-    def __init__(self, proxy_tasks: ProxyTaskViews, loss: torch.nn.Module, seed: int = 0, amp: bool = False) -> None:
+    def __init__(
+        self,
+        proxy_tasks: ProxyTaskViews,
+        loss: torch.nn.Module,
+        seed: int = 0,
+        amp: bool = False,
+        view_chunk_size: int = 0,
+    ) -> None:
+        if int(view_chunk_size) < 0:
+            raise ValueError(f"view_chunk_size must be >= 0 (0: all views in one forward), got {view_chunk_size}.")
         self.proxy_tasks = proxy_tasks
         self.loss = loss
         self.seed = int(seed)
         self.amp = amp
+        self.view_chunk_size = int(view_chunk_size)
 
     def __call__(self, engine: Engine, batchdata: Any) -> dict[str, float]:
         if engine.state.iteration == 1:
@@ -116,7 +151,7 @@ class SSLValIteration:
         views = self.proxy_tasks(images)
         engine.network.eval()
         with torch.no_grad(), _autocast(images.device, self.amp):
-            outputs = engine.network(views["inputs"])
+            outputs = forward_views(engine.network, views["inputs"], self.view_chunk_size)
             losses = self.loss(outputs, views["targets"], views["rotations"])
         return _scalars(losses)
 
