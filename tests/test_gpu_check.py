@@ -1,8 +1,8 @@
 """tools.gpu_check: the dry run takes every part's code path on the CPU and writes the JSON and markdown.
 
 No assertions on speed: the figures of a dry run are of tiny sizes on a shared CPU. The dry run of
-all parts takes about 150 s of CPU time (15 fresh processes), so its tests are marked slow; the
-part runner's failure, timeout and argument handling are tested in the default suite.
+all parts takes about 150 s of CPU time (15 fresh processes); it runs once per module and is part
+of the default suite, so that CI takes every code path the GPU run will take.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ def dry(tmp_path_factory):
     return result, out
 
 
-@pytest.mark.slow
 def test_every_part_ran_and_the_json_is_the_result(dry):
     result, out = dry
     on_disk = json.loads((out / "gpu_check.json").read_text())
@@ -59,7 +58,6 @@ def test_every_part_ran_and_the_json_is_the_result(dry):
     assert len(list(out.iterdir())) <= 8  # what a device run brings back from $OUT
 
 
-@pytest.mark.slow
 def test_part_summaries(dry):
     parts = dry[0]["parts"]
     t = parts["btcv_training"]["summary"]
@@ -82,7 +80,6 @@ def test_part_summaries(dry):
     assert "torch.distributed.run" in d["launcher"] and os.path.isfile(d["checkpoint"]) and _positive(d["seconds"])
 
 
-@pytest.mark.slow
 def test_markdown_table(dry):
     result, out = dry
     text = (out / "gpu_check.md").read_text()
