@@ -18,6 +18,7 @@ from . import (
     encoder_weights,
     ensemble,
     inferers,
+    known_checkpoints,
     metrics,
     msd_data,
     outputs,
