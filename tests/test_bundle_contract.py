@@ -117,8 +117,11 @@ PUBLIC_KNOBS = {
 }
 # Knobs of the other configs: {config: knobs that it defines and the model card documents}
 OTHER_CONFIG_KNOBS = {
-    "btcv": {"evaluate.json": ["ckpt_path"]},
-    "msd": {"inference.json": ["ckpt_path", "folds_dir", "tta_flips"]},
+    "btcv": {"evaluate.json": ["ckpt_path", "folds_dir", "tta_flips"], "inference.json": ["folds_dir", "tta_flips"]},
+    "msd": {
+        "inference.json": ["ckpt_path", "folds_dir", "tta_flips"],
+        "evaluate.json": ["ckpt_path", "folds_dir", "tta_flips"],
+    },
     "ssl": {"export.json": ["ckpt_path", "encoder_path"]},
 }
 BTCV_INFERENCE_KNOBS = [
