@@ -97,6 +97,15 @@ def weights(tmp_path_factory):
     return {"root": root, "current": current, "legacy": legacy}
 
 
+@pytest.fixture(scope="module")
+def native_probs(weights, phantom_dir):
+    """BTCV inference.json's probabilities with each native checkpoint (its order read from its records)."""
+    return {
+        order: _btcv_predict(phantom_dir, weights["root"], str(weights["root"] / f"native_{order}.pt"))
+        for order in ("current", "legacy")
+    }
+
+
 @pytest.fixture
 def log(caplog):
     """The bundles' log records (a bundle's logging.conf replaces the root's handlers, so caplog listens directly)."""
@@ -110,13 +119,10 @@ def log(caplog):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_btcv_foreign_format_predicts_exactly_like_native(fmt, weights, phantom_dir, tmp_path, log):
-    native = _btcv_predict(phantom_dir, tmp_path, str(weights["root"] / "native_current.pt"))
-    assert "from record" in log.text
+def test_btcv_foreign_format_predicts_exactly_like_native(fmt, weights, native_probs, phantom_dir, tmp_path, log):
     path = _foreign(tmp_path / f"{fmt.strip('.')}.pt", weights["current"], fmt)
-    log.clear()
     foreign = _btcv_predict(phantom_dir, tmp_path, str(path), patch_merging="current")
-    assert torch.equal(foreign, native)
+    assert torch.equal(foreign, native_probs["current"])
     line = next(r.getMessage() for r in log.records if r.getMessage().startswith("loaded "))
     total = len(_tensors(weights["current"]))
     assert line.startswith(f"loaded {total}/{total} model tensors from {path}")
@@ -138,9 +144,11 @@ def test_unrecorded_file_is_refused_under_auto(weights, phantom_dir, tmp_path):
     assert "'legacy' (trained with monai <= 1.4) or 'current' (trained with monai >= 1.5)" in text
 
 
-def test_hash_listed_file_uses_legacy_and_predicts_like_explicit_legacy(weights, phantom_dir, tmp_path, log):
+def test_hash_listed_file_uses_legacy_and_predicts_like_explicit_legacy(
+    weights, native_probs, phantom_dir, tmp_path, log
+):
     path = _foreign(tmp_path / "published.pt", weights["legacy"], "raw")
-    native = _btcv_predict(phantom_dir, tmp_path, str(weights["root"] / "native_legacy.pt"))
+    native = native_probs["legacy"]
     explicit = _btcv_predict(phantom_dir, tmp_path, str(path), patch_merging="legacy")
     wrong = _btcv_predict(phantom_dir, tmp_path, str(path), patch_merging="current")
     with bundle_on_path(BTCV_DIR):
@@ -154,7 +162,7 @@ def test_hash_listed_file_uses_legacy_and_predicts_like_explicit_legacy(weights,
     assert not torch.allclose(wrong, explicit, atol=1e-4)  # the order matters: the other one computes otherwise
 
 
-def test_converted_file_works_under_auto(weights, phantom_dir, tmp_path):
+def test_converted_file_works_under_auto(weights, native_probs, phantom_dir, tmp_path, log):
     path = _foreign(tmp_path / "research.pt", weights["legacy"], "module.")
     out = tmp_path / "models" / "model.pt"
     cmd = [sys.executable, "-m", "tools.convert_checkpoint", "--input", str(path), "--output"]
@@ -170,8 +178,10 @@ def test_converted_file_works_under_auto(weights, phantom_dir, tmp_path):
         "patch_merging": "legacy",
         "format_version": 1,
     }
+    log.clear()
     converted = _btcv_predict(phantom_dir, tmp_path, str(out))  # auto: the record
-    assert torch.equal(converted, _btcv_predict(phantom_dir, tmp_path, str(path), patch_merging="legacy"))
+    assert "legacy = monai<=1.4 order, from record" in log.text
+    assert torch.equal(converted, native_probs["legacy"])  # = the same weights saved natively, legacy order
 
     before = path.read_bytes()
     for target, message in ((path, "the output is the input"), (out, "exists")):

@@ -14,7 +14,7 @@ import torch
 from monai.bundle import download, load
 from monai.networks.nets import SwinUNETR
 
-from tests.conftest import BTCV_DIR, MSD_DIR, SMALL, SSL_DIR, btcv_workflow, bundle_on_path
+from tests.conftest import BTCV_DIR, MSD_DIR, SMALL, SSL_DIR, btcv_workflow, bundle_on_path, recorded
 from tools.package_bundle import large_files_yaml, md5_of, package_bundle
 
 BUNDLES = [BTCV_DIR, MSD_DIR, SSL_DIR]
@@ -34,7 +34,7 @@ def btcv_weights(tmp_path_factory) -> Path:
     """A BTCV checkpoint in the bundle's own format, at the small test size (feature size 12)."""
     path = tmp_path_factory.mktemp("weights") / "model.pt"
     torch.manual_seed(0)
-    torch.save({"model": SwinUNETR(1, 14, feature_size=12).state_dict()}, path)
+    torch.save({"model": recorded(SwinUNETR(1, 14, feature_size=12).state_dict())}, path)
     return path
 
 

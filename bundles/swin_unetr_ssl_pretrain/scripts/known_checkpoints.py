@@ -12,7 +12,8 @@ Entries (md5 -> what the file is):
 
 * ``50dd67a01b28a1d5487fd9ac27e682fb``: MONAI model zoo ``swin_unetr_btcv_segmentation``
   ``models/model.pt``, hosted as ``model_swin_unetr_btcv_segmentation_v1.pt``; md5 as listed in
-  that bundle's ``large_files.yml``. A raw SwinUNETR state dict (feature size 48, 14 classes).
+  that bundle's ``large_files.yml`` (``hash_type: md5``; Project-MONAI/model-zoo commit 34338a0).
+  A raw SwinUNETR state dict (feature size 48, 14 classes).
 
 Not listed: the research code's ``swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt``
 (``SwinUNETR/BTCV``), whose publisher gives no checksum; it was trained with monai <= 1.4, so use
