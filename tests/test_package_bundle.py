@@ -126,11 +126,13 @@ def test_monai_download_unpacks_the_zip_and_the_bundle_runs_from_there(
             key_in_ckpt="model",
             net_override={"feature_size": 12},
             device="cpu",
+            # monai's copy_model_state reads .shape of every entry; the patch-merging records are dicts
+            copy_model_args={"exclude_vars": "_extra_state"},
         )
         saved = torch.load(btcv_weights, map_location="cpu", weights_only=True)["model"]
         loaded = network.state_dict()
-        for key, value in saved.items():
-            torch.testing.assert_close(loaded[key], value, msg=key)
+        for key, value in saved.items():  # the tensors, and the records (network_def read them at build time)
+            assert torch.equal(loaded[key], value) if torch.is_tensor(value) else loaded[key] == value, key
 
         out = tmp_path / "predictions"
         workflow = btcv_workflow(
