@@ -257,14 +257,14 @@ def test_btcv_ensemble_inference_writes_predictions(phantom_dir, tmp_path):
     assert set(np.unique(np.asarray(nib.load(str(pred)).dataobj)).tolist()) <= set(range(14))
 
 
-def _train_network(bundle_dir, pretrained_path, **overrides):
+def _train_network(bundle_dir, pretrained_path, patch_merging="current", **overrides):
     with bundle_on_path(bundle_dir):
         workflow = btcv_workflow(
             ["train.json"],
             "train",
             bundle_dir,
             pretrained_path=str(pretrained_path),
-            patch_merging="current",
+            patch_merging=patch_merging,
             **overrides,
         )
         return workflow.parser.get_parsed_content("network_with_encoder")
@@ -272,6 +272,10 @@ def _train_network(bundle_dir, pretrained_path, **overrides):
 
 def test_pretrained_whole_network_loads_the_decoder_where_every_shape_fits(weights, msd_root, tmp_path, log):
     path = _foreign(tmp_path / "research.pt", weights["current"], "state_dict+extras")
+    with pytest.raises(Exception) as info:  # no record, not published: train.json's 'auto' refuses it too
+        _train_network(BTCV_DIR, path, "auto", feature_size=FS, bundle_root=str(tmp_path))
+    assert "UnrecordedOrderError" in error_text(info.value) and str(path) in error_text(info.value)
+    log.clear()
     net = _train_network(BTCV_DIR, path, feature_size=FS, bundle_root=str(tmp_path))
     line = next(r.getMessage() for r in log.records if r.getMessage().startswith("loaded "))
     assert "loaded 126/126 encoder tensors" in line and "and 33/33 decoder tensors" in line
