@@ -48,6 +48,16 @@ MSD_INFER_SMALL = {k: MSD_SMALL[k] for k in ("feature_size", "roi_size", "num_wo
 MSD_PHANTOM_SHAPE = (40, 40, 24)
 
 
+def recorded(state: dict, order: str = "current") -> dict:
+    """A MONAI SwinUNETR state dict as the bundles save it: each patch-merging layer's order recorded in it.
+
+    Without the record, ``patch_merging: auto`` refuses a file (the order is never guessed); a
+    SwinUNETR built by today's monai has the current order.
+    """
+    layers = {k.rsplit(".", 2)[0] for k in state if k.endswith(".downsample.reduction.weight")}
+    return {**state, **{f"{layer}._extra_state": {"patch_merging": order, "format_version": 1} for layer in layers}}
+
+
 def btcv_workflow(configs: list[str], workflow_type: str, bundle_dir: Path = BTCV_DIR, **overrides):
     """``create_workflow`` on a bundle's config files (names under configs/; BTCV by default), as a user would."""
     files = [str(bundle_dir / "configs" / c) for c in configs]

@@ -33,6 +33,7 @@ from tests.conftest import (
     btcv_workflow,
     bundle_on_path,
     error_text,
+    recorded,
     run_workflow,
 )
 from tools.make_dicom_series import write_dicom_series
@@ -111,7 +112,7 @@ def random_checkpoint(path: Path, out_channels: int = 14, in_channels: int = 1) 
     torch.manual_seed(0)
     network = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=SMALL["feature_size"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": network.state_dict()}, str(path))
+    torch.save({"model": recorded(network.state_dict())}, str(path))
     return path
 
 

@@ -117,8 +117,11 @@ PUBLIC_KNOBS = {
 }
 # Knobs of the other configs: {config: knobs that it defines and the model card documents}
 OTHER_CONFIG_KNOBS = {
-    "btcv": {"evaluate.json": ["ckpt_path"]},
-    "msd": {"inference.json": ["ckpt_path", "folds_dir", "tta_flips"]},
+    "btcv": {"evaluate.json": ["ckpt_path", "folds_dir", "tta_flips"], "inference.json": ["folds_dir", "tta_flips"]},
+    "msd": {
+        "inference.json": ["ckpt_path", "folds_dir", "tta_flips"],
+        "evaluate.json": ["ckpt_path", "folds_dir", "tta_flips"],
+    },
     "ssl": {"export.json": ["ckpt_path", "encoder_path"]},
 }
 BTCV_INFERENCE_KNOBS = [
@@ -265,6 +268,7 @@ def test_evaluation_inserts_the_original_label_copy_by_group_name(bundle, phanto
 
 
 def _checkpoint(path: Path, in_channels: int, out_channels: int) -> str:
+    """A MONAI SwinUNETR of today (current patch-merging order, no record: configs set ``patch_merging``)."""
     torch.save({"model": SwinUNETR(in_channels, out_channels, feature_size=12).state_dict()}, path)
     return str(path)
 
@@ -276,12 +280,18 @@ def _settings(bundle: str, phantom_dir: Path, msd_task_root: Path, ssl_corpus: P
         infer = {
             **data,
             "ckpt_path": _checkpoint(tmp_path / "model.pt", 1, 14),
+            "patch_merging": "current",
             **{k: SMALL[k] for k in ("feature_size", "roi_size", "sw_batch_size")},
         }
         return {**data, **SMALL}, infer
     if bundle == "msd":
         data = {"task": MSD_TASK, "dataset_dir": str(msd_task_root / MSD_TASK)}
-        infer = {**data, "ckpt_path": _checkpoint(tmp_path / "model.pt", 1, 2), **MSD_INFER_SMALL}
+        infer = {
+            **data,
+            "ckpt_path": _checkpoint(tmp_path / "model.pt", 1, 2),
+            "patch_merging": "current",
+            **MSD_INFER_SMALL,
+        }
         return {**data, "num_folds": 3, **MSD_SMALL}, infer
     return {"dataset_dir": str(ssl_corpus), **SSL_SMALL}, None
 

@@ -33,7 +33,9 @@ def bundle():
     with bundle_on_path(BUNDLE_DIR):
         pm = importlib.import_module("scripts.patch_merging")
         ew = importlib.import_module("scripts.encoder_weights")
-        yield SimpleNamespace(pm=pm, ew=ew)
+        wf = importlib.import_module("scripts.weights_format")
+        kc = importlib.import_module("scripts.known_checkpoints")
+        yield SimpleNamespace(pm=pm, ew=ew, wf=wf, kc=kc)
 
 
 @pytest.fixture
@@ -264,19 +266,70 @@ def test_monai_native_files_load_all_tensors(bundle, fs12, tmp_path, log, varian
     path = str(tmp_path / "monai.pt")
     torch.save(obj, path)
     assert ew.detect_weights_format(torch.load(path), path) == "monai"
-    assert ew.detect_merging_order(path) == "current"
-    assert any("assuming the current" in r.getMessage() and "'legacy'" in r.getMessage() for r in log.records)
-    assert pm.resolve_downsample("auto", path) is pm.RecordedPatchMerging
+    # no record, not a published file: 'auto' refuses it, naming the file and both settings
+    for refuse in (
+        lambda: ew.detect_merging_order(path),
+        lambda: pm.resolve_downsample("auto", path),
+        lambda: ew.load_pretrained_encoder(_net(12, "merging"), path),
+    ):
+        with pytest.raises(bundle.wf.UnrecordedOrderError) as err:
+            refuse()
+        message = str(err.value)
+        assert path in message and "'legacy' (trained with monai <= 1.4)" in message
+        assert "'current' (trained with monai >= 1.5)" in message and "convert_checkpoint" in message
+    assert ew.detect_merging_order(path, "current") == "current"
+    assert pm.resolve_downsample("current", path) is pm.RecordedPatchMerging
 
     net = _net(12, "merging", seed=5)
     decoder_before = net.encoder1.layer.conv1.conv.weight.clone()
     log.clear()
-    ew.load_pretrained_encoder(net, path)
-    assert _loaded_count(log).startswith(f"loaded {N_ENCODER}/{N_ENCODER} encoder tensors")
+    ew.load_pretrained_encoder(net, path, patch_merging="current")
+    line = _loaded_count(log)
+    assert line.startswith(f"loaded {N_ENCODER}/{N_ENCODER} encoder tensors") and "from setting" in line
     _assert_encoder_equals(net.swinViT, fs12.state)
-    assert torch.equal(net.encoder1.layer.conv1.conv.weight, decoder_before)  # only the encoder is loaded
-    if variant.startswith("full"):
-        assert "ignored 33 decoder tensors" in _loaded_count(log)
+    if variant.startswith("full"):  # a whole fine-tuned network of the same shape: its decoder loads too
+        assert "and 33/33 decoder tensors" in line
+        got, want = _tensors(net.state_dict()), _tensors(full)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    else:
+        assert torch.equal(net.encoder1.layer.conv1.conv.weight, decoder_before)  # only the encoder is loaded
+
+
+def test_whole_network_with_other_out_channels_loads_the_encoder_only(bundle, fs12, tmp_path, log):
+    """A research-code style whole network (14 classes) as pretrained_path of a 3-class network."""
+    ew = bundle.ew
+    path = str(tmp_path / "research.pt")
+    torch.save({"state_dict": fs12.net.state_dict(), "epoch": 5000, "best_acc": 0.8}, path)
+    torch.manual_seed(17)
+    net = SwinUNETR(1, 3, feature_size=12).eval()
+    before = {k: v.clone() for k, v in _tensors(net.state_dict()).items() if not k.startswith("swinViT.")}
+    log.clear()
+    ew.load_pretrained_encoder(net, path, patch_merging="current")
+    line = _loaded_count(log)
+    assert line.startswith(f"loaded {N_ENCODER}/{N_ENCODER} encoder tensors")
+    assert "decoder NOT loaded" in line and "out.conv.conv.weight (14, 12, 1, 1, 1) vs (3, 12, 1, 1, 1)" in line
+    _assert_encoder_equals(net.swinViT, fs12.state)
+    after = net.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the decoder keeps its initialisation
+
+
+def test_hash_listed_file_uses_its_listed_order(bundle, fs12, tmp_path, log, monkeypatch):
+    """A published file without a record, identified by md5 (registered here for a test file), is legacy."""
+    ew, pm, kc = bundle.ew, bundle.pm, bundle.kc
+    path = str(tmp_path / "published.pt")
+    torch.save({f"swinViT.{k}": v for k, v in fs12.state.items()}, path)
+    with pytest.raises(bundle.wf.UnrecordedOrderError):
+        ew.detect_merging_order(path)
+    entry = {"name": "published.pt", "what": "test file", "source": "this test", "patch_merging": "legacy"}
+    monkeypatch.setitem(kc.KNOWN_CHECKPOINTS, kc.file_md5(path), entry)
+    assert "50dd67a01b28a1d5487fd9ac27e682fb" in kc.KNOWN_CHECKPOINTS  # the model zoo's BTCV model.pt
+    assert ew.detect_merging_order(path) == "legacy"
+    assert pm.resolve_downsample("auto", path) is pm.LegacyPatchMerging
+    net = _net(12, pm.resolve_downsample("auto", path), seed=18)
+    log.clear()
+    ew.load_pretrained_encoder(net, path)
+    assert "legacy = monai<=1.4 order from published" in _loaded_count(log)
+    _assert_encoder_equals(net.swinViT, fs12.state)
 
 
 def test_monai_native_file_order_can_be_overridden(bundle, fs12, tmp_path, log):
@@ -284,8 +337,10 @@ def test_monai_native_file_order_can_be_overridden(bundle, fs12, tmp_path, log):
     path = str(tmp_path / "old_monai.pt")
     torch.save({f"swinViT.{k}": v for k, v in fs12.state.items()}, path)
     net = _net(12, pm.resolve_downsample("legacy"))
+    with pytest.raises(ValueError, match="does not record the patch-merging order"):
+        ew.load_pretrained_encoder(net, path)  # 'auto' never guesses
     with pytest.raises(ValueError, match="different function"):
-        ew.load_pretrained_encoder(net, path)  # assumed current != legacy network
+        ew.load_pretrained_encoder(net, path, patch_merging="current")  # current != legacy network
     ew.load_pretrained_encoder(net, path, patch_merging="legacy")
     assert "legacy = monai<=1.4 order" in _loaded_count(log)
     _assert_encoder_equals(net.swinViT, fs12.state)

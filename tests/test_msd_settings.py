@@ -24,6 +24,7 @@ from tests.conftest import (
     btcv_workflow,
     bundle_on_path,
     error_text,
+    recorded,
     train_until_failure,
     verify_metadata,
 )
@@ -361,7 +362,7 @@ def test_train_and_infer_workflows_pass_check_properties(tasks_root, tmp_path):
         )
         assert train.check_properties() in (None, [])
         ckpt = tmp_path / "model.pt"
-        torch.save({"model": SwinUNETR(2, 3, feature_size=12).state_dict()}, ckpt)
+        torch.save({"model": recorded(SwinUNETR(2, 3, feature_size=12).state_dict())}, ckpt)
         infer = _workflow(
             ["inference.json"],
             "infer",

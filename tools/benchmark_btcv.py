@@ -168,17 +168,11 @@ def load_checkpoint(loader: Any, network: torch.nn.Module) -> None:
 def bundle_pipeline(
     device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str, output_dir: str, amp: bool
 ) -> dict[str, Any]:
-    """The bundle's inference pipeline parsed from inference.json, weights loaded by its CheckpointLoader."""
-    from monai.handlers import CheckpointLoader
-
+    """The bundle's inference pipeline parsed from inference.json, weights loaded as its ``network`` loads them."""
     parser = bundle_parser(
         "inference.json", inference_overrides(device, feature_size, roi_size, ckpt_path, output_dir, amp)
     )
-    network = parser.get_parsed_content("network")
-    loaders = [h for h in parser.get_parsed_content("handlers") if isinstance(h, CheckpointLoader)]
-    if len(loaders) != 1:
-        raise RuntimeError(f"expected one CheckpointLoader in inference.json handlers, found {len(loaders)}")
-    load_checkpoint(loaders[0], network)
+    network = parser.get_parsed_content("network").eval()  # scripts.ensemble: strict, logged
 
     def input_check(image_path: str) -> None:
         parser["datalist_items"] = [{"image": image_path}]

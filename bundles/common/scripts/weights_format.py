@@ -1,8 +1,9 @@
 """What a Swin encoder weights file is: its format, and the patch-merging order it was trained with.
 
 The lowest layer of the encoder-weight code: it imports no other module of this package except
-the logger. ``patch_merging`` (building the layers) and ``encoder_weights`` (loading and writing
-tensors) both build on it, so imports go one way: weights_format <- patch_merging <- encoder_weights.
+the logger and ``known_checkpoints`` (the table of published files). ``patch_merging`` (building
+the layers) and ``encoder_weights`` (loading and writing tensors) both build on it, so imports go
+one way: weights_format <- patch_merging <- encoder_weights.
 The formats are described in ``encoder_weights``; the orders in ``patch_merging``.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from .bundle_logger import logger
+from .known_checkpoints import known_checkpoint
 
 __all__ = [
     "LEGACY",
@@ -30,6 +32,10 @@ __all__ = [
     "EXTRA_STATE_SUFFIX",
     "detect_weights_format",
     "detect_merging_order",
+    "settle_order",
+    "checked_choice",
+    "UnrecordedOrderError",
+    "unrecorded_order_error",
     "UnreadableWeightsError",
     "checked_torch_file",
 ]
@@ -50,6 +56,11 @@ SSL_FORMAT_VERSION = 1
 OFFICIAL = "official"
 MONAI = "monai"
 RECORD_KEY = "network_record"
+# Where a file's patch-merging order comes from (see settle_order); OFFICIAL is the official layout
+RECORD = "record"
+PUBLISHED = "published"
+SETTING = "setting"
+UNRECORDED = "unrecorded"
 # state-dict key suffix of a module's non-tensor state (torch's get_extra_state): the patch-merging
 # layers of this project record their order there (patch_merging.RecordedPatchMerging)
 EXTRA_STATE_SUFFIX = "_extra_state"
@@ -202,45 +213,90 @@ def detect_weights_format(obj: Any, source: str = "<in-memory object>") -> str:
     return style
 
 
-def _order_from_file(obj: Any, fmt: str, source: str) -> tuple[str, str]:
-    """(order, where it comes from: "record" | "official" | "assumed") for a loaded file."""
+def _order_from_file(obj: Any, fmt: str, source: str) -> tuple[str | None, str]:
+    """(order, where it comes from: "record" | "official" | "unrecorded") for a loaded file.
+
+    An unrecorded file (a MONAI-native state dict without a record) gives ``(None, "unrecorded")``:
+    :func:`settle_order` decides from the ``patch_merging`` setting and the published-file table.
+    """
     if fmt == SSL_FORMAT:
-        order, where = obj.get("patch_merging"), "record"
+        order, where = obj.get("patch_merging"), RECORD
     elif fmt == OFFICIAL:
-        return LEGACY, "official"
+        return LEGACY, OFFICIAL
     elif (embedded := _embedded_order(_tensor_mapping(obj) or {}, source)) is not None:
-        order, where = embedded, "record"
+        order, where = embedded, RECORD
     elif isinstance(obj, Mapping) and isinstance(obj.get(RECORD_KEY), Mapping):
-        order, where = obj[RECORD_KEY].get("patch_merging"), "record"
+        order, where = obj[RECORD_KEY].get("patch_merging"), RECORD
     else:
-        return CURRENT, "assumed"
+        return None, UNRECORDED
     if order not in MERGING_ORDERS:
         raise ValueError(f"{source}: recorded patch_merging {order!r} is not one of {MERGING_ORDERS}.")
     return order, where
 
 
-def _log_assumed(path: str) -> None:
-    logger.info(
-        "%s is a MONAI-native state dict without a patch-merging record: assuming the %s; if it "
-        "was trained with monai<=1.4, set patch_merging to 'legacy'.",
-        path,
-        ORDER_DESCRIPTIONS[CURRENT],
+class UnrecordedOrderError(ValueError):
+    """A weights file records no patch-merging order, is not a known published file, and none was set."""
+
+
+def unrecorded_order_error(path: str) -> UnrecordedOrderError:
+    """The error for a file whose patch-merging order nothing tells, under ``patch_merging: auto``."""
+    return UnrecordedOrderError(
+        f"{path}: this checkpoint does not record the patch-merging order it was trained with, and it is "
+        f"not a known published file (scripts/known_checkpoints.py), so 'auto' cannot tell the order and will "
+        f"not guess it: set patch_merging to 'legacy' (trained with monai <= 1.4) or 'current' (trained with "
+        f"monai >= 1.5); every Swin UNETR checkpoint published so far is legacy. Or convert the file once "
+        f"with tools/convert_checkpoint.py (project repository), which records the order in it."
     )
 
 
-def detect_merging_order(path: str) -> str:
+def checked_choice(patch_merging: Any) -> str:
+    """The ``patch_merging`` setting, lower-cased: "auto", "legacy" or "current"; ValueError otherwise."""
+    choice = str(patch_merging).strip().lower()
+    if choice not in (AUTO, *MERGING_ORDERS):
+        raise ValueError(f"patch_merging must be one of 'auto', 'legacy', 'current'; got {patch_merging!r}.")
+    return choice
+
+
+def settle_order(order: str | None, where: str, patch_merging: str, path: str) -> tuple[str, str]:
+    """(order, where) of a file once the ``patch_merging`` setting is applied to what it records.
+
+    A record or the official layout is kept as it is (callers decide what a contradicting setting
+    means). An unrecorded file takes an explicit "legacy"/"current" (``where`` = "setting"); under
+    "auto" it is looked up by md5 in ``known_checkpoints.KNOWN_CHECKPOINTS`` (``where`` =
+    "published"), else refused with :class:`UnrecordedOrderError` naming ``path``.
+    """
+    choice = checked_choice(patch_merging)
+    if where != UNRECORDED:
+        return order, where
+    if choice != AUTO:
+        return choice, SETTING
+    entry = known_checkpoint(path) if os.path.isfile(path) else None
+    if entry is None:
+        raise unrecorded_order_error(path)
+    logger.info(
+        "%s is the published %s (md5 %s, source: %s): patch merging %s",
+        path,
+        entry["what"],
+        entry["md5"],
+        entry["source"],
+        ORDER_DESCRIPTIONS[entry["patch_merging"]],
+    )
+    return entry["patch_merging"], PUBLISHED
+
+
+def detect_merging_order(path: str, patch_merging: str = AUTO) -> str:
     """Return the patch-merging order ("legacy" | "current") that the weights at ``path`` were trained with.
 
     Official file -> "legacy"; ``swin_ssl_encoder`` export, a state dict whose downsample layers
     carry their record (``<layer>._extra_state``, written since this format) or a checkpoint with
-    a top-level "network_record" (written before) -> the recorded order; other MONAI-native state
-    dicts -> "current" (assumed, logged).
+    a top-level "network_record" (written before) -> the recorded order. A MONAI-native state dict
+    without a record takes an explicit ``patch_merging``; under "auto" it must be a published file
+    listed in ``known_checkpoints`` (-> its order), else :class:`UnrecordedOrderError` is raised:
+    the order is never guessed.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     obj = _torch_load(path)
     order, where = _order_from_file(obj, detect_weights_format(obj, path), path)
-    if where == "assumed":
-        _log_assumed(path)
-    return order
+    return settle_order(order, where, patch_merging, path)[0]

@@ -19,6 +19,7 @@ from . import (
     ensemble,
     folds,
     inferers,
+    known_checkpoints,
     metrics,
     msd_data,
     outputs,

@@ -60,14 +60,16 @@ from .weights_format import (
     RECORD_KEY,
     SSL_FORMAT,
     SSL_FORMAT_VERSION,
+    UNRECORDED,
     _few,
     _is_extra_state,
-    _log_assumed,
     _order_from_file,
     _tensor_mapping,
     _torch_load,
+    checked_choice,
     detect_merging_order,
     detect_weights_format,
+    settle_order,
 )
 
 __all__ = [
@@ -201,10 +203,12 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
     """Read the Swin encoder tensors of the file at ``path`` with MONAI ``swinViT``-relative keys.
 
     Returns ``(state_dict, info)``; ``info`` holds ``path``, ``format``, ``format_label``,
-    ``patch_merging``, ``patch_merging_source`` ("record" | "official" | "assumed"),
-    ``dropped_head_tensors``, ``ignored_decoder_tensors``, ``num_tensors``, ``feature_size``,
-    ``in_channels`` and ``record`` (the export/network record, if any). Keys that are neither
-    encoder tensors nor known head/decoder tensors raise ValueError.
+    ``patch_merging`` (None when the file records none), ``patch_merging_source`` ("record" |
+    "official" | "unrecorded"), ``dropped_head_tensors``, ``ignored_decoder_tensors``,
+    ``decoder_state`` (the SwinUNETR decoder tensors of a whole-network file, network-relative
+    keys), ``num_tensors``, ``feature_size``, ``in_channels`` and ``record`` (the export/network
+    record, if any). Keys that are neither encoder tensors nor known head/decoder tensors raise
+    ValueError.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -217,6 +221,7 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
     prefix = "module." if all(k.startswith("module.") for k in keys) else ""
 
     state: dict[str, torch.Tensor] = {}
+    decoder: dict[str, torch.Tensor] = {}
     dropped, ignored, unexpected = [], [], []
     has_swinvit_prefix = fmt == MONAI and any(_strip(k, prefix).startswith("swinViT.") for k in keys)
     for key in keys:
@@ -230,7 +235,11 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
             name = name.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
         elif has_swinvit_prefix:
             if not name.startswith("swinViT."):
-                (ignored if name.startswith(_SWINUNETR_DECODER_PREFIXES) else unexpected).append(key)
+                if name.startswith(_SWINUNETR_DECODER_PREFIXES):
+                    ignored.append(key)
+                    decoder[name] = mapping[key]
+                else:
+                    unexpected.append(key)
                 continue
             name = name[len("swinViT.") :]
         if _ENCODER_KEY.match(name):
@@ -247,8 +256,6 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
         raise ValueError(f"{path}: no patch_embed.proj.weight tensor: not a complete Swin encoder.")
     if dropped:
         logger.info("%s: dropped %d SSL head tensor(s): %s", path, len(dropped), _few(dropped, 8))
-    if ignored:
-        logger.info("%s: ignored %d SwinUNETR decoder tensor(s) (not part of the encoder)", path, len(ignored))
     embed = state["patch_embed.proj.weight"]
     record = None
     if fmt == SSL_FORMAT:
@@ -268,6 +275,7 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
         "patch_merging_source": where,
         "dropped_head_tensors": len(dropped),
         "ignored_decoder_tensors": len(ignored),
+        "decoder_state": decoder,
         "num_tensors": len(state),
         "feature_size": int(embed.shape[0]),
         "in_channels": int(embed.shape[1]),
@@ -330,6 +338,47 @@ def adapt_in_channels(state: dict[str, torch.Tensor], in_channels: int, source: 
     return adapted
 
 
+def _decoder_of(network: nn.Module) -> nn.Module | None:
+    """The SwinUNETR holding the encoder (DataParallel/DDP unwrapped), if ``network`` is one, else None."""
+    while isinstance(getattr(network, "module", None), nn.Module):
+        network = network.module
+    return network if isinstance(getattr(network, "swinViT", None), nn.Module) else None
+
+
+def _load_decoder(network: nn.Module, decoder: Mapping[str, torch.Tensor]) -> str:
+    """Load a whole-network file's decoder tensors where every one fits; return what happened, for the log.
+
+    All or nothing: every decoder tensor of the network must be in the file with its shape (e.g.
+    not when out_channels differ), else the decoder keeps its initialisation.
+    """
+    net = _decoder_of(network)
+    if net is None:
+        return f"ignored {len(decoder)} decoder tensors (the network has no SwinUNETR decoder)"
+    expected = {
+        k: v
+        for k, v in net.state_dict().items()
+        if k.startswith(_SWINUNETR_DECODER_PREFIXES) and not _is_extra_state(k)
+    }
+    missing = [k for k in expected if k not in decoder]
+    extra = [k for k in decoder if k not in expected]
+    mismatched = [
+        f"{k} {tuple(decoder[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in decoder and decoder[k].shape != v.shape
+    ]
+    if missing or extra or mismatched:
+        if mismatched:
+            why = _few(mismatched, 2)
+        else:
+            why = f"missing {_few(missing, 2)}" if missing else f"extra {_few(extra, 2)}"
+        return f"decoder NOT loaded: its {len(decoder)} tensors do not all fit the network ({why}); encoder only"
+    with torch.no_grad():
+        for key, value in net.state_dict().items():
+            if key in decoder:
+                value.copy_(decoder[key])
+    return f"and {len(decoder)}/{len(expected)} decoder tensors (whole fine-tuned network: every shape fits)"
+
+
 def load_pretrained_encoder(
     network: nn.Module, pretrained_path: str | None, patch_merging: str = AUTO, in_channel_rule: str = STRICT
 ) -> nn.Module:
@@ -338,9 +387,14 @@ def load_pretrained_encoder(
     Empty/None path: nothing is loaded (training from scratch). Raises FileNotFoundError for a
     missing file and ValueError if any encoder tensor is missing or mis-shaped, or if the
     network's patch-merging order differs from the file's. ``patch_merging`` ("auto", "legacy",
-    "current") may only override the order of a MONAI-native file without a record.
+    "current") may only set the order of a MONAI-native file without a record; under "auto" such a
+    file must be a published one (``known_checkpoints``), else it is refused (UnrecordedOrderError).
     ``in_channel_rule`` "repeat_scaled" lets single-channel weights initialise a network with
     more input channels (see :func:`adapt_in_channels`); "strict" (default) requires equal counts.
+
+    A whole fine-tuned SwinUNETR (e.g. the research code's ``{"state_dict": ..., "epoch", "best_acc"}``)
+    also loads its decoder where every decoder tensor fits the network (not when out_channels
+    differ); the log line says which (counts).
     """
     if not pretrained_path:
         logger.info("no pretrained_path: training from scratch")
@@ -348,9 +402,7 @@ def load_pretrained_encoder(
     path = os.fspath(pretrained_path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained encoder weights not found: {path}")
-    choice = str(patch_merging).strip().lower()
-    if choice not in (AUTO, *MERGING_ORDERS):
-        raise ValueError(f"patch_merging must be one of 'auto', 'legacy', 'current'; got {patch_merging!r}.")
+    choice = checked_choice(patch_merging)
     if in_channel_rule not in IN_CHANNEL_RULES:
         raise ValueError(f"in_channel_rule must be one of {IN_CHANNEL_RULES}; got {in_channel_rule!r}.")
     encoder = _encoder_of(network)
@@ -359,16 +411,13 @@ def load_pretrained_encoder(
     if in_channel_rule == REPEAT_SCALED and info["feature_size"] == net_fs:  # else the shape check names the width
         state = adapt_in_channels(state, net_in, path)
 
-    file_order, where = info["patch_merging"], info["patch_merging_source"]
-    if where == "assumed":
-        if choice == AUTO:
-            _log_assumed(path)
-        else:
-            file_order = choice
-            logger.info("%s: patch merging set to %r by the patch_merging setting", path, choice)
+    unrecorded = info["patch_merging_source"] == UNRECORDED
+    file_order, where = settle_order(info["patch_merging"], info["patch_merging_source"], choice, path)
+    if unrecorded and choice != AUTO:
+        logger.info("%s: patch merging set to %r by the patch_merging setting", path, choice)
     elif choice != AUTO and choice != file_order:
         raise ValueError(
-            f"patch_merging {choice!r} contradicts {path} ({info['format_label']}), whose encoder was "
+            f"patch_merging {choice!r} contradicts {path} ({info['format_label']}, {where}), whose encoder was "
             f"trained with the {ORDER_DESCRIPTIONS[file_order]}; set patch_merging to 'auto' or {file_order!r}."
         )
     info["patch_merging"] = file_order
@@ -383,7 +432,7 @@ def load_pretrained_encoder(
             f"{path} ({info['format_label']}) was trained with the {ORDER_DESCRIPTIONS[file_order]}, but the "
             f"network's downsample layers use the {ORDER_DESCRIPTIONS[network_order]}: the tensors would "
             f"load but the encoder would compute a different function. Build the network with "
-            f"downsample=resolve_downsample('auto', pretrained_path) (patch_merging 'auto' or {file_order!r})."
+            f"downsample=resolve_downsample(patch_merging, pretrained_path) (patch_merging 'auto' or {file_order!r})."
         )
 
     encoder.load_state_dict(state, strict=True)
@@ -393,15 +442,16 @@ def load_pretrained_encoder(
         extras.append(
             f"patch embedding adapted from {info['in_channels']} to {net_in} input channels by {REPEAT_SCALED}"
         )
-    if info["ignored_decoder_tensors"]:
-        extras.append(f"ignored {info['ignored_decoder_tensors']} decoder tensors")
+    if info["decoder_state"]:
+        extras.append(_load_decoder(network, info["decoder_state"]))
     logger.info(
-        "loaded %d/%d encoder tensors from %s (format %s, patch merging %s%s)",
+        "loaded %d/%d encoder tensors from %s (format %s, patch merging %s from %s%s)",
         len(state),
         total,
         path,
         info["format_label"],
         ORDER_DESCRIPTIONS[file_order],
+        where,
         "".join(f", {e}" for e in extras),
     )
     return network

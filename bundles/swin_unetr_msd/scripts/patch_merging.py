@@ -23,6 +23,7 @@ file's order through it, so this module never imports ``encoder_weights``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from .weights_format import (
     LEGACY,
     MERGING_ORDERS,
     ORDER_DESCRIPTIONS,
+    checked_choice,
     detect_merging_order,
 )
 
@@ -210,19 +212,21 @@ def set_merging_order(network: nn.Module, order: str) -> bool:
     return bool(layers)
 
 
-def resolve_downsample(patch_merging: str = AUTO, weights_path: str | None = "") -> type[nn.Module]:
+def resolve_downsample(patch_merging: str = AUTO, weights_path: str | Sequence[str] | None = "") -> type[nn.Module]:
     """Return the value to pass as ``SwinUNETR(downsample=...)``: a :class:`RecordedPatchMerging` class.
 
     The order it starts with: ``patch_merging`` ``"legacy"`` -> :class:`LegacyPatchMerging`,
-    ``"current"`` -> :class:`RecordedPatchMerging`; ``"auto"`` -> the order recorded in, or implied
-    by, the file at ``weights_path`` (see ``weights_format.detect_merging_order``), or ``"current"``
-    when no path is given or the file does not exist (yet): the network can be built from the
-    configs alone. Whatever it starts with, weights loaded later with a patch-merging record in
-    their state dict set each layer to their order.
+    ``"current"`` -> :class:`RecordedPatchMerging` (the file is not read); ``"auto"`` -> the order
+    recorded in the file at ``weights_path``, or listed for it as a published file (see
+    ``weights_format.detect_merging_order``); a file that tells neither is refused, naming it.
+    With no path, or no file there (yet), ``"auto"`` starts with ``"current"``: the network can be
+    built from the configs alone. A list of paths (an ensemble) is read at its first path; the
+    ensemble loader sets each member's own order. Whatever it starts with, weights loaded later
+    with a patch-merging record in their state dict set each layer to their order.
     """
-    choice = str(patch_merging).strip().lower()
-    if choice not in (AUTO, *MERGING_ORDERS):
-        raise ValueError(f"patch_merging must be one of 'auto', 'legacy', 'current'; got {patch_merging!r}.")
+    choice = checked_choice(patch_merging)
+    if weights_path is not None and not isinstance(weights_path, (str, os.PathLike)):
+        weights_path = next(iter(weights_path), "")
     if choice != AUTO:
         order, why = choice, f"patch_merging {choice!r} set explicitly"
     elif not weights_path:

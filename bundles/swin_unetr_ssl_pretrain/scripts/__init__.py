@@ -18,6 +18,7 @@ from . import (
     encoder_weights,
     export,
     iteration,
+    known_checkpoints,
     losses,
     model,
     patch_merging,
