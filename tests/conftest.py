@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from monai.bundle import create_workflow
 
 from tools.common.bundles import BTCV_DIR, MSD_DIR, SSL_DIR, bundle_on_path, forget_scripts_modules  # noqa: F401
@@ -48,14 +49,26 @@ MSD_INFER_SMALL = {k: MSD_SMALL[k] for k in ("feature_size", "roi_size", "num_wo
 MSD_PHANTOM_SHAPE = (40, 40, 24)
 
 
-def recorded(state: dict, order: str = "current") -> dict:
+# The patch-merging order record as documented in the model cards (scripts/weights_format.py):
+# int64 [format_version 2, code], code 1 = legacy, 2 = current. Version 1 (older files) was a dict.
+ORDER_RECORD = {"legacy": [2, 1], "current": [2, 2]}
+
+
+def order_record(order: str) -> torch.Tensor:
+    """The record a patch-merging layer of the bundles keeps in the state dict for ``order``."""
+    return torch.tensor(ORDER_RECORD[order], dtype=torch.int64)
+
+
+def recorded(state: dict, order: str = "current", version: int = 2) -> dict:
     """A MONAI SwinUNETR state dict as the bundles save it: each patch-merging layer's order recorded in it.
 
     Without the record, ``patch_merging: auto`` refuses a file (the order is never guessed); a
-    SwinUNETR built by today's monai has the current order.
+    SwinUNETR built by today's monai has the current order. ``version=1`` writes the dict record
+    of files saved by earlier versions of the bundles.
     """
     layers = {k.rsplit(".", 2)[0] for k in state if k.endswith(".downsample.reduction.weight")}
-    return {**state, **{f"{layer}._extra_state": {"patch_merging": order, "format_version": 1} for layer in layers}}
+    record = order_record(order) if version == 2 else {"patch_merging": order, "format_version": 1}
+    return {**state, **{f"{layer}._extra_state": record for layer in layers}}
 
 
 def btcv_workflow(configs: list[str], workflow_type: str, bundle_dir: Path = BTCV_DIR, **overrides):

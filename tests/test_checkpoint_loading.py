@@ -24,8 +24,20 @@ import numpy as np
 import pytest
 import torch
 from monai.networks.nets import SwinUNETR
+from monai.networks.utils import copy_model_state
 
-from tests.conftest import BTCV_DIR, MSD_DIR, MSD_INFER_SMALL, REPO, btcv_workflow, bundle_on_path, error_text
+from tests.conftest import (
+    BTCV_DIR,
+    MSD_DIR,
+    MSD_INFER_SMALL,
+    REPO,
+    btcv_workflow,
+    bundle_on_path,
+    error_text,
+    order_record,
+    recorded,
+)
+from tools.convert_checkpoint import convert_checkpoint
 
 FS = 12
 BTCV_INFER = {"feature_size": FS, "roi_size": [64, 64, 64], "sw_batch_size": 1, "num_workers": 0, "amp": False}
@@ -174,10 +186,7 @@ def test_converted_file_works_under_auto(weights, native_probs, phantom_dir, tmp
     )
     saved = torch.load(out)
     assert list(saved) == ["model"]
-    assert saved["model"]["swinViT.layers1.0.downsample._extra_state"] == {
-        "patch_merging": "legacy",
-        "format_version": 1,
-    }
+    assert torch.equal(saved["model"]["swinViT.layers1.0.downsample._extra_state"], order_record("legacy"))
     log.clear()
     converted = _btcv_predict(phantom_dir, tmp_path, str(out))  # auto: the record
     assert "legacy = monai<=1.4 order, from record" in log.text
@@ -191,6 +200,70 @@ def test_converted_file_works_under_auto(weights, native_probs, phantom_dir, tmp
     unrecorded = subprocess.run(cmd + [str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=REPO)
     assert unrecorded.returncode == 1 and "does not record the patch-merging order" in unrecorded.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_copy_model_state_from_a_legacy_network_switches_a_current_one_to_legacy(weights):
+    """monai's copy_model_state (monai.bundle.load, zoo/MONAI Label shape-filtered loads) copies the records too."""
+    with bundle_on_path(BTCV_DIR):
+        pm = importlib.import_module("scripts.patch_merging")
+        source = SwinUNETR(1, 14, feature_size=FS, downsample=pm.resolve_downsample("legacy"))
+        source.load_state_dict(weights["legacy"])
+        target = SwinUNETR(1, 14, feature_size=FS, downsample=pm.resolve_downsample("current"))
+        assert pm.merging_order_of(target) == "current"
+        _, updated, unchanged = copy_model_state(target, source)
+        records = [f"swinViT.layers{i}.0.downsample._extra_state" for i in range(1, 5)]
+        assert set(records) <= set(updated) and unchanged == []
+        assert pm.merging_order_of(target) == "legacy"
+        # from a file's state dict as well: a shape-filtered copy skips nothing
+        again = SwinUNETR(1, 14, feature_size=FS, downsample=pm.resolve_downsample("current"))
+        _, updated, unchanged = copy_model_state(again, torch.load(weights["root"] / "native_legacy.pt")["model"])
+        assert unchanged == [] and pm.merging_order_of(again) == "legacy"
+    torch.manual_seed(3)
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        expected, copied, from_file = (n.eval()(x) for n in (source, target, again))
+    assert torch.equal(copied, expected) and torch.equal(from_file, expected)
+
+
+def test_version_1_dict_record_file_loads_with_its_order(weights, native_probs, phantom_dir, tmp_path, log):
+    """Files written before the tensor record (each layer's record a dict) keep their order, in the bundle and bare."""
+    path = tmp_path / "models" / "v1.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": recorded(_tensors(weights["legacy"]), "legacy", version=1)}, path)
+    assert torch.equal(_btcv_predict(phantom_dir, tmp_path, str(path)), native_probs["legacy"])  # auto
+    assert "legacy = monai<=1.4 order, from record" in log.text
+    with bundle_on_path(BTCV_DIR):
+        pm = importlib.import_module("scripts.patch_merging")
+        net = SwinUNETR(1, 14, feature_size=FS, downsample=pm.resolve_downsample("current"))
+        net.load_state_dict(torch.load(path)["model"])  # torch's own strict load
+        assert pm.merging_order_of(net) == "legacy"
+        assert torch.equal(net.state_dict()["swinViT.layers1.0.downsample._extra_state"], order_record("legacy"))
+    # the convert tool rewrites it with tensor records (what monai.bundle.load's copy_model_state needs)
+    result = convert_checkpoint(str(path), str(tmp_path / "v2.pt"))
+    assert (result["patch_merging"], result["from"], result["records"]) == ("legacy", "record", 4)
+    converted = torch.load(tmp_path / "v2.pt")["model"]
+    assert all(torch.equal(converted[k], order_record("legacy")) for k in converted if k.endswith("_extra_state"))
+
+
+@pytest.mark.parametrize(
+    "record",
+    [torch.tensor([2, 7]), torch.tensor([3, 1]), torch.tensor([2, 1, 0]), "legacy", {"patch_merging": "v2"}],
+    ids=["unknown-code", "unknown-version", "wrong-shape", "string", "bad-dict"],
+)
+def test_malformed_record_is_refused_naming_the_file(record, weights, phantom_dir, tmp_path):
+    path = tmp_path / "models" / "bad_record.pt"
+    path.parent.mkdir(parents=True)
+    key = "swinViT.layers2.0.downsample._extra_state"
+    torch.save({"model": {**weights["legacy"], key: record}}, path)
+    with pytest.raises(Exception) as info:
+        _btcv_predict(phantom_dir, tmp_path, str(path))
+    text = error_text(info.value)
+    assert f"{path}: {key}: patch-merging record" in text and "is not readable" in text
+    with bundle_on_path(BTCV_DIR):  # a bare load_state_dict names the entry
+        pm = importlib.import_module("scripts.patch_merging")
+        net = SwinUNETR(1, 14, feature_size=FS, downsample=pm.resolve_downsample("current"))
+        with pytest.raises(ValueError, match=f"{key}: patch-merging record .* is not readable"):
+            net.load_state_dict(torch.load(path, weights_only=False)["model"])
 
 
 def test_btcv_two_checkpoint_ensemble_with_tta_equals_mean_of_softmaxes(weights, phantom_dir, tmp_path, log):

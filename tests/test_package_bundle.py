@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import zipfile
@@ -31,10 +32,10 @@ def _names(zip_path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def btcv_weights(tmp_path_factory) -> Path:
-    """A BTCV checkpoint in the bundle's own format, at the small test size (feature size 12)."""
+    """A BTCV checkpoint in the bundle's own format, at the small test size (feature size 12), legacy order."""
     path = tmp_path_factory.mktemp("weights") / "model.pt"
     torch.manual_seed(0)
-    torch.save({"model": recorded(SwinUNETR(1, 14, feature_size=12).state_dict())}, path)
+    torch.save({"model": recorded(SwinUNETR(1, 14, feature_size=12).state_dict(), "legacy")}, path)
     return path
 
 
@@ -124,15 +125,16 @@ def test_monai_download_unpacks_the_zip_and_the_bundle_runs_from_there(
             bundle_dir=str(bundles),
             workflow_type="inference",
             key_in_ckpt="model",
-            net_override={"feature_size": 12},
+            # built in the current order: loading the file's records must switch it to legacy
+            net_override={"feature_size": 12, "downsample": "$scripts.patch_merging.resolve_downsample('current')"},
             device="cpu",
-            # monai's copy_model_state reads .shape of every entry; the patch-merging records are dicts
-            copy_model_args={"exclude_vars": "_extra_state"},
-        )
+        )  # no copy_model_args: monai's copy_model_state copies the patch-merging records like any tensor
+        assert importlib.import_module("scripts.patch_merging").merging_order_of(network) == "legacy"
         saved = torch.load(btcv_weights, map_location="cpu", weights_only=True)["model"]
         loaded = network.state_dict()
-        for key, value in saved.items():  # the tensors, and the records (network_def read them at build time)
-            assert torch.equal(loaded[key], value) if torch.is_tensor(value) else loaded[key] == value, key
+        assert loaded.keys() == saved.keys()
+        for key, value in saved.items():  # the tensors, and the layers' order records
+            assert torch.equal(loaded[key], value), key
 
         out = tmp_path / "predictions"
         workflow = btcv_workflow(
@@ -148,6 +150,13 @@ def test_monai_download_unpacks_the_zip_and_the_bundle_runs_from_there(
         assert workflow.check_properties() in (None, [])
         workflow.initialize()
         workflow.run()
+        # the network monai.bundle.load returned predicts like the bundle's own (ckpt_path loaded by the workflow)
+        bundle_network = workflow.parser.get_parsed_content("network").eval()
+        torch.manual_seed(4)
+        x = torch.randn(1, 1, *SMALL["roi_size"])
+        with torch.no_grad():
+            # equal up to rounding (the bundle's network may use another attention kernel); a wrong order: far more
+            assert torch.allclose(network.eval()(x), bundle_network(x), atol=1e-4, rtol=0)
         workflow.finalize()
     image = phantom_dir / json.loads((phantom_dir / "datalist.json").read_text())["testing"][0]["image"]
     pred = nib.load(out / image.name.replace(".nii.gz", "_seg.nii.gz"))

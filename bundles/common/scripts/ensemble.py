@@ -47,6 +47,7 @@ from .weights_format import (
     checked_choice,
     checked_torch_file,
     detect_weights_format,
+    order_record,
     settle_order,
 )
 
@@ -138,7 +139,7 @@ def recorded_state_dict(state: Mapping[str, Any], order: str) -> dict[str, Any]:
         raise ValueError("no Swin downsample layers (*.downsample.reduction.weight) in the state dict")
     out = {k: v for k, v in state.items() if not _is_extra_state(k)}
     for layer in layers:
-        out[f"{layer}.{EXTRA_STATE_SUFFIX}"] = {"patch_merging": order, "format_version": 1}
+        out[f"{layer}.{EXTRA_STATE_SUFFIX}"] = order_record(order)
     return out
 
 
@@ -165,8 +166,8 @@ def load_checkpoint(network: nn.Module, path: str, patch_merging: str = AUTO) ->
             f"(task, num_classes, feature_size or in_channels differ?): {str(e).splitlines()[0]} "
             f"{_few(str(e).splitlines()[1:], 2)}"
         ) from e
-    loaded = sum(torch.is_tensor(v) for v in state.values())
-    total = sum(torch.is_tensor(v) for v in network.state_dict().values())
+    loaded = sum(not _is_extra_state(k) for k in state)
+    total = sum(not _is_extra_state(k) for k in network.state_dict())
     logger.info(
         f"loaded {loaded}/{total} model tensors from {path} (format: {info['format']}; patch merging: "
         f"{ORDER_DESCRIPTIONS[order]}, from {info['where']})"

@@ -41,6 +41,8 @@ from .weights_format import (
     ORDER_DESCRIPTIONS,
     checked_choice,
     detect_merging_order,
+    order_of_record,
+    order_record,
 )
 
 __all__ = [
@@ -82,15 +84,15 @@ _CURRENT_OFFSETS = (
 )
 _OFFSETS = {LEGACY: _LEGACY_OFFSETS, CURRENT: _CURRENT_OFFSETS}
 
-# version of the record a RecordedPatchMerging keeps in the state dict (key "<module>._extra_state")
-RECORD_VERSION = 1
-
 
 class RecordedPatchMerging(PatchMergingV2):
     """Patch merging whose sub-voxel order is a setting of the layer, carried in its state dict.
 
     Same parameters and names as monai's ``PatchMerging`` (``reduction``, ``norm``) plus one
-    non-tensor entry, ``<module>._extra_state`` = ``{"patch_merging": order, "format_version": 1}``.
+    entry, ``<module>._extra_state``: the int64 tensor ``[2, code]`` (code 1 = legacy, 2 = current;
+    ``weights_format.order_record``), a tensor of fixed shape so that every state-dict consumer
+    (monai's ``copy_model_state``, ``monai.bundle.load``) copies it like any other entry; the dict
+    ``{"patch_merging": order, "format_version": 1}`` of earlier files is read too.
     Loading a state dict that carries it (``load_state_dict``, strict or not, hence any loader:
     ignite's ``CheckpointLoader``, a bare ``net.load_state_dict(sd)``) sets the layer to that order,
     so the network always computes the function its weights were trained with. A state dict
@@ -123,18 +125,16 @@ class RecordedPatchMerging(PatchMergingV2):
         x = self.norm(x)
         return self.reduction(x)
 
-    def get_extra_state(self) -> dict:
-        """The record saved with the weights: ``{"patch_merging": order, "format_version": 1}``."""
-        return {"patch_merging": self.merging_order, "format_version": RECORD_VERSION}
+    def get_extra_state(self) -> torch.Tensor:
+        """The record saved with the weights: int64 ``[2, code]`` (``weights_format.order_record``)."""
+        return order_record(self.merging_order)
 
     def set_extra_state(self, state: Any) -> None:
-        """Take the order recorded with loaded weights (a record as written by :meth:`get_extra_state`)."""
-        if not isinstance(state, dict) or "patch_merging" not in state:
-            raise ValueError(f"patch-merging record {state!r} is not a dict with a 'patch_merging' entry.")
-        version = state.get("format_version")
-        if not isinstance(version, int) or version > RECORD_VERSION:
-            raise ValueError(f"patch-merging record format_version {version!r} is not supported (reads up to 1).")
-        order = _checked_order(state["patch_merging"], "recorded patch_merging")
+        """Take the order recorded with loaded weights: a version-2 tensor record or a version-1 dict.
+
+        Anything else raises ValueError (``weights_format.order_of_record``).
+        """
+        order = order_of_record(state)
         if order != self.merging_order:
             logger.info(
                 "patch merging: switched to the %s, as recorded in the weights loaded", ORDER_DESCRIPTIONS[order]
@@ -144,11 +144,16 @@ class RecordedPatchMerging(PatchMergingV2):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):  # noqa: D401 (torch's hook)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        # a raw MONAI state dict has no record: keep the order chosen at build time, strict or not
         key = prefix + EXTRA_STATE_SUFFIX
+        try:
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+        except ValueError as err:  # a malformed record: say which entry of the state dict it is
+            if key in state_dict:
+                raise ValueError(f"{key}: {err}") from err
+            raise
+        # a raw MONAI state dict has no record: keep the order chosen at build time, strict or not
         if key in missing_keys:
             missing_keys.remove(key)
 
@@ -208,7 +213,7 @@ def set_merging_order(network: nn.Module, order: str) -> bool:
     # by attribute, not class identity, so layers of a re-imported copy of this module count too
     layers = [m for m in network.modules() if isinstance(m, PatchMergingV2) and hasattr(m, "merging_order")]
     for layer in layers:
-        layer.set_extra_state({"patch_merging": order, "format_version": RECORD_VERSION})
+        layer.set_extra_state(order_record(order))
     return bool(layers)
 
 

@@ -31,6 +31,10 @@ __all__ = [
     "SSL_FORMAT_VERSION",
     "RECORD_KEY",
     "EXTRA_STATE_SUFFIX",
+    "ORDER_RECORD_VERSION",
+    "ORDER_CODES",
+    "order_record",
+    "order_of_record",
     "detect_weights_format",
     "detect_merging_order",
     "settle_order",
@@ -62,9 +66,18 @@ RECORD = "record"
 PUBLISHED = "published"
 SETTING = "setting"
 UNRECORDED = "unrecorded"
-# state-dict key suffix of a module's non-tensor state (torch's get_extra_state): the patch-merging
+# state-dict key suffix of a module's extra state (torch's get_extra_state): the patch-merging
 # layers of this project record their order there (patch_merging.RecordedPatchMerging)
 EXTRA_STATE_SUFFIX = "_extra_state"
+# The order record of a patch-merging layer ("<layer>._extra_state"), version 2: an int64 tensor
+# [ORDER_RECORD_VERSION, code] with one code per order. A tensor of fixed shape (2,), so every
+# state-dict consumer (monai's copy_model_state, hence monai.bundle.load, CheckpointLoader with
+# strict_shape=False, MONAI Label) handles it like any other entry, and a shape-filtered copy always
+# copies it, whichever order either side has. Version 1 (files written before) was a dict
+# {"patch_merging": "legacy" | "current", "format_version": 1}; it is still read.
+ORDER_RECORD_VERSION = 2
+ORDER_CODES = {LEGACY: 1, CURRENT: 2}
+_ORDERS_BY_CODE = {code: order for order, code in ORDER_CODES.items()}
 
 _FORMAT_LABELS = {
     OFFICIAL: "official model_swinvit.pt",
@@ -139,7 +152,7 @@ def _is_extra_state(key: Any) -> bool:
 
 
 def _is_tensor_mapping(obj: Any) -> bool:
-    """A non-empty state dict: tensors, plus any modules' non-tensor ``_extra_state`` entries."""
+    """A non-empty state dict: tensors, plus any modules' ``_extra_state`` entries (dicts in older files)."""
     return (
         isinstance(obj, Mapping)
         and any(not _is_extra_state(k) for k in obj)
@@ -147,10 +160,58 @@ def _is_tensor_mapping(obj: Any) -> bool:
     )
 
 
+def order_record(order: str) -> torch.Tensor:
+    """The record of ``order`` that a patch-merging layer keeps in the state dict: int64 ``[2, code]``."""
+    if order not in ORDER_CODES:
+        raise ValueError(f"patch_merging must be one of {MERGING_ORDERS}; got {order!r}.")
+    return torch.tensor([ORDER_RECORD_VERSION, ORDER_CODES[order]], dtype=torch.int64)
+
+
+def _record_values(record: Any) -> list[int] | None:
+    """``[version, code]`` of a version-2 record (any integer-valued tensor of shape (2,)), else None."""
+    if not isinstance(record, torch.Tensor) or tuple(record.shape) != (2,) or record.is_complex():
+        return None
+    values = record.detach().cpu().tolist()
+    if not all(float(v).is_integer() for v in values):
+        return None
+    return [int(v) for v in values]
+
+
+def order_of_record(record: Any, source: str = "") -> str:
+    """The order ("legacy" | "current") of a patch-merging layer's record; ValueError naming ``source`` otherwise.
+
+    Reads version 2 (int64 tensor ``[2, code]``, codes in ``ORDER_CODES``) and version 1 (the dict
+    ``{"patch_merging": order, "format_version": 1}`` of earlier files). ``source`` (file, entry)
+    starts the error message.
+    """
+    codes = ", ".join(f"{code} = {order}" for order, code in ORDER_CODES.items())
+    where = f"{source}: " if source else ""
+    if isinstance(record, Mapping):
+        version = record.get("format_version")
+        if version != 1 or record.get("patch_merging") not in MERGING_ORDERS:
+            raise ValueError(
+                f"{where}patch-merging record {record!r} is not readable: a dict record must be "
+                f'{{"patch_merging": one of {MERGING_ORDERS}, "format_version": 1}}.'
+            )
+        return record["patch_merging"]
+    values = _record_values(record)
+    if values is None or values[0] != ORDER_RECORD_VERSION or values[1] not in _ORDERS_BY_CODE:
+        if isinstance(record, torch.Tensor):
+            values = record.tolist() if record.numel() <= 8 else f"shape {tuple(record.shape)}"
+            what = f"tensor {values} ({record.dtype})"
+        else:
+            what = f"{type(record).__name__} {record!r}"
+        raise ValueError(
+            f"{where}patch-merging record {what} is not readable: expected an int64 tensor "
+            f"[{ORDER_RECORD_VERSION}, code] with code {codes} (or a version-1 dict record)."
+        )
+    return _ORDERS_BY_CODE[values[1]]
+
+
 def _embedded_order(mapping: Mapping[str, Any], source: str) -> str | None:
     """The patch-merging order recorded inside a state dict by its downsample layers, or None."""
     orders = {
-        v.get("patch_merging") if isinstance(v, Mapping) else v
+        order_of_record(v, f"{source}: {k}")
         for k, v in mapping.items()
         if _is_extra_state(k) and k.rsplit(".", 2)[-2] == "downsample"
     }
