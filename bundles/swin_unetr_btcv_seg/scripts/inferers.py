@@ -11,6 +11,7 @@ from torch import nn
 
 from .allocator import reuse_freed_memory
 from .bundle_logger import logger
+from .window_attention import reuse_attention_masks
 
 __all__ = ["AutocastSlidingWindowInferer", "autocast_dtype", "to_channels_last"]
 
@@ -73,20 +74,24 @@ class AutocastSlidingWindowInferer(SlidingWindowInferer):
         autocast: bool = False,
         channels_last: bool = False,
         reuse_cpu_memory: bool = False,
+        reuse_attention_masks: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.autocast = autocast
         self.channels_last = channels_last
         self.reuse_cpu_memory = reuse_cpu_memory
+        self.reuse_attention_masks = reuse_attention_masks
         self._told: set[str] = set()
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
         device_type = "cuda" if inputs.is_cuda else "cpu"
         dtype = autocast_dtype(device_type) if self.autocast else None
         layout = ""
+        if self.reuse_attention_masks and isinstance(network, nn.Module) and reuse_attention_masks(network):
+            layout = ", Swin attention masks reused across windows"
         if self.channels_last and device_type == "cpu" and isinstance(network, nn.Module):
-            layout = f", channels-last 3D ({to_channels_last(network)} InstanceNorm3d as GroupNorm)"
+            layout += f", channels-last 3D ({to_channels_last(network)} InstanceNorm3d as GroupNorm)"
         if device_type not in self._told:
             self._told.add(device_type)
             if device_type == "cpu":

@@ -28,6 +28,7 @@ from . import (
     tasks,
     transforms,
     weights_format,
+    window_attention,
 )
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
