@@ -93,7 +93,9 @@ def test_machine_and_settings(bench):
 
 def test_end_to_end_variants(bench):
     _, r, _, _ = bench
-    assert set(r["end_to_end"]) == {"bundle", "bundle_fp32", "model_zoo"}
+    autocasts = r["end_to_end"]["bundle"]["precision"] != "float32"
+    # bundle_float32 (the bundle's own float32 path) runs only where the bundle autocasts
+    assert set(r["end_to_end"]) == {"bundle", "bundle_fp32", "model_zoo"} | ({"bundle_float32"} if autocasts else set())
     for name, v in r["end_to_end"].items():
         stages = v["stages_s"]
         for stage in ("load", "preprocess", "sliding_window", "postprocess", "save"):
@@ -111,6 +113,13 @@ def test_end_to_end_variants(bench):
     assert r["end_to_end"]["bundle"]["settings"]["use_flash_attention"] is True
     assert r["end_to_end"]["bundle_fp32"]["settings"]["amp"] is False
     assert r["end_to_end"]["bundle_fp32"]["precision"] == "float32"
+    assert r["end_to_end"]["bundle"]["settings"]["reuse_attention_masks"] is True
+    if autocasts:
+        float32 = r["end_to_end"]["bundle_float32"]
+        assert float32["precision"] == "float32" and float32["settings"]["amp"] is False
+        assert float32["settings"]["channels_last"] is True and float32["settings"]["reuse_attention_masks"] is True
+        assert 0.0 <= r["comparison"]["agreement_bundle_vs_bundle_float32"] <= 1.0
+        assert _positive(r["comparison"]["speed_ratio_bundle_float32_over_bundle"])
     zoo = r["end_to_end"]["model_zoo"]["settings"]
     assert zoo["use_flash_attention"] is False and zoo["reader"] == "ITKReader" and zoo["foreground_crop"] is False
 

@@ -7,6 +7,9 @@ What is measured, for one volume on one device (default: cuda if available, else
 
    * ``bundle``      - the bundle's ``configs/inference.json`` as configured (amp on, flash attention on,
      channels-last on CPU);
+   * ``bundle_float32`` - the same with ``amp`` False, everything else as configured (channels-last,
+     attention masks reused): the bundle's float32 path, which decides per machine whether reduced
+     precision pays; run only where the bundle would autocast;
    * ``bundle_fp32`` - the same with ``amp`` and ``channels_last`` False: the float32 NCDHW reference
      for the agreement numbers;
    * ``model_zoo``   - the same weights run with the model-zoo 0.5.x pipeline, built here from MONAI
@@ -86,7 +89,7 @@ MODEL_ZOO = {
 }
 NUM_CLASSES = 14
 IN_CHANNELS = 1
-VARIANTS = ("bundle", "bundle_fp32", "model_zoo")
+VARIANTS = ("bundle", "bundle_float32", "bundle_fp32", "model_zoo")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -120,11 +123,18 @@ def bundle_autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def inference_overrides(
-    device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str, output_dir: str, amp: bool
+    device: torch.device,
+    feature_size: int,
+    roi_size: Sequence[int],
+    ckpt_path: str,
+    output_dir: str,
+    amp: bool,
+    plain_layout: bool = True,
 ) -> dict[str, Any]:
     """Overrides of inference.json for one benchmark variant.
 
-    ``amp`` false gives the float32 reference: no autocast and the plain NCDHW layout (no channels-last).
+    ``amp`` false with ``plain_layout`` gives the float32 reference: no autocast and the plain NCDHW
+    layout (no channels-last); without ``plain_layout`` the bundle's float32 path as configured.
     """
     overrides = {
         "device": device_expr(device),
@@ -135,7 +145,7 @@ def inference_overrides(
         "amp": bool(amp),
         "overwrite": True,  # each timed repeat writes the same label map again
     }
-    if not amp:
+    if not amp and plain_layout:
         overrides["channels_last"] = False
     return overrides
 
@@ -166,12 +176,22 @@ def load_checkpoint(loader: Any, network: torch.nn.Module) -> None:
 
 
 def bundle_pipeline(
-    device: torch.device, feature_size: int, roi_size: Sequence[int], ckpt_path: str, output_dir: str, amp: bool
+    device: torch.device,
+    feature_size: int,
+    roi_size: Sequence[int],
+    ckpt_path: str,
+    output_dir: str,
+    name: str = "bundle",
 ) -> dict[str, Any]:
-    """The bundle's inference pipeline parsed from inference.json, weights loaded as its ``network`` loads them."""
-    parser = bundle_parser(
-        "inference.json", inference_overrides(device, feature_size, roi_size, ckpt_path, output_dir, amp)
+    """The bundle's inference pipeline parsed from inference.json, weights loaded as its ``network`` loads them.
+
+    ``name`` is the variant: ``bundle``, ``bundle_float32`` or ``bundle_fp32`` (see ``VARIANTS``).
+    """
+    amp = name == "bundle"
+    overrides = inference_overrides(
+        device, feature_size, roi_size, ckpt_path, output_dir, amp, plain_layout=name == "bundle_fp32"
     )
+    parser = bundle_parser("inference.json", overrides)
     network = parser.get_parsed_content("network").eval()  # scripts.ensemble: strict, logged
 
     def input_check(image_path: str) -> None:
@@ -180,7 +200,7 @@ def bundle_pipeline(
         parser.get_parsed_content("dataset#data")
 
     return {
-        "name": "bundle" if amp else "bundle_fp32",
+        "name": name,
         "preprocessing": parser.get_parsed_content("preprocessing"),
         "inferer": parser.get_parsed_content("inferer"),
         "postprocessing": parser.get_parsed_content("postprocessing"),
@@ -196,6 +216,7 @@ def bundle_pipeline(
             "overlap": float(parser["overlap"]),
             "channels_last": bool(parser.get("channels_last", False)) and device.type == "cpu",
             "reuse_cpu_memory": bool(parser.get("reuse_cpu_memory", False)) and device.type == "cpu",
+            "reuse_attention_masks": bool(parser.get("reuse_attention_masks", False)),
             "spacing": list(parser["spacing"]),
             "hu_window": list(parser["hu_window"]),
             "patch_merging": type(network.swinViT.layers1[0].downsample).__name__,
@@ -543,7 +564,7 @@ def build_variant(
     """The pipeline of one benchmark variant (see ``VARIANTS``)."""
     if name == "model_zoo":
         return model_zoo_pipeline(device, feature_size, roi_size, ckpt_path, output_dir)
-    return bundle_pipeline(device, feature_size, roi_size, ckpt_path, output_dir, amp=(name == "bundle"))
+    return bundle_pipeline(device, feature_size, roi_size, ckpt_path, output_dir, name=name)
 
 
 def variant_child(args_json: str, result_path: str) -> None:
@@ -720,7 +741,7 @@ def benchmark_training(
 
 def comparison(e2e: dict[str, dict]) -> dict[str, Any]:
     """Speed ratios model_zoo / bundle and voxel agreements of the bundle's label map."""
-    bundle, fp32, zoo = (e2e.get(v) for v in VARIANTS)
+    bundle, float32, fp32, zoo = (e2e.get(v) for v in VARIANTS)
 
     def ratio(key_fn: Callable[[dict], float]) -> float | None:
         if not bundle or not zoo:
@@ -732,6 +753,12 @@ def comparison(e2e: dict[str, dict]) -> dict[str, Any]:
         "sliding_window_ratio_model_zoo_over_bundle": ratio(lambda r: r["stages_s"]["sliding_window"]),
         "speed_ratio_bundle_fp32_over_bundle": (
             finite_or_none(fp32["total_s"] / bundle["total_s"]) if bundle and fp32 else None
+        ),
+        "speed_ratio_bundle_float32_over_bundle": (
+            finite_or_none(float32["total_s"] / bundle["total_s"]) if bundle and float32 else None
+        ),
+        "agreement_bundle_vs_bundle_float32": label_agreement(
+            bundle and bundle["label_path"], float32 and float32["label_path"]
         ),
         "agreement_bundle_vs_bundle_fp32": label_agreement(
             bundle and bundle["label_path"], fp32 and fp32["label_path"]
@@ -799,6 +826,8 @@ def format_report(result: dict[str, Any]) -> str:
         return "n/a" if v is None else fmt.format(v)
 
     lines += [
+        f"speed ratio bundle_float32 / bundle: {num(c.get('speed_ratio_bundle_float32_over_bundle'), '{:.2f}x')}; "
+        f"voxel agreement bundle vs bundle_float32: {num(c.get('agreement_bundle_vs_bundle_float32'), '{:.4%}')}",
         f"speed ratio model_zoo / bundle: {num(c['speed_ratio_model_zoo_over_bundle'], '{:.2f}x')} "
         f"(sliding window alone {num(c['sliding_window_ratio_model_zoo_over_bundle'], '{:.2f}x')})",
         f"voxel agreement bundle vs bundle_fp32: {num(c['agreement_bundle_vs_bundle_fp32'], '{:.4%}')}; "
@@ -877,6 +906,9 @@ def run_variants(
     for name in VARIANTS:
         if name == "model_zoo" and skip_model_zoo:
             say("model_zoo: skipped")
+            continue
+        if name == "bundle_float32" and e2e.get("bundle", {}).get("precision") == "float32":
+            say("bundle_float32: skipped, the bundle runs float32 here, so its run is the float32 run")
             continue
         if name == "bundle_fp32" and fp32_is_bundle:
             say("bundle_fp32: skipped, the bundle runs float32 in the plain layout here, so its run is the fp32 run")
