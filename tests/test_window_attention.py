@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import nibabel as nib
+import pytest
 import numpy as np
 import torch
 from monai.networks.nets import SwinUNETR
@@ -112,3 +113,35 @@ def test_bundle_inference_with_and_without_mask_reuse_labels_alike(trained, phan
         (path,) = out.glob("*.nii.gz")
         labels[reuse] = np.asarray(nib.load(path).dataobj)
     assert np.array_equal(labels[True], labels[False])
+
+
+NATIVE_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="the bundle autocasts on CPU only where bf16 is native (AVX-512 bf16/AMX)")
+def test_bf16_inference_casts_the_weights_once_per_volume_not_per_window():
+    """Under the bundle's inferer (no_grad, one autocast context per volume) weights are cast to bf16 once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with bundle_on_path():
+        from scripts.inferers import AutocastSlidingWindowInferer
+
+    torch.manual_seed(0)
+    network = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, use_flash_attention=True).eval()
+    inferer = AutocastSlidingWindowInferer(
+        roi_size=(64, 64, 64), sw_batch_size=1, overlap=0.0, autocast=True, channels_last=True
+    )
+    image = torch.rand(1, 1, 64, 64, 192)  # 3 windows, one network call each
+    weight_shapes = {tuple(p.shape) for p in network.parameters() if p.dim() > 1}
+    with torch.no_grad():
+        inferer(image, network)  # the first call also converts the network (layout, mask reuse)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            out = inferer(image, network)
+    assert out.dtype == torch.float32 and out.shape == (1, 14, 64, 64, 192)
+    weight_casts = sum(
+        1
+        for e in prof.events()
+        if e.name == "aten::_to_copy" and e.input_shapes and tuple(e.input_shapes[0]) in weight_shapes
+    )
+    matrices = sum(1 for p in network.parameters() if p.dim() > 1)
+    assert 0 < weight_casts <= matrices, (weight_casts, matrices)  # not 3 x matrices
