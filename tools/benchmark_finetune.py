@@ -19,7 +19,9 @@ a fresh Python process so that its peak memory is its own:
   postprocessing (softmax, argmax + one-hot 14) and ignite ``Accuracy`` computed every iteration,
   StatsHandler and TensorBoardStatsHandler; ``set_determinism(123)``; cudnn.benchmark on CUDA.
   Its ValidationHandler is left out, as the bundle's.
-* ``bundle_float32`` (optional) - the bundle with ``amp`` false: what the bundle's reduced precision gains.
+* optional bundle variants (``BUNDLE_VARIANTS``): ``bundle_float32`` (``amp`` false), ``bundle_bf16``
+  (``amp_cpu_training`` true: bf16 training forward on CPUs with native bf16) and
+  ``bundle_glibc_default`` (``reuse_cpu_memory`` false): what each of those settings costs or gains.
 
 Both modes take the SAME number of crops per iteration (``crops``; the model zoo's own is
 2 volumes x 2 crops = 4): the model zoo keeps 2 crops per volume and ``crops / 2`` volumes per batch,
@@ -63,7 +65,14 @@ from tools.common.processes import run_child
 from tools.common.stats import mean, num, ratio
 from tools.common.timing import resolve_device, say, sync
 
-MODES = ("bundle", "model_zoo", "bundle_float32")
+# The bundle's variants beside its defaults: train.json knobs set, to show what each setting costs or gains.
+BUNDLE_VARIANTS = {
+    "bundle": {},
+    "bundle_float32": {"amp": False},  # no reduced precision anywhere (on CUDA: no float16)
+    "bundle_bf16": {"amp_cpu_training": True},  # bf16 training forward on CPUs with native bf16
+    "bundle_glibc_default": {"reuse_cpu_memory": False},  # glibc's own allocator settings
+}
+MODES = ("bundle", "model_zoo", "bundle_float32", "bundle_bf16", "bundle_glibc_default")
 NUM_CLASSES = 14
 # The model zoo's swin_unetr_btcv_segmentation 0.5.x configs/train.json, its constants stated once.
 MODEL_ZOO_TRAIN = {
@@ -320,15 +329,16 @@ def time_run(trainer: Any, dev: torch.device, total: int) -> dict[str, list[floa
     """Run ``trainer`` for ``total`` iterations; per iteration: wall seconds, step seconds and loss.
 
     Wall = from the previous ``ITERATION_COMPLETED`` (the first: from ``STARTED``) to this one, after
-    the trainer's own handlers; step = ``ITERATION_STARTED`` to ``ITERATION_COMPLETED``.
+    the trainer's own handlers; step = ``ITERATION_STARTED`` to ``ITERATION_COMPLETED``; CPU = this
+    process's user + system time over the wall interval, all threads (data workers not included).
     """
     from ignite.engine import Events
 
-    record: dict[str, list[float]] = {"wall_s": [], "step_s": [], "loss": []}
+    record: dict[str, list[float]] = {"wall_s": [], "step_s": [], "cpu_s": [], "loss": []}
     marks: dict[str, float] = {}
 
     def _started(engine: Any) -> None:
-        marks["last"] = time.perf_counter()
+        marks["last"], marks["cpu"] = time.perf_counter(), time.process_time()
 
     def _iteration_started(engine: Any) -> None:
         sync(dev)
@@ -336,11 +346,12 @@ def time_run(trainer: Any, dev: torch.device, total: int) -> dict[str, list[floa
 
     def _completed(engine: Any) -> None:
         sync(dev)
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         record["wall_s"].append(now - marks["last"])
+        record["cpu_s"].append(cpu - marks["cpu"])
         record["step_s"].append(now - marks["step"])
         record["loss"].append(loss_of(engine.state.output))
-        marks["last"] = now
+        marks["last"], marks["cpu"] = now, cpu
         say(f"iteration {engine.state.iteration}/{total}: {record['wall_s'][-1]:.2f} s, loss {record['loss'][-1]:.4f}")
         if engine.state.iteration >= total:
             engine.terminate()
@@ -375,7 +386,7 @@ def measure_mode(
         if mode == "model_zoo":
             trainer, settings = model_zoo_trainer(dev, data, feature_size, roi, crops, num_workers, Path(tmp))
         else:
-            overrides = dict(bundle_overrides or {}, **({"amp": False} if mode == "bundle_float32" else {}))
+            overrides = {**(bundle_overrides or {}), **BUNDLE_VARIANTS[mode]}
             trainer, settings = bundle_trainer(
                 dev, data, feature_size, roi, crops, num_workers, seed, Path(tmp), overrides
             )
@@ -404,6 +415,8 @@ def measure_mode(
         "iterations_per_second": (1.0 / seconds) if seconds else None,
         "crops_per_second": (int(crops) / seconds) if seconds else None,
         "step_seconds_mean": mean(record["step_s"][int(warmup) :]),
+        "cpu_seconds_per_iteration": mean(record["cpu_s"][int(warmup) :]),
+        "cpu_times_s": record["cpu_s"][int(warmup) :],
         "losses": record["loss"],
         "peak_memory_mib": cuda_peak if cuda_peak is not None else after["ru_maxrss_mib"],
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda_peak is not None else "process peak RSS",
@@ -446,6 +459,7 @@ def summarise(runs: list[dict]) -> dict[str, Any]:
         "crops_per_second_median": (crops / seconds) if seconds and crops else None,
         "seconds_per_iteration_per_repeat": [r.get("seconds_per_iteration") for r in ok],
         "step_seconds_median": median_of(ok, "step_seconds_mean"),
+        "cpu_seconds_per_iteration_median": median_of(ok, "cpu_seconds_per_iteration"),
         "peak_memory_mib_median": median_of(ok, "peak_memory_mib"),
         "peak_memory_mib_per_repeat": [r.get("peak_memory_mib") for r in ok],
         "training_autocast": ok[0]["settings"]["training_autocast"] if ok else None,
@@ -454,20 +468,18 @@ def summarise(runs: list[dict]) -> dict[str, Any]:
 
 def comparison(summary: dict[str, dict]) -> dict[str, Any]:
     """model_zoo / bundle ratios of the median time per iteration and of the median peak memory."""
-    b, z = summary.get("bundle") or {}, summary.get("model_zoo") or {}
-    f = summary.get("bundle_float32") or {}
-    return {
-        "speedup_bundle_over_model_zoo": ratio(
+    z = summary.get("model_zoo") or {}
+    result: dict[str, Any] = {}
+    for name in BUNDLE_VARIANTS:
+        b = summary.get(name) or {}
+        result[f"speedup_{name}_over_model_zoo"] = ratio(
             z.get("seconds_per_iteration_median"), b.get("seconds_per_iteration_median")
-        ),
-        "peak_memory_ratio_bundle_over_model_zoo": ratio(
+        )
+        result[f"peak_memory_ratio_{name}_over_model_zoo"] = ratio(
             b.get("peak_memory_mib_median"), z.get("peak_memory_mib_median")
-        ),
-        "speedup_bundle_over_bundle_float32": ratio(
-            f.get("seconds_per_iteration_median"), b.get("seconds_per_iteration_median")
-        ),
-        "meaning": "speedup > 1: the bundle trains faster; memory ratio <= 1: the bundle needs no more memory",
-    }
+        )
+    result["meaning"] = "speedup > 1: the bundle trains faster; memory ratio <= 1: the bundle needs no more memory"
+    return result
 
 
 def run_benchmark(
@@ -498,7 +510,7 @@ def run_benchmark(
         warmup: untimed iterations first (cache, worker start-up and allocator warm-up).
         steps: timed iterations.
         repeats: runs per mode, interleaved across modes; the report gives medians.
-        modes: among ``MODES``: "bundle", "model_zoo", "bundle_float32" (the bundle with amp false).
+        modes: among ``MODES``: "bundle", "model_zoo" and the bundle variants of ``BUNDLE_VARIANTS``.
         num_cases: phantom volumes in the training data list.
         num_workers: data workers for both (default: each config's own, 4 in both).
         seed: the bundle's seed and the phantoms' seed (the model zoo seeds with its own 123).
@@ -576,7 +588,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"Fine-tuning on {s['device']}: feature_size {s['feature_size']}, roi {s['roi_size']}, {s['crops']} crops per "
         f"iteration, {s['warmup']} warm-up + {s['steps']} timed iterations, {s['repeats']} interleaved repeat(s)",
         "",
-        f"{'mode':<15} {'precision':<24} {'s/it':>8} {'it/s':>8} {'crops/s':>8} {'peak MiB':>9}  s/it per repeat",
+        f"{'mode':<15} {'precision':<24} {'s/it':>8} {'it/s':>8} {'crops/s':>8} {'peak MiB':>9} {'CPU s/it':>9}  "
+        "s/it per repeat",
     ]
     for name, r in result["summary"].items():
         if r["failed"] and r["seconds_per_iteration_median"] is None:
@@ -585,24 +598,21 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(
             f"{name:<15} {str(r['training_autocast']):<24} {num(r['seconds_per_iteration_median'], '.3f'):>8} "
             f"{num(r['iterations_per_second_median'], '.4f'):>8} {num(r['crops_per_second_median'], '.3f'):>8} "
-            f"{num(r['peak_memory_mib_median'], '.0f'):>9}  "
+            f"{num(r['peak_memory_mib_median'], '.0f'):>9} {num(r['cpu_seconds_per_iteration_median'], '.2f'):>9}  "
             + ", ".join(num(x, ".3f") for x in r["seconds_per_iteration_per_repeat"])
         )
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.2f}x"
 
-    lines += [
-        "",
-        f"speed bundle / model zoo: {fmt(c['speedup_bundle_over_model_zoo'])}; peak memory bundle / model zoo: "
-        f"{fmt(c['peak_memory_ratio_bundle_over_model_zoo'])}"
-        + (
-            f"; bundle / bundle float32: {fmt(c['speedup_bundle_over_bundle_float32'])}"
-            if c["speedup_bundle_over_bundle_float32"] is not None
-            else ""
-        ),
-        f"peak memory: {s['memory_measure']}",
-    ]
+    lines.append("")
+    for name in BUNDLE_VARIANTS:
+        if c[f"speedup_{name}_over_model_zoo"] is not None:
+            lines.append(
+                f"{name} against model_zoo: speed {fmt(c[f'speedup_{name}_over_model_zoo'])}, "
+                f"peak memory {fmt(c[f'peak_memory_ratio_{name}_over_model_zoo'])}"
+            )
+    lines.append(f"peak memory: {s['memory_measure']}")
     return "\n".join(lines)
 
 
