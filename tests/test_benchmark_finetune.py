@@ -97,7 +97,7 @@ def test_side_by_side_tiny(tmp_path):
     zoo, bundle = on_disk["runs"]["model_zoo"][0]["settings"], on_disk["runs"]["bundle"][0]["settings"]
     assert zoo["optimizer"] == "Adam" and zoo["training_autocast"] == "float32"  # trainer amp: CUDA only
     assert bundle["optimizer"] == "AdamW" and bundle["training_inferer"] == "AutocastSimpleInferer"
-    assert bundle["training_autocast"] == "float32"  # amp_cpu_training is off by default
+    assert bundle["training_autocast"] == ("bfloat16" if native_bf16() else "float32 (no native bf16 here)")
     assert bundle["optim_set_to_none"] and bundle["use_flash_attention"]
     assert "ValidationHandler" not in bundle["handlers"] and "StatsHandler" in bundle["handlers"]
     c = on_disk["comparison"]

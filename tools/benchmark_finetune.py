@@ -68,8 +68,8 @@ from tools.common.timing import resolve_device, say, sync
 # The bundle's variants beside its defaults: train.json knobs set, to show what each setting costs or gains.
 BUNDLE_VARIANTS = {
     "bundle": {},
-    "bundle_float32": {"amp": False},  # no reduced precision anywhere (on CUDA: no float16)
-    "bundle_bf16": {"amp_cpu_training": True},  # bf16 training forward on CPUs with native bf16
+    "bundle_float32": {"amp": False},  # no reduced precision anywhere (CPU: no bf16; CUDA: no float16)
+    "bundle_bf16": {"amp_cpu_training": True},  # bf16 training forward on CPUs with native bf16 (the default)
     "bundle_glibc_default": {"reuse_cpu_memory": False},  # glibc's own allocator settings
 }
 MODES = ("bundle", "model_zoo", "bundle_float32", "bundle_bf16", "bundle_glibc_default")
