@@ -1,19 +1,19 @@
 # Generated from bundles/common/scripts/inferers.py by tools/sync_bundle_code.py: edit that file, then run it.
-"""Sliding-window inference with mixed precision and a memory layout chosen for the hardware."""
+"""Network calls (sliding window, training forward) with mixed precision and a memory layout chosen for the hardware."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import SimpleInferer, SlidingWindowInferer
 from torch import nn
 
 from .allocator import reuse_freed_memory
 from .bundle_logger import logger
 from .window_attention import reuse_attention_masks
 
-__all__ = ["AutocastSlidingWindowInferer", "autocast_dtype", "to_channels_last"]
+__all__ = ["AutocastSimpleInferer", "AutocastSlidingWindowInferer", "autocast_dtype", "to_channels_last"]
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -103,5 +103,34 @@ class AutocastSlidingWindowInferer(SlidingWindowInferer):
         if dtype is None:
             return super().__call__(inputs, network, *args, **kwargs)
         with torch.autocast(device_type=device_type, dtype=dtype):
+            out = super().__call__(inputs, network, *args, **kwargs)
+        return out.float() if isinstance(out, torch.Tensor) else out
+
+
+class AutocastSimpleInferer(SimpleInferer):
+    """``SimpleInferer`` for a trainer's forward: autocast on CPUs with native bf16 when ``autocast`` is true.
+
+    MONAI's ``SupervisedTrainer(amp=True)`` autocasts (float16 with a gradient scaler) on CUDA only.
+    This inferer adds the CPU case: where ``autocast_dtype("cpu")`` is bfloat16 (AVX-512 bf16 or AMX)
+    the network runs under ``torch.autocast("cpu", bfloat16)`` and its output is returned in float32,
+    so the loss is computed at full precision; bfloat16 has float32's range, so no scaler is needed.
+    On CPUs without native bf16 (e.g. AVX2 only) and on CUDA (the trainer's own amp) it is a plain
+    ``SimpleInferer``.
+    """
+
+    def __init__(self, autocast: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.autocast = autocast
+        self._told = False
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        dtype = autocast_dtype("cpu") if self.autocast and not inputs.is_cuda else None
+        if not self._told:
+            self._told = True
+            where = "cuda" if inputs.is_cuda else "cpu"
+            logger.info(f"training forward on {where} in {dtype or 'the trainer precision (amp on CUDA only)'}")
+        if dtype is None:
+            return super().__call__(inputs, network, *args, **kwargs)
+        with torch.autocast(device_type="cpu", dtype=dtype):
             out = super().__call__(inputs, network, *args, **kwargs)
         return out.float() if isinstance(out, torch.Tensor) else out
