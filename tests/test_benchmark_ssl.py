@@ -136,6 +136,31 @@ def test_modes_ran_in_separate_processes_and_breakdowns(bench):
     assert b["settings"]["lr_scheduler"] == "WarmupCosineSchedule" and res["settings"]["forward"] == "separate"
 
 
+def test_bundle_mode_runs_train_json_setup_with_its_allocator_setting(bench):
+    """The bundle mode runs train.json's setup as the bundle's training does; the research mode never sets it."""
+    _, r, report = bench
+    b, res = r["modes"]["bundle"], r["modes"]["research"]
+    assert r["settings"]["reuse_cpu_memory"] == "train.json's value"
+    assert b["settings"]["reuse_cpu_memory"] is True  # train.json's default
+    glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+    assert b["settings"]["allocator_applied"] is glibc
+    assert res["settings"]["reuse_cpu_memory"] is False and res["settings"]["allocator_applied"] is False
+    assert report.count("glibc reuse of freed memory") == 2
+    assert f"glibc reuse of freed memory {'on' if glibc else 'off'}" in report
+
+
+def test_reuse_cpu_memory_override_reaches_train_json():
+    """--reuse_cpu_memory False is train.json's knob for the bundle mode; None leaves the config's value."""
+    args = (torch.device("cpu"), FEATURE_SIZE, ROI, BATCH_SIZE, NUM_SAMPLES, 0, False, 0)
+    assert "reuse_cpu_memory" not in bs.train_overrides(*args)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "path", list(sys.path))
+        parser = bs.bundle_parser(bs.train_overrides(*args, reuse_cpu_memory=False))
+        assert parser["reuse_cpu_memory"] is False
+        assert parser.get_parsed_content("setup")[0] is False  # the allocator line is first and stays off
+    forget_scripts_modules()
+
+
 def test_comparison_and_report(bench):
     _, r, report = bench
     c = r["comparison"]

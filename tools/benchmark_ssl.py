@@ -9,9 +9,11 @@ autocast + GradScaler on CUDA (``--amp``):
 
 * ``bundle``   - the bundle's own objects, parsed from ``configs/train.json`` with
   ``monai.bundle.ConfigParser`` (``network``, ``optimizer``, ``loss``, ``proxy_tasks``,
-  ``train#iteration`` with its lr scheduler and scaler; ``setup``'s ``set_determinism`` and
-  proxy-task seeding are applied as the bundle does). ``SSLTrainIteration(engine, batch)`` is
-  called on a batch already on the device: the proxy tasks (rotation, box cutout) run there.
+  ``train#iteration`` with its lr scheduler and scaler; train.json's ``setup`` runs first as in
+  the bundle's ``training``: the CPU allocator setting ``reuse_cpu_memory``, ``set_determinism``
+  and proxy-task seeding). ``SSLTrainIteration(engine, batch)`` is called on a batch already on
+  the device: the proxy tasks (rotation, box cutout) run there. ``--reuse_cpu_memory False``
+  measures the bundle without its allocator setting (the research mode never applies it).
 * ``research`` - the research code's way (Project-MONAI research-contributions
   ``SwinUNETR/Pretrain/main.py``): two rotated views with their labels, each cut out, made per
   sample with numpy **on the CPU** (as a data pipeline would), then the views (augmented inputs and
@@ -106,9 +108,10 @@ def train_overrides(
     seed: int,
     amp: bool,
     view_chunk_size: int = 0,
+    reuse_cpu_memory: bool | None = None,
 ) -> dict[str, Any]:
-    """The knobs of train.json this benchmark sets (no pretrained weights, no resume)."""
-    return {
+    """The train.json knobs set here (no pretrained weights, no resume; allocator None: train.json's value)."""
+    overrides = {
         "device": device_expr(device),
         "feature_size": int(feature_size),
         "roi_size": [int(s) for s in roi_size],
@@ -122,6 +125,9 @@ def train_overrides(
         "use_amp": bool(amp) and device.type == "cuda",
         "view_chunk_size": int(view_chunk_size),
     }
+    if reuse_cpu_memory is not None:
+        overrides["reuse_cpu_memory"] = bool(reuse_cpu_memory)
+    return overrides
 
 
 def phantom_crops(n: int, roi_size: Sequence[int], hu_window: Sequence[float], seed: int) -> torch.Tensor:
@@ -260,15 +266,16 @@ class TimedProxyTasks:
 
 
 def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tensor) -> dict[str, Any]:
-    """The bundle's workflow objects from train.json, seeded as its ``setup``; the batch on the device."""
-    from monai.utils import set_determinism
-
-    set_determinism(seed=int(seed))  # train.json "setup" (also: cudnn deterministic, no benchmark)
+    """The bundle's workflow objects from train.json after its ``setup``; the batch on the device."""
+    # train.json "setup", first as in its "training": allocator setting, set_determinism(seed), proxy-task seed
+    setup_results = parser.get_parsed_content("setup")
+    allocator_applied = setup_results[0]
+    if not isinstance(allocator_applied, bool) or int(parser["seed"]) != int(seed):
+        raise RuntimeError("train.json setup: the allocator line is not first, or the seed is not the benchmark's")
     network = parser.get_parsed_content("network")
     optimizer = parser.get_parsed_content("optimizer")
     loss = parser.get_parsed_content("loss")
-    proxy_tasks = parser.get_parsed_content("proxy_tasks")
-    proxy_tasks.set_random_state(int(seed))  # train.json "setup"
+    proxy_tasks = parser.get_parsed_content("proxy_tasks")  # the instance setup seeded
     iteration = parser.get_parsed_content("train#iteration")
     if iteration.proxy_tasks is not proxy_tasks or iteration.loss is not loss:
         raise RuntimeError("train#iteration does not use the parsed proxy_tasks / loss")
@@ -303,6 +310,8 @@ def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tens
             "accumulation_steps": iteration.accumulation_steps,
             "max_grad_norm": iteration.max_grad_norm,
             "view_chunk_size": iteration.view_chunk_size,
+            "reuse_cpu_memory": bool(parser["reuse_cpu_memory"]),
+            "allocator_applied": allocator_applied,
         },
     }
 
@@ -386,6 +395,8 @@ def setup_research(
             + ", rotation CE + contrastive + L1, scaler.step, zero_grad",
             "optimizer": "AdamW",
             "lr_scheduler": None,
+            "reuse_cpu_memory": False,
+            "allocator_applied": False,
             "amp": use_amp,
             "scaler_enabled": use_amp,
             "forward": forward,
@@ -413,6 +424,7 @@ def measure_mode(
     amp: bool = True,
     research_forward: str = "separate",
     view_chunk_size: int = 0,
+    reuse_cpu_memory: bool | None = None,
 ) -> dict[str, Any]:
     """Set one mode up and time its steps in this process; return its speed, losses and memory."""
     if mode not in MODES:
@@ -420,7 +432,9 @@ def measure_mode(
     dev = resolve_device(device)
     roi = cube(roi_size)
     t_setup = time.perf_counter()
-    parser = bundle_parser(train_overrides(dev, feature_size, roi, batch_size, num_samples, seed, amp, view_chunk_size))
+    parser = bundle_parser(
+        train_overrides(dev, feature_size, roi, batch_size, num_samples, seed, amp, view_chunk_size, reuse_cpu_memory)
+    )
     crops = phantom_crops(int(batch_size) * int(num_samples), roi, parser["hu_window"], seed)
     if mode == "bundle":
         setup = setup_bundle(dev, parser, seed, crops)
@@ -562,7 +576,8 @@ def format_report(result: dict[str, Any]) -> str:
             if r.get("peak_rss_steps_mib") is not None and r["cuda_max_memory_allocated_mib"] is None
             else ""
         )
-        lines.append(f"{'':<9} mean split: {extra}{steps_peak}")
+        reuse = "on" if r["settings"].get("allocator_applied") else "off"
+        lines.append(f"{'':<9} mean split: {extra}{steps_peak}; glibc reuse of freed memory {reuse}")
         if r.get("limit"):
             lines.append(
                 f"{'':<9} limit: {r['flops_per_step'] / 1e9:.1f} GFLOP per step ({r['flops_per_view'] / 1e9:.2f} per "
@@ -595,6 +610,7 @@ def run_benchmark(
     amp: bool = True,
     research_forward: str = "separate",
     view_chunk_size: int = 0,
+    reuse_cpu_memory: bool | None = None,
     mode: str | Sequence[str] = "both",
     isolate: bool = True,
     timeout_s: float | None = None,
@@ -616,6 +632,7 @@ def run_benchmark(
         amp: fp16 autocast + GradScaler on CUDA (no effect on CPU).
         research_forward: "separate" (main.py: one forward per view batch) or "concat" (one forward on both).
         view_chunk_size: the bundle's knob: views per network call (0: all views in one call).
+        reuse_cpu_memory: the bundle's allocator knob (None: train.json's value; the research mode never sets it).
         mode: "both", "bundle" or "research" (or a list of modes).
         isolate: run each mode in a fresh subprocess (per-mode peak RSS).
         timeout_s: per-mode subprocess time limit.
@@ -651,6 +668,7 @@ def run_benchmark(
             "precision": "float16 autocast" if bool(amp) and dev.type == "cuda" else "float32",
             "research_forward": research_forward,
             "view_chunk_size": int(view_chunk_size),
+            "reuse_cpu_memory": "train.json's value" if reuse_cpu_memory is None else bool(reuse_cpu_memory),
             "data": "phantom CT crops (tools.make_phantoms), windowed to 0..1",
             "isolation": (
                 "each mode in a fresh Python process (forked through /bin/sh)"
@@ -677,6 +695,7 @@ def run_benchmark(
         "amp": bool(amp),
         "research_forward": research_forward,
         "view_chunk_size": int(view_chunk_size),
+        "reuse_cpu_memory": None if reuse_cpu_memory is None else bool(reuse_cpu_memory),
     }
     results: dict[str, dict] = {}
     for name in modes:
