@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,6 +124,8 @@ def train_overrides(
         "num_workers": 0,
         # the bundle's rule is `amp and torch.cuda.is_available()`; pinned to the device benchmarked
         "use_amp": bool(amp) and device.type == "cuda",
+        # and bf16 autocast of the forward on CPUs with native bf16 (train.json's amp_cpu_training)
+        "amp_cpu_training": bool(amp),
         "view_chunk_size": int(view_chunk_size),
     }
     if reuse_cpu_memory is not None:
@@ -306,6 +309,9 @@ def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tens
             "optimizer": type(optimizer).__name__,
             "lr_scheduler": type(iteration.lr_scheduler).__name__,
             "amp": bool(iteration.amp),
+            "cpu_bf16": bool(getattr(iteration, "cpu_autocast", False))
+            and device.type == "cpu"
+            and sys.modules[type(iteration).__module__].autocast_dtype("cpu") is not None,
             "scaler_enabled": bool(iteration.scaler.is_enabled()),
             "accumulation_steps": iteration.accumulation_steps,
             "max_grad_norm": iteration.max_grad_norm,
@@ -467,12 +473,13 @@ def measure_mode(
     hwm = after["vm_hwm_mib"]
     breakdown_keys = ("augment_s", "transfer_s", "compute_s") if mode == "research" else ("proxy_tasks_s",)
     flops = network_flops(network, (2 * crops.shape[0], *crops.shape[1:]), backward=True)
-    precision = "float16" if setup["settings"]["amp"] else "float32"
+    cpu_bf16 = bool(setup["settings"].get("cpu_bf16"))
+    precision = "float16" if setup["settings"]["amp"] else "bfloat16" if cpu_bf16 else "float32"
     result = {
         "mode": mode,
         "pid": os.getpid(),
         "device": str(dev),
-        "precision": "float16 autocast" if setup["settings"]["amp"] else "float32",
+        "precision": "float32" if precision == "float32" else f"{precision} autocast",
         "settings": setup["settings"],
         "flops_per_step": flops,
         "flops_per_view": flops // (2 * crops.shape[0]),
@@ -629,7 +636,9 @@ def run_benchmark(
         steps: timed steps.
         output: JSON path (default bench_output/ssl_<device type>.json).
         seed: seed of the weights, the phantom crops and the augmentation.
-        amp: fp16 autocast + GradScaler on CUDA (no effect on CPU).
+        amp: fp16 autocast + GradScaler on CUDA; on a CPU with native bf16 the bundle mode's forward in
+            bf16 (train.json's ``amp_cpu_training``); the research mode stays float32 on CPU, as the
+            research code's amp is CUDA only.
         research_forward: "separate" (main.py: one forward per view batch) or "concat" (one forward on both).
         view_chunk_size: the bundle's knob: views per network call (0: all views in one call).
         reuse_cpu_memory: the bundle's allocator knob (None: train.json's value; the research mode never sets it).

@@ -24,6 +24,7 @@ from . import (
     metrics,
     outputs,
     patch_merging,
+    precision,
     transforms,
     weights_format,
     window_attention,

@@ -24,6 +24,7 @@ from . import (
     msd_data,
     outputs,
     patch_merging,
+    precision,
     surface_dice,
     tasks,
     transforms,

@@ -11,23 +11,10 @@ from torch import nn
 
 from .allocator import reuse_freed_memory
 from .bundle_logger import logger
+from .precision import autocast_dtype
 from .window_attention import reuse_attention_masks
 
 __all__ = ["AutocastSimpleInferer", "AutocastSlidingWindowInferer", "autocast_dtype", "to_channels_last"]
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The reduced precision worth using on ``device_type``, or None to stay in float32.
-
-    float16 on CUDA. On CPU, bfloat16 only where oneDNN has native bf16 kernels (AVX-512 bf16 or
-    AMX): elsewhere (e.g. AVX2-only CPUs) bf16 Conv3d falls back to a reference kernel that is
-    about 100x slower than float32.
-    """
-    if device_type == "cuda":
-        return torch.float16
-    if device_type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def to_channels_last(network: nn.Module) -> int:

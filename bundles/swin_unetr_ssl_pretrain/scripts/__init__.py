@@ -22,6 +22,7 @@ from . import (
     losses,
     model,
     patch_merging,
+    precision,
     proxy_tasks,
     transforms,
     weights_format,

@@ -9,6 +9,7 @@ from ignite.engine import Engine
 from ignite.metrics import Average
 
 from .losses import LOSS_TERMS
+from .precision import autocast_dtype
 from .proxy_tasks import ProxyTaskViews
 
 __all__ = [
@@ -34,9 +35,16 @@ def _images(batchdata: Any, engine: Engine) -> torch.Tensor:
     return images.to(engine.state.device, non_blocking=getattr(engine, "non_blocking", False))
 
 
-def _autocast(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA when ``enabled``; a no-op elsewhere."""
+def _autocast(device: torch.device, enabled: bool, cpu_enabled: bool = False):
+    """fp16 autocast on CUDA when ``enabled``; bf16 on CPUs with native bf16 when ``cpu_enabled``; else a no-op."""
+    if device.type == "cpu" and cpu_enabled and autocast_dtype("cpu") is not None:
+        return torch.autocast("cpu", dtype=autocast_dtype("cpu"))
     return torch.autocast("cuda", dtype=torch.float16, enabled=bool(enabled) and device.type == "cuda")
+
+
+def _float32(outputs: Any) -> Any:
+    """The network's outputs (a tuple of tensors), reduced-precision fields in float32: losses at full precision."""
+    return type(outputs)(*(o.float() if o.dtype in (torch.bfloat16, torch.float16) else o for o in outputs))
 
 
 def forward_views(network: torch.nn.Module, inputs: torch.Tensor, chunk_size: int = 0) -> Any:
@@ -69,6 +77,8 @@ class SSLTrainIteration:
     scheduler and the AMP ``scaler`` step with the optimiser, so schedules count optimiser steps.
     ``view_chunk_size`` > 0 sends the views through the network that many at a time
     (``forward_views``); the proxy tasks still run once on the whole batch, on its device.
+    ``cpu_autocast`` runs the forward in bfloat16 on CPUs with native bf16 (AVX-512 bf16/AMX; no
+    scaler needed, bf16 has float32's range) and the losses in float32; elsewhere it does nothing.
     Returns the total and each loss term as floats (for StatsHandler/TensorBoard), plus ``step``.
     """
 
@@ -82,6 +92,7 @@ class SSLTrainIteration:
         amp: bool = False,
         max_grad_norm: float = 0.0,
         view_chunk_size: int = 0,
+        cpu_autocast: bool = False,
     ) -> None:
         if int(view_chunk_size) < 0:
             raise ValueError(f"view_chunk_size must be >= 0 (0: all views in one forward), got {view_chunk_size}.")
@@ -95,6 +106,7 @@ class SSLTrainIteration:
         self.amp = amp
         self.max_grad_norm = float(max_grad_norm)
         self.view_chunk_size = int(view_chunk_size)
+        self.cpu_autocast = bool(cpu_autocast)
 
     def __call__(self, engine: Engine, batchdata: Any) -> dict[str, float]:
         images = _images(batchdata, engine)
@@ -103,8 +115,10 @@ class SSLTrainIteration:
         engine.network.train()
         if local == 0:
             engine.optimizer.zero_grad(set_to_none=True)
-        with _autocast(images.device, self.amp):
+        with _autocast(images.device, self.amp, self.cpu_autocast):
             outputs = forward_views(engine.network, views["inputs"], self.view_chunk_size)
+        if images.device.type == "cpu":
+            outputs = _float32(outputs)
         losses = self.loss(outputs, views["targets"], views["rotations"])
         self.scaler.scale(losses["loss"] / self.accumulation_steps).backward()
         if local == self.accumulation_steps - 1:
@@ -135,9 +149,11 @@ class SSLValIteration:
         seed: int = 0,
         amp: bool = False,
         view_chunk_size: int = 0,
+        cpu_autocast: bool = False,
     ) -> None:
         if int(view_chunk_size) < 0:
             raise ValueError(f"view_chunk_size must be >= 0 (0: all views in one forward), got {view_chunk_size}.")
+        self.cpu_autocast = bool(cpu_autocast)
         self.proxy_tasks = proxy_tasks
         self.loss = loss
         self.seed = int(seed)
@@ -150,8 +166,11 @@ class SSLValIteration:
         images = _images(batchdata, engine)
         views = self.proxy_tasks(images)
         engine.network.eval()
-        with torch.no_grad(), _autocast(images.device, self.amp):
+        with torch.no_grad(), _autocast(images.device, self.amp, self.cpu_autocast):
             outputs = forward_views(engine.network, views["inputs"], self.view_chunk_size)
+        if images.device.type == "cpu":
+            outputs = _float32(outputs)
+        with torch.no_grad():
             losses = self.loss(outputs, views["targets"], views["rotations"])
         return _scalars(losses)
 
