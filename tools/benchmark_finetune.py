@@ -21,7 +21,7 @@ a fresh Python process so that its peak memory is its own:
   Its ValidationHandler is left out, as the bundle's.
 * optional bundle variants (``BUNDLE_VARIANTS``): ``bundle_float32`` (``amp`` false), ``bundle_bf16``
   (``amp_cpu_training`` true: bf16 training forward on CPUs with native bf16) and
-  ``bundle_glibc_default`` (``reuse_cpu_memory`` false): what each of those settings costs or gains.
+  ``bundle_reuse_cpu_memory`` (``reuse_cpu_memory`` true): what each of those settings costs or gains.
 
 Both modes take the SAME number of crops per iteration (``crops``; the model zoo's own is
 2 volumes x 2 crops = 4): the model zoo keeps 2 crops per volume and ``crops / 2`` volumes per batch,
@@ -70,9 +70,9 @@ BUNDLE_VARIANTS = {
     "bundle": {},
     "bundle_float32": {"amp": False},  # no reduced precision anywhere (CPU: no bf16; CUDA: no float16)
     "bundle_bf16": {"amp_cpu_training": True},  # bf16 training forward on CPUs with native bf16 (the default)
-    "bundle_glibc_default": {"reuse_cpu_memory": False},  # glibc's own allocator settings
+    "bundle_reuse_cpu_memory": {"reuse_cpu_memory": True},  # glibc kept from unmapping freed tensors
 }
-MODES = ("bundle", "model_zoo", "bundle_float32", "bundle_bf16", "bundle_glibc_default")
+MODES = ("bundle", "model_zoo", "bundle_float32", "bundle_bf16", "bundle_reuse_cpu_memory")
 NUM_CLASSES = 14
 # The model zoo's swin_unetr_btcv_segmentation 0.5.x configs/train.json, its constants stated once.
 MODEL_ZOO_TRAIN = {
