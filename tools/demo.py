@@ -573,6 +573,9 @@ def pretrain(run: DemoRun, ssl_datalist: Path) -> Path:
         "num_workers": 0,
         "cache_rate": 1.0,
         "use_checkpoint": False,
+        # small crops: keeping freed memory (off by default in training) halves the step time here
+        # (page faults) for about 0.6 GB more; at the default size it costs too much memory
+        "reuse_cpu_memory": True,
         "learning_rate": run.ssl_learning_rate,
         "warmup_steps": run.ssl_settings["warmup_steps"],
         "num_steps": run.ssl_steps,
@@ -693,6 +696,7 @@ def fine_tune(run: DemoRun, common: dict, encoder_path: Path | None) -> Path:
         "ckpt_dir": models_dir,
         "output_dir": run.dir("train_logs"),
         "use_checkpoint": False,
+        "reuse_cpu_memory": True,  # as in pre-training: small crops, faster with freed memory kept
         "num_samples": 2,
         "max_epochs": run.epochs,
         "val_interval": run.val_interval,
