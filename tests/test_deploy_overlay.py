@@ -63,7 +63,11 @@ def test_the_overlay_is_inference_json_with_monai_classes():
 
     for name, base in REPLACED.items():
         assert issubclass(getattr(scripts.transforms, name.rsplit(".", 1)[1]), getattr(transforms, base))
-    inferer = {k: v for k, v in infer["inferer"].items() if k not in ("autocast", "channels_last", "reuse_cpu_memory")}
+    inferer = {
+        k: v
+        for k, v in infer["inferer"].items()
+        if k not in ("autocast", "channels_last", "reuse_cpu_memory", "reuse_attention_masks")
+    }
     assert overlay["inferer"] == {**inferer, "_target_": "SlidingWindowInferer"}
 
 
