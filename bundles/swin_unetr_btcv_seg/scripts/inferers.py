@@ -17,6 +17,15 @@ from .window_attention import reuse_attention_masks
 __all__ = ["AutocastSimpleInferer", "AutocastSlidingWindowInferer", "autocast_dtype", "to_channels_last"]
 
 
+def _call_in(dtype: torch.dtype | None, device_type: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` under autocast to ``dtype`` (None: none) on ``device_type``; tensor in float32."""
+    if dtype is None:
+        return call(*args, **kwargs)
+    with torch.autocast(device_type=device_type, dtype=dtype):
+        out = call(*args, **kwargs)
+    return out.float() if isinstance(out, torch.Tensor) else out
+
+
 def to_channels_last(network: nn.Module) -> int:
     """Convert ``network`` in place to channels-last 3D for faster CPU convolutions; return the norms swapped.
 
@@ -87,11 +96,7 @@ class AutocastSlidingWindowInferer(SlidingWindowInferer):
                 f"sliding-window inference on {device_type} in {dtype or torch.float32}{layout}"
                 + ("" if dtype or not self.autocast else " (no native reduced-precision kernels here)")
             )
-        if dtype is None:
-            return super().__call__(inputs, network, *args, **kwargs)
-        with torch.autocast(device_type=device_type, dtype=dtype):
-            out = super().__call__(inputs, network, *args, **kwargs)
-        return out.float() if isinstance(out, torch.Tensor) else out
+        return _call_in(dtype, device_type, super().__call__, inputs, network, *args, **kwargs)
 
 
 class AutocastSimpleInferer(SimpleInferer):
@@ -116,8 +121,4 @@ class AutocastSimpleInferer(SimpleInferer):
             self._told = True
             where = "cuda" if inputs.is_cuda else "cpu"
             logger.info(f"training forward on {where} in {dtype or 'the trainer precision (amp on CUDA only)'}")
-        if dtype is None:
-            return super().__call__(inputs, network, *args, **kwargs)
-        with torch.autocast(device_type="cpu", dtype=dtype):
-            out = super().__call__(inputs, network, *args, **kwargs)
-        return out.float() if isinstance(out, torch.Tensor) else out
+        return _call_in(dtype, "cpu", super().__call__, inputs, network, *args, **kwargs)

@@ -37,8 +37,9 @@ def _images(batchdata: Any, engine: Engine) -> torch.Tensor:
 
 def _autocast(device: torch.device, enabled: bool, cpu_enabled: bool = False):
     """fp16 autocast on CUDA when ``enabled``; bf16 on CPUs with native bf16 when ``cpu_enabled``; else a no-op."""
-    if device.type == "cpu" and cpu_enabled and autocast_dtype("cpu") is not None:
-        return torch.autocast("cpu", dtype=autocast_dtype("cpu"))
+    cpu_dtype = autocast_dtype("cpu") if device.type == "cpu" and cpu_enabled else None
+    if cpu_dtype is not None:
+        return torch.autocast("cpu", dtype=cpu_dtype)
     return torch.autocast("cuda", dtype=torch.float16, enabled=bool(enabled) and device.type == "cuda")
 
 
@@ -166,11 +167,11 @@ class SSLValIteration:
         images = _images(batchdata, engine)
         views = self.proxy_tasks(images)
         engine.network.eval()
-        with torch.no_grad(), _autocast(images.device, self.amp, self.cpu_autocast):
-            outputs = forward_views(engine.network, views["inputs"], self.view_chunk_size)
-        if images.device.type == "cpu":
-            outputs = _float32(outputs)
         with torch.no_grad():
+            with _autocast(images.device, self.amp, self.cpu_autocast):
+                outputs = forward_views(engine.network, views["inputs"], self.view_chunk_size)
+            if images.device.type == "cpu":
+                outputs = _float32(outputs)
             losses = self.loss(outputs, views["targets"], views["rotations"])
         return _scalars(losses)
 
