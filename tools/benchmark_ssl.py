@@ -316,6 +316,7 @@ def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tens
             "accumulation_steps": iteration.accumulation_steps,
             "max_grad_norm": iteration.max_grad_norm,
             "view_chunk_size": iteration.view_chunk_size,
+            "fast_window_attention": any(getattr(m, "fused_training", False) for m in network.modules()),
             "reuse_cpu_memory": bool(parser["reuse_cpu_memory"]),
             "allocator_applied": allocator_applied,
         },
@@ -331,7 +332,10 @@ def setup_research(
     if forward not in RESEARCH_FORWARDS:
         raise ValueError(f"research_forward must be one of {RESEARCH_FORWARDS}, got {forward!r}")
     torch.manual_seed(int(seed))  # the same initial weights as the bundle mode (set_determinism seeds torch alike)
-    network = parser.get_parsed_content("network")  # the same SwinSSLNet with the bundle's knobs
+    parser["fast_window_attention"] = False  # the research code runs MONAI's own window attention
+    network = parser.get_parsed_content("network")  # the same SwinSSLNet with the bundle's other knobs
+    if any(getattr(m, "fused_training", False) for m in network.modules()):
+        raise RuntimeError("the research mode's network must use MONAI's own window attention")
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=float(parser["learning_rate"]), weight_decay=float(parser["weight_decay"])
     )

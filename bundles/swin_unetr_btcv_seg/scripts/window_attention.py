@@ -18,6 +18,17 @@ dict) so that, while no gradient is recorded:
 
 Under autograd (training) the layers run MONAI's own code and drop their caches. The result equals
 MONAI's flash-attention path (the same kernel on the same operands, sample by sample).
+
+Training on a CPU: MONAI's attention under autograd is the plain math path, ``softmax(q k^T + bias
++ mask) v``, with five to six full-size ``[windows, heads, tokens, tokens]`` tensors per call, in
+float32 even under bf16 autocast (the float32 bias promotes the scores). Profiled at the demo's
+pre-training size on the Intel Xeon, those copies, adds and softmaxes were about 85 % of a step.
+``fast_window_attention`` additionally switches on, for gradients on a CPU, one autograd function
+(``WindowAttentionFunction``) that writes bias + mask into one score tensor in the activations'
+dtype, runs the softmax in place and keeps only the probabilities for the backward pass, whose
+softmax gradient is also computed in place. Same mathematics: in float32 it matches MONAI's
+gradients to rounding; in bf16 the scores are kept in bf16 (the softmax itself accumulates in
+float32). On CUDA, and with attention dropout, MONAI's own code runs.
 """
 
 from __future__ import annotations
@@ -29,7 +40,58 @@ import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import BasicLayer, WindowAttention, compute_mask, get_window_size
 from torch import nn
 
-__all__ = ["MaskReusingBasicLayer", "MaskReusingWindowAttention", "reuse_attention_masks"]
+__all__ = [
+    "MaskReusingBasicLayer",
+    "MaskReusingWindowAttention",
+    "WindowAttentionFunction",
+    "fast_window_attention",
+    "reuse_attention_masks",
+]
+
+
+# MONAI masks shifted-window pairs with -100: exp(-100) is a subnormal float, and subnormals made the
+# softmax 4x slower (measured, Intel Xeon). Training scales the mask by 100, so masked pairs get exactly 0
+# instead of ~4e-44 of the weight.
+HARD_MASK_SCALE = 100.0
+
+
+class WindowAttentionFunction(torch.autograd.Function):
+    """``softmax(scale q k^T + bias + mask_scale mask) v`` over windows: one score tensor per call, softmax in place.
+
+    ``q, k, v``: ``[samples x windows, heads, tokens, head_dim]``; ``bias``: ``[heads, tokens, tokens]``
+    (float32, gets a gradient); ``mask``: ``[windows, tokens, tokens]`` or None (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, scale, mask_scale=1.0):
+        b, heads, n, d = q.shape
+        windows = 1 if mask is None else mask.shape[0]
+        additive = bias.to(q.dtype).unsqueeze(0)
+        if mask is not None:  # [windows, heads, n, n], once per call; the mask's 0 entries keep the bias exact
+            additive = torch.add(additive, mask.to(q.dtype).unsqueeze(1), alpha=mask_scale)
+        scores = torch.empty((b // windows, windows, heads, n, n), dtype=q.dtype, device=q.device)
+        scores.copy_(additive)  # broadcast over the samples
+        q3, k3, v3 = (t.reshape(b * heads, n, d) for t in (q, k, v))
+        probs = scores.view(b * heads, n, n).baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
+        torch.softmax(probs, -1, out=probs)
+        ctx.save_for_backward(q3, k3, v3, probs)
+        ctx.scale, ctx.windows, ctx.shape = scale, windows, (b, heads, n, d)
+        return torch.bmm(probs, v3).view(b, heads, n, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q3, k3, v3, probs = ctx.saved_tensors
+        b, heads, n, d = ctx.shape
+        grad_out = grad_out.reshape(b * heads, n, d).to(q3.dtype)
+        grad_v = torch.bmm(probs.transpose(1, 2), grad_out)
+        grad_scores = torch.bmm(grad_out, v3.transpose(1, 2))
+        torch.ops.aten._softmax_backward_data.out(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
+        grad_bias = None
+        if ctx.needs_input_grad[3]:  # summed in the scores' dtype (float accumulation), as a float32 tensor
+            grad_bias = grad_scores.view(b // ctx.windows, ctx.windows, heads, n, n).sum((0, 1)).float()
+        grad_q = torch.bmm(grad_scores, k3).mul_(ctx.scale).view(b, heads, n, d)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), q3).mul_(ctx.scale).view(b, heads, n, d)
+        return grad_q, grad_k, grad_v.view(b, heads, n, d), grad_bias, None, None, None
 
 
 class MaskReusingBasicLayer(BasicLayer):
@@ -64,9 +126,13 @@ class MaskReusingWindowAttention(WindowAttention):
     _bias_mask: torch.Tensor | None = None
     _bias: torch.Tensor | None = None
 
+    fused_training: bool = False
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if torch.is_grad_enabled() or not self.use_flash_attention or torch.jit.is_scripting():
             self._bias_key = self._bias_mask = self._bias = None
+            if self._fused_training_applies(x):
+                return self._fused_training_forward(x, mask)
             return super().forward(x, mask)
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -86,6 +152,26 @@ class MaskReusingWindowAttention(WindowAttention):
             )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
+    def _fused_training_applies(self, x: torch.Tensor) -> bool:
+        return (
+            self.fused_training
+            and torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and not self.attn_drop.p
+            and not torch.jit.is_scripting()
+        )
+
+    def _fused_training_forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """MONAI's training attention, computed by ``WindowAttentionFunction``."""
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        index = self.relative_position_index[:n, :n].reshape(-1)
+        bias = self.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1)
+        mask = None if mask is None else mask.to(device=x.device, dtype=torch.float32)
+        out = WindowAttentionFunction.apply(q, k, v, bias.float(), mask, self.scale, HARD_MASK_SCALE)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+
     def _bias_for(self, mask: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
         """Relative position bias plus ``mask``, ``[windows or 1, heads, n, n]`` in ``dtype``, built once per key."""
         table = self.relative_position_bias_table
@@ -99,6 +185,21 @@ class MaskReusingWindowAttention(WindowAttention):
             bias = bias + mask.unsqueeze(1)
         self._bias_key, self._bias_mask, self._bias = key, mask, bias.to(dtype).contiguous()
         return self._bias
+
+
+def fast_window_attention(network: nn.Module, enabled: bool = True) -> nn.Module:
+    """``network`` with its window attention converted for inference and for CPU training; returned as is if not ``enabled``.
+
+    The conversion (in place, same state dict) is ``reuse_attention_masks`` plus, in every attention
+    block, ``WindowAttentionFunction`` while gradients are recorded on a CPU (see the module doc).
+    """
+    if not enabled:
+        return network
+    reuse_attention_masks(network)
+    for module in network.modules():
+        if isinstance(module, MaskReusingWindowAttention):
+            module.fused_training = True
+    return network
 
 
 def reuse_attention_masks(network: nn.Module) -> int:

@@ -26,6 +26,7 @@ from . import (
     proxy_tasks,
     transforms,
     weights_format,
+    window_attention,
 )
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
