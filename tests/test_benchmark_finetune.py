@@ -98,7 +98,8 @@ def test_side_by_side_tiny(tmp_path):
     assert zoo["optimizer"] == "Adam" and zoo["training_autocast"] == "float32"  # trainer amp: CUDA only
     assert bundle["optimizer"] == "AdamW" and bundle["training_inferer"] == "AutocastSimpleInferer"
     assert bundle["training_autocast"] == ("bfloat16" if native_bf16() else "float32 (no native bf16 here)")
-    assert bundle["optim_set_to_none"] and bundle["use_flash_attention"]
+    assert bundle["optim_set_to_none"] and bundle["use_flash_attention"] and bundle["fast_window_attention"]
+    assert "fast_window_attention" not in zoo  # MONAI's SwinUNETR as the zoo builds it
     assert "ValidationHandler" not in bundle["handlers"] and "StatsHandler" in bundle["handlers"]
     c = on_disk["comparison"]
     assert c["speedup_bundle_over_model_zoo"] == pytest.approx(
@@ -144,3 +145,32 @@ def test_bundle_convergence_unchanged_by_reduced_precision(cases):
     assert max(diffs) < 0.05, (low, full)
     for curve in (low, full):
         assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.02, curve
+
+
+@pytest.mark.slow
+def test_bundle_convergence_unchanged_by_the_fused_window_attention(cases):
+    """Fixed-seed float32 loss curves with train.json's ``fast_window_attention`` on (default) and off (MONAI's code).
+
+    Same seed, weights and crops; only the attention's implementation differs, so the curves agree to
+    float32 rounding over 10 iterations with gradient checkpointing on (the bundle's setting).
+    """
+    curves = {}
+    for fast in (True, False):
+        run = bf.measure_mode(
+            "bundle_float32",
+            cases,
+            device="cpu",
+            **TINY,
+            crops=1,
+            warmup=0,
+            steps=10,
+            num_workers=0,
+            seed=0,
+            bundle_overrides={"warmup_epochs": 0, "learning_rate": 1e-3, "fast_window_attention": fast},
+        )
+        assert run["settings"]["fast_window_attention"] is fast
+        curves[fast] = run["losses"]
+    fused, monai = curves[True], curves[False]
+    assert len(fused) == len(monai) == 10
+    assert max(abs(a - b) for a, b in zip(fused, monai)) < 2e-3, (fused, monai)
+    assert sum(fused[-3:]) / 3 < sum(fused[:3]) / 3 - 0.02, fused

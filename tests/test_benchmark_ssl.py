@@ -140,6 +140,8 @@ def test_modes_ran_in_separate_processes_and_breakdowns(bench):
     assert _positive(res["breakdown_mean_s"]["augment_s"]) and _positive(res["breakdown_mean_s"]["compute_s"])
     assert sum(res["breakdown_mean_s"].values()) <= res["seconds_per_iteration"] * 1.001
     assert b["settings"]["lr_scheduler"] == "WarmupCosineSchedule" and res["settings"]["forward"] == "separate"
+    # the bundle trains through its fused window attention; the research way through MONAI's own
+    assert b["settings"]["fast_window_attention"] is True and "fast_window_attention" not in res["settings"]
 
 
 def test_bundle_mode_runs_train_json_setup_with_its_allocator_setting(bench):

@@ -185,6 +185,7 @@ def bundle_trainer(
         "loss": repr(trainer.loss_function.__class__.__name__),
         "use_checkpoint": bool(parser["use_checkpoint"]),
         "use_flash_attention": bool(parser["use_flash_attention"]),
+        "fast_window_attention": any(getattr(m, "fused_training", False) for m in trainer.network.modules()),
         "handlers": [h["_target_"] for h in handlers],
         "handlers_left_out": list(BUNDLE_SKIPPED_HANDLERS) + ["checkpoint saver (every ckpt_interval epochs)"],
         "overrides": overrides or {},

@@ -75,7 +75,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         probs = scores.view(b * heads, n, n).baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
         torch.softmax(probs, -1, out=probs)
         ctx.save_for_backward(q3, k3, v3, probs)
-        ctx.scale, ctx.windows, ctx.shape = scale, windows, (b, heads, n, d)
+        ctx.scale, ctx.windows, ctx.shape, ctx.bias_dtype = scale, windows, (b, heads, n, d), bias.dtype
         return torch.bmm(probs, v3).view(b, heads, n, d)
 
     @staticmethod
@@ -87,8 +87,8 @@ class WindowAttentionFunction(torch.autograd.Function):
         grad_scores = torch.bmm(grad_out, v3.transpose(1, 2))
         torch.ops.aten._softmax_backward_data.out(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
         grad_bias = None
-        if ctx.needs_input_grad[3]:  # summed in the scores' dtype (float accumulation), as a float32 tensor
-            grad_bias = grad_scores.view(b // ctx.windows, ctx.windows, heads, n, n).sum((0, 1)).float()
+        if ctx.needs_input_grad[3]:  # summed in the scores' dtype (float accumulation), returned in the bias's
+            grad_bias = grad_scores.view(b // ctx.windows, ctx.windows, heads, n, n).sum((0, 1)).to(ctx.bias_dtype)
         grad_q = torch.bmm(grad_scores, k3).mul_(ctx.scale).view(b, heads, n, d)
         grad_k = torch.bmm(grad_scores.transpose(1, 2), q3).mul_(ctx.scale).view(b, heads, n, d)
         return grad_q, grad_k, grad_v.view(b, heads, n, d), grad_bias, None, None, None
@@ -168,8 +168,8 @@ class MaskReusingWindowAttention(WindowAttention):
         q, k, v = qkv.unbind(0)
         index = self.relative_position_index[:n, :n].reshape(-1)
         bias = self.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1)
-        mask = None if mask is None else mask.to(device=x.device, dtype=torch.float32)
-        out = WindowAttentionFunction.apply(q, k, v, bias.float(), mask, self.scale, HARD_MASK_SCALE)
+        mask = None if mask is None else mask.to(device=x.device, dtype=bias.dtype)
+        out = WindowAttentionFunction.apply(q, k, v, bias, mask, self.scale, HARD_MASK_SCALE)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
     def _bias_for(self, mask: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -188,7 +188,7 @@ class MaskReusingWindowAttention(WindowAttention):
 
 
 def fast_window_attention(network: nn.Module, enabled: bool = True) -> nn.Module:
-    """``network`` with its window attention converted for inference and for CPU training; returned as is if not ``enabled``.
+    """``network``, its window attention converted for inference and CPU training (in place) if ``enabled``.
 
     The conversion (in place, same state dict) is ``reuse_attention_masks`` plus, in every attention
     block, ``WindowAttentionFunction`` while gradients are recorded on a CPU (see the module doc).
