@@ -16,10 +16,11 @@ autocast + GradScaler on CUDA (``--amp``):
   measures the bundle without its allocator setting (the research mode never applies it).
 * ``research`` - the research code's way (Project-MONAI research-contributions
   ``SwinUNETR/Pretrain/main.py``), its network with MONAI's own window attention (train.json's
-  ``fast_window_attention`` off: the research code has no fused attention): two rotated views with their labels, each cut out, made per
-  sample with numpy **on the CPU** (as a data pipeline would), then the views (augmented inputs and
-  un-masked targets) moved to the device; the network runs once per view batch as main.py does
-  (``--research_forward concat`` runs it once on ``torch.cat([x1_augment, x2_augment])``); loss and
+  ``fast_window_attention`` off: the research code has no fused attention): two rotated views with
+  their labels, each cut out, made per sample with numpy **on the CPU** (as a data pipeline would),
+  then the views (augmented inputs and un-masked targets) moved to the device; the network runs once
+  per view batch as main.py does (``--research_forward concat`` runs it once on
+  ``torch.cat([x1_augment, x2_augment])``); loss and
   update as main.py (autocast around forward and loss, ``scaler.step``, ``zero_grad`` after the
   step; ``torch.backends.cudnn.benchmark = True`` as main.py sets it). The augmentation here is
   this file's own implementation, with these assumptions about the research code (utils/ops.py):
