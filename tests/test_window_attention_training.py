@@ -155,9 +155,10 @@ def _ssl_step(fast: bool, images: torch.Tensor) -> tuple[dict, torch.nn.Module]:
     return iteration(engine, {"image": images}), network
 
 
-def test_ssl_train_json_knob_switches_the_fused_attention_and_the_losses_agree():
+def test_ssl_train_json_knob_switches_the_fused_attention_and_the_losses_agree(caplog):
     """train.json's ``fast_window_attention`` (default true) changes the speed of a step, not its losses."""
     images = torch.rand((2, 1, *SSL_SMALL["roi_size"]), generator=torch.Generator().manual_seed(3))
+    caplog.set_level("INFO", logger="swin_unetr_ssl_pretrain")
     try:
         default = bundle_parser(SSL_DIR, "train.json", {})
         assert default["fast_window_attention"] is True
@@ -169,3 +170,9 @@ def test_ssl_train_json_knob_switches_the_fused_attention_and_the_losses_agree()
     assert "MaskReusingWindowAttention" not in {type(m).__name__ for m in plain_net.modules()}
     for term in ("loss", "inpaint_loss", "contrast_loss", "rotation_loss"):
         assert fast[term] == pytest.approx(plain[term], rel=1e-4, abs=1e-5), term
+    # the first step says how the forward runs
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pre-training forward on cpu")]
+    assert told == [
+        "pre-training forward on cpu in float32; fused window attention; all views in one call",
+        "pre-training forward on cpu in float32; MONAI's window attention; all views in one call",
+    ]

@@ -12,7 +12,7 @@ from torch import nn
 from .allocator import reuse_freed_memory
 from .bundle_logger import logger
 from .precision import autocast_dtype
-from .window_attention import reuse_attention_masks
+from .window_attention import reuse_attention_masks, trains_fused
 
 __all__ = ["AutocastSimpleInferer", "AutocastSlidingWindowInferer", "autocast_dtype", "to_channels_last"]
 
@@ -120,5 +120,8 @@ class AutocastSimpleInferer(SimpleInferer):
         if not self._told:
             self._told = True
             where = "cuda" if inputs.is_cuda else "cpu"
-            logger.info(f"training forward on {where} in {dtype or 'the trainer precision (amp on CUDA only)'}")
+            fused = not inputs.is_cuda and isinstance(network, nn.Module) and trains_fused(network)
+            attention = "fused window attention" if fused else "MONAI's window attention"
+            precision = dtype or "the trainer precision (amp on CUDA only)"
+            logger.info(f"training forward on {where} in {precision}; {attention}")
         return _call_in(dtype, "cpu", super().__call__, inputs, network, *args, **kwargs)

@@ -46,6 +46,7 @@ __all__ = [
     "WindowAttentionFunction",
     "fast_window_attention",
     "reuse_attention_masks",
+    "trains_fused",
 ]
 
 
@@ -218,3 +219,8 @@ def reuse_attention_masks(network: nn.Module) -> int:
         elif isinstance(module, (MaskReusingBasicLayer, MaskReusingWindowAttention)):
             converted += 1
     return converted
+
+
+def trains_fused(network: nn.Module) -> bool:
+    """Whether ``network``'s window attention trains through ``WindowAttentionFunction`` on a CPU."""
+    return any(getattr(module, "fused_training", False) for module in network.modules())

@@ -8,9 +8,11 @@ import torch
 from ignite.engine import Engine
 from ignite.metrics import Average
 
+from .bundle_logger import logger
 from .losses import LOSS_TERMS
 from .precision import autocast_dtype
 from .proxy_tasks import ProxyTaskViews
+from .window_attention import trains_fused
 
 __all__ = [
     "CKPT_METRIC_PRESETS",
@@ -108,9 +110,25 @@ class SSLTrainIteration:
         self.max_grad_norm = float(max_grad_norm)
         self.view_chunk_size = int(view_chunk_size)
         self.cpu_autocast = bool(cpu_autocast)
+        self._told = False
+
+    def _tell_precision(self, device: torch.device, network: torch.nn.Module) -> None:
+        """Log once how the forward runs: its precision and the window attention's implementation."""
+        self._told = True
+        if device.type == "cpu":
+            dtype = autocast_dtype("cpu") if self.cpu_autocast else None
+            precision = f"{dtype} autocast, losses in float32" if dtype is not None else "float32"
+            attention = "fused window attention" if trains_fused(network) else "MONAI's window attention"
+        else:
+            precision = "float16 AMP" if self.amp else "float32"
+            attention = "MONAI's window attention"
+        chunks = f"{self.view_chunk_size} views per call" if self.view_chunk_size else "all views in one call"
+        logger.info(f"pre-training forward on {device.type} in {precision}; {attention}; {chunks}")
 
     def __call__(self, engine: Engine, batchdata: Any) -> dict[str, float]:
         images = _images(batchdata, engine)
+        if not self._told:
+            self._tell_precision(images.device, engine.network)
         views = self.proxy_tasks(images)
         local = (engine.state.iteration - 1) % self.accumulation_steps
         engine.network.train()
