@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import forget_scripts_modules
 from tools import benchmark_msd as bm
+from tools.common.machine import native_bf16
 
 TASKS = ["Task09_Spleen", "Task01_BrainTumour"]
 IN_CHANNELS = {"Task09_Spleen": 1, "Task01_BrainTumour": 4}
@@ -119,8 +120,9 @@ def test_task(bench, task):
     assert r["input_shape"] == [NUM_SAMPLES, IN_CHANNELS[task], *ROI]  # what the network was fed
     assert r["iterations"] == ITERATIONS and len(r["iteration_times_s"]) == ITERATIONS
     assert r["warmup_iterations"] == WARMUP and len(r["warmup_times_s"]) == WARMUP
-    # the bundle's own knobs where not overridden; no autocast on CPU
-    assert r["use_checkpoint"] is True and r["amp"] is False and r["precision"] == "float32"
+    # the bundle's own knobs where not overridden; no CUDA AMP on a CPU, bf16 autocast only where native
+    assert r["use_checkpoint"] is True and r["amp"] is False and r["fast_window_attention"] is True
+    assert r["precision"] == ("bfloat16 autocast" if native_bf16() else "float32")
     # every number positive (or zero where a count or size may be zero) and finite
     for key in (
         "seconds_per_iteration",

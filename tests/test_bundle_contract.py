@@ -242,9 +242,13 @@ def test_multi_gpu_setup_keeps_every_single_process_step(bundle):
     # the process group is joined where the device is resolved, before any step reads @device
     assert merged["device"] == "$scripts.distributed.rank_device()"
     assert "$import torch.distributed as dist" in merged["imports"]
-    # the network with its pre-trained encoder is defined once, in train.json
-    assert merged["network"]["module"] == "$@network_with_encoder.to(@device)"
-    assert _config(bundle, "train.json")["network"] == "$@network_with_encoder.to(@device)"
+    # the network with its pre-trained encoder and fused attention is defined once, in train.json; DDP wraps it
+    module = (
+        "$scripts.window_attention.fast_window_attention(@network_with_encoder, @fast_window_attention).to(@device)"
+    )
+    assert _config(bundle, "train.json")["network_module"] == module
+    assert _config(bundle, "train.json")["network"] == "@network_module"
+    assert merged["network"]["module"] == "@network_module"
 
 
 @pytest.mark.parametrize("bundle", WITH_INFERENCE)

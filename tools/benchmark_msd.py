@@ -9,7 +9,8 @@ MRI task), in a fresh Python process of its own:
    overrides: ``task``, ``dataset_dir``, ``bundle_root`` (a temporary folder), ``device``,
    ``feature_size``, ``roi_size`` (only if given: else the task's own from ``configs/tasks/<task>.json``),
    ``num_samples``, ``batch_size``, ``use_checkpoint`` (only if given), ``amp`` (pinned to the device:
-   on only on CUDA), ``num_workers`` 0, ``cache_rate`` 1.0, ``max_epochs`` and a ``val_interval``
+   on only on CUDA; on a CPU ``--amp`` sets the training inferer's bf16 autocast, used where bf16 is
+   native), ``num_workers`` 0, ``cache_rate`` 1.0, ``max_epochs`` and a ``val_interval``
    larger than it (no validation runs), ``num_folds`` (at most the number of cases written),
    ``pretrained_path`` and ``resume_from`` empty;
 3. the bundle's ``setup`` runs (``set_determinism``), then the real ``train#trainer`` (a MONAI
@@ -50,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -112,6 +114,8 @@ def train_overrides(
         "batch_size": int(batch_size),
         # the bundle's trainer rule is `@amp and torch.cuda.is_available()`; pinned to the device benchmarked
         "amp": bool(amp) and device.type == "cuda",
+        # on a CPU the training forward's bf16 autocast (where native), as train.json's amp and amp_cpu_training
+        "train#inferer#autocast": bool(amp) and device.type == "cpu",
         "num_workers": 0,
         "cache_rate": 1.0,
         "max_epochs": int(max_epochs),
@@ -291,7 +295,8 @@ def measure_task(
         "use_checkpoint": bool(settings["use_checkpoint"]),
         "use_flash_attention": bool(settings["use_flash_attention"]),
         "amp": bool(trainer.amp),
-        "precision": "float16 autocast" if trainer.amp else "float32",
+        "precision": _precision(trainer, dev),
+        "fast_window_attention": any(getattr(m, "fused_training", False) for m in network.modules()),
         "parameters": int(sum(p.numel() for p in network.parameters())),
         "synthetic_shape": [int(s) for s in shape],
         "cases_written": int(cases),
@@ -306,6 +311,18 @@ def measure_task(
             flops, mean(log["times"][int(warmup) :]), device_peak(dev), "float16" if trainer.amp else "float32"
         ),
     }
+
+
+def _precision(trainer: Any, dev: torch.device) -> str:
+    """The precision of the bundle trainer's forward: CUDA AMP, bf16 autocast of its training inferer, or float32."""
+    if trainer.amp:
+        return "float16 autocast"
+    inferer = trainer.inferer
+    if dev.type == "cpu" and getattr(inferer, "autocast", False):
+        dtype = sys.modules[type(inferer).__module__].autocast_dtype("cpu")
+        if dtype is not None:
+            return f"{str(dtype).removeprefix('torch.')} autocast"
+    return "float32"
 
 
 def _speed_and_memory(log: dict, warmup: int, crops: int, memory: dict) -> dict[str, Any]:
