@@ -307,9 +307,7 @@ def measure_task(
         **_speed_and_memory(log, int(warmup), crops, memory),
         "flops_per_iteration": flops,
         "flops_counted": "forward + backward of the network (PyTorch flop counter), no optimiser step",
-        "limit": limit(
-            flops, mean(log["times"][int(warmup) :]), device_peak(dev), "float16" if trainer.amp else "float32"
-        ),
+        "limit": limit(flops, mean(log["times"][int(warmup) :]), device_peak(dev), _precision(trainer, dev).split()[0]),
     }
 
 
