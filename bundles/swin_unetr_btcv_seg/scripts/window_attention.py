@@ -1,5 +1,5 @@
 # Generated from bundles/common/scripts/window_attention.py by tools/sync_bundle_code.py: edit that file, then run it.
-"""Swin window attention for inference without rebuilding full-size attention masks at every call.
+"""Swin window attention without MONAI's full-size mask copies, for inference and for CPU training.
 
 MONAI's ``WindowAttention`` (monai 1.6, flash-attention path, used when no gradient is recorded)
 expands the relative position bias plus the shifted-window mask to one float32 tensor per window of
@@ -26,8 +26,8 @@ pre-training size on the Intel Xeon, those copies, adds and softmaxes were about
 ``fast_window_attention`` additionally switches on, for gradients on a CPU, one autograd function
 (``WindowAttentionFunction``) that writes bias + mask into one score tensor in the activations'
 dtype, runs the softmax in place and keeps only the probabilities for the backward pass, whose
-softmax gradient is also computed in place. Same mathematics: in float32 it matches MONAI's
-gradients to rounding; in bf16 the scores are kept in bf16 (the softmax itself accumulates in
+softmax gradient is also computed in place. Same mathematics: its float64 output and gradients
+equal MONAI's (tested), in float32 they agree to rounding; in bf16 the scores are kept in bf16 (the softmax itself accumulates in
 float32). On CUDA, and with attention dropout, MONAI's own code runs.
 """
 
