@@ -27,8 +27,9 @@ pre-training size on the Intel Xeon, those copies, adds and softmaxes were about
 (``WindowAttentionFunction``) that writes bias + mask into one score tensor in the activations'
 dtype, runs the softmax in place and keeps only the probabilities for the backward pass, whose
 softmax gradient is also computed in place. Same mathematics: its float64 output and gradients
-equal MONAI's (tested), in float32 they agree to rounding; in bf16 the scores are kept in bf16 (the softmax itself accumulates in
-float32). On CUDA, and with attention dropout, MONAI's own code runs.
+equal MONAI's (tested), in float32 they agree to rounding; in bf16 the scores are kept in bf16
+(the softmax itself accumulates in float32). On CUDA, and with attention dropout, MONAI's own code
+runs.
 """
 
 from __future__ import annotations
