@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_parser, cube, device_expr
+from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_parser, cube, device_expr, trains_fused
 from tools.common.engines import loss_of
 from tools.common.machine import load_average, machine_info
 from tools.common.memory import MIB, memory_snapshot, status_mib
@@ -185,7 +185,7 @@ def bundle_trainer(
         "loss": repr(trainer.loss_function.__class__.__name__),
         "use_checkpoint": bool(parser["use_checkpoint"]),
         "use_flash_attention": bool(parser["use_flash_attention"]),
-        "fast_window_attention": any(getattr(m, "fused_training", False) for m in trainer.network.modules()),
+        "fast_window_attention": trains_fused(trainer.network),
         "handlers": [h["_target_"] for h in handlers],
         "handlers_left_out": list(BUNDLE_SKIPPED_HANDLERS) + ["checkpoint saver (every ckpt_interval epochs)"],
         "overrides": overrides or {},

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from tools.common.bundles import MSD_DIR as BUNDLE_DIR
-from tools.common.bundles import REPO_ROOT, cube, device_expr
+from tools.common.bundles import REPO_ROOT, cube, device_expr, trains_fused
 from tools.common.bundles import bundle_parser as parse_bundle_config
 from tools.common.engines import loss_of, time_iterations
 from tools.common.machine import load_average, machine_info
@@ -269,6 +269,7 @@ def measure_task(
     crops = input_shapes[-1][0] if input_shapes and input_shapes[-1] else int(batch_size) * int(num_samples)
     shape_in = input_shapes[-1] if input_shapes and input_shapes[-1] else None
     flops = network_flops(network, shape_in, backward=True) if shape_in else None
+    precision = _precision(trainer, dev)
     memory = {
         "before": before,
         "after": after,
@@ -295,8 +296,8 @@ def measure_task(
         "use_checkpoint": bool(settings["use_checkpoint"]),
         "use_flash_attention": bool(settings["use_flash_attention"]),
         "amp": bool(trainer.amp),
-        "precision": _precision(trainer, dev),
-        "fast_window_attention": any(getattr(m, "fused_training", False) for m in network.modules()),
+        "precision": precision if precision == "float32" else f"{precision} autocast",
+        "fast_window_attention": trains_fused(network),
         "parameters": int(sum(p.numel() for p in network.parameters())),
         "synthetic_shape": [int(s) for s in shape],
         "cases_written": int(cases),
@@ -307,19 +308,19 @@ def measure_task(
         **_speed_and_memory(log, int(warmup), crops, memory),
         "flops_per_iteration": flops,
         "flops_counted": "forward + backward of the network (PyTorch flop counter), no optimiser step",
-        "limit": limit(flops, mean(log["times"][int(warmup) :]), device_peak(dev), _precision(trainer, dev).split()[0]),
+        "limit": limit(flops, mean(log["times"][int(warmup) :]), device_peak(dev), precision),
     }
 
 
 def _precision(trainer: Any, dev: torch.device) -> str:
-    """The precision of the bundle trainer's forward: CUDA AMP, bf16 autocast of its training inferer, or float32."""
+    """The dtype of the bundle trainer's forward: float16 (CUDA AMP), its training inferer's CPU autocast, float32."""
     if trainer.amp:
-        return "float16 autocast"
+        return "float16"
     inferer = trainer.inferer
     if dev.type == "cpu" and getattr(inferer, "autocast", False):
         dtype = sys.modules[type(inferer).__module__].autocast_dtype("cpu")
         if dtype is not None:
-            return f"{str(dtype).removeprefix('torch.')} autocast"
+            return str(dtype).removeprefix("torch.")
     return "float32"
 
 

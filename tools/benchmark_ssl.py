@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tools.common.bundles import REPO_ROOT, cube, device_expr
+from tools.common.bundles import REPO_ROOT, cube, device_expr, trains_fused
 from tools.common.bundles import SSL_DIR as BUNDLE_DIR
 from tools.common.bundles import bundle_parser as parse_bundle_config
 from tools.common.machine import machine_info
@@ -318,7 +318,7 @@ def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tens
             "accumulation_steps": iteration.accumulation_steps,
             "max_grad_norm": iteration.max_grad_norm,
             "view_chunk_size": iteration.view_chunk_size,
-            "fast_window_attention": any(getattr(m, "fused_training", False) for m in network.modules()),
+            "fast_window_attention": trains_fused(network),
             "reuse_cpu_memory": bool(parser["reuse_cpu_memory"]),
             "allocator_applied": allocator_applied,
         },
@@ -336,7 +336,7 @@ def setup_research(
     torch.manual_seed(int(seed))  # the same initial weights as the bundle mode (set_determinism seeds torch alike)
     parser["fast_window_attention"] = False  # the research code runs MONAI's own window attention
     network = parser.get_parsed_content("network")  # the same SwinSSLNet with the bundle's other knobs
-    if any(getattr(m, "fused_training", False) for m in network.modules()):
+    if trains_fused(network):
         raise RuntimeError("the research mode's network must use MONAI's own window attention")
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=float(parser["learning_rate"]), weight_decay=float(parser["weight_decay"])

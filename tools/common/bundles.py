@@ -86,6 +86,13 @@ def bundle_parser(bundle_dir: str | os.PathLike, config: str, overrides: dict[st
     return parser
 
 
+def trains_fused(network: Any) -> bool:
+    """The bundle's ``scripts.window_attention.trains_fused`` for ``network`` (the bundle whose scripts are loaded)."""
+    from scripts.window_attention import trains_fused as bundle_trains_fused  # noqa: PLC0415
+
+    return bundle_trains_fused(network)
+
+
 def device_expr(device: Any) -> str:
     """The config expression for ``device``."""
     return f"$torch.device('{device}')"
