@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import create_workflow
 
 from tools.common.bundles import BTCV_DIR, MSD_DIR, SSL_DIR, bundle_on_path, forget_scripts_modules  # noqa: F401
@@ -96,7 +97,7 @@ def train_until_failure(workflow) -> tuple[BaseException, list[int]]:
     workflow.initialize()
     with pytest.raises(Exception) as info:
         workflow.parser.get_parsed_content("train#trainer").add_event_handler(
-            "iteration_started", lambda e: steps.append(e.state.iteration)
+            Events.ITERATION_STARTED, lambda e: steps.append(e.state.iteration)
         )
         workflow.run()
     return info.value, steps

@@ -9,6 +9,7 @@ from monai.inferers import SimpleInferer, SlidingWindowInferer
 from torch import nn
 
 from .allocator import reuse_freed_memory
+from .bf16_conv_guard import bf16_guard_note, guard_bf16_conv_gradients
 from .bundle_logger import logger
 from .precision import autocast_dtype
 from .window_attention import reuse_attention_masks, trains_fused
@@ -105,22 +106,28 @@ class AutocastSimpleInferer(SimpleInferer):
     This inferer adds the CPU case: where ``autocast_dtype("cpu")`` is bfloat16 (AVX-512 bf16 or AMX)
     the network runs under ``torch.autocast("cpu", bfloat16)`` and its output is returned in float32,
     so the loss is computed at full precision; bfloat16 has float32's range, so no scaler is needed.
+    In bf16 the network's convolutions on inputs shallower than their kernel run in float32
+    (``bf16_conv_guard``: oneDNN's bf16 weight gradient is wrong there on some CPUs).
     On CPUs without native bf16 (e.g. AVX2 only) and on CUDA (the trainer's own amp) it is a plain
-    ``SimpleInferer``.
+    ``SimpleInferer``. ``description`` says how the forward ran (set at the first call), for logs and errors.
     """
 
     def __init__(self, autocast: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.autocast = autocast
-        self._told = False
+        self.description: str | None = None
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
         dtype = autocast_dtype("cpu") if self.autocast and not inputs.is_cuda else None
-        if not self._told:
-            self._told = True
+        if dtype is not None and isinstance(network, nn.Module):
+            guard_bf16_conv_gradients(network)
+        if self.description is None:
             where = "cuda" if inputs.is_cuda else "cpu"
             fused = not inputs.is_cuda and isinstance(network, nn.Module) and trains_fused(network)
             attention = "fused window attention" if fused else "MONAI's window attention"
             precision = dtype or "the trainer precision (amp on CUDA only)"
-            logger.info(f"training forward on {where} in {precision}; {attention}")
+            self.description = f"on {where} in {precision}; {attention}"
+            if dtype is not None and isinstance(network, nn.Module):
+                self.description += "; " + bf16_guard_note()
+            logger.info(f"training forward {self.description}")
         return _call_in(dtype, "cpu", super().__call__, inputs, network, *args, **kwargs)

@@ -10,6 +10,7 @@ default path (models/, eval/, ...) is under the bundle whatever the working dire
 import os
 
 from . import (
+    bf16_conv_guard,
     checkpoints,
     checks,
     datalists,
@@ -25,6 +26,7 @@ from . import (
     outputs,
     patch_merging,
     precision,
+    training_guards,
     transforms,
     weights_format,
     window_attention,

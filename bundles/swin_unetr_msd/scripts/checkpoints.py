@@ -128,6 +128,18 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 checkpoint.save_handler = AtomicDiskSaver(save_dir, fixed_name)
         self._adopted = False
 
+    def attach(self, engine: Any) -> None:
+        """Attach as MONAI's saver does, with the final save first among the engine's exception handlers.
+
+        MONAI's ``StatsHandler`` logs an exception and re-raises it, which ends the engine's
+        exception handlers: a saver attached after it (as ``training`` attaches this one, after the
+        trainer's handlers) would never write ``final_filename`` when training fails.
+        """
+        super().attach(engine)
+        handlers = engine._event_handlers[Events.EXCEPTION_RAISED]
+        ours = [h for h in handlers if getattr(h[0], "__self__", None) is self]
+        handlers[:] = ours + [h for h in handlers if h not in ours]
+
     def interval_completed(self, engine: Any) -> None:
         """Save the periodic checkpoint; the first time, adopt the earlier files first."""
         if not self._adopted:

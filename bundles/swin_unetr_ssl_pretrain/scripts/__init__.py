@@ -10,6 +10,7 @@ default path (models/, eval/, ...) is under the bundle whatever the working dire
 import os
 
 from . import (
+    bf16_conv_guard,
     checkpoints,
     corpus,
     datalists,
@@ -24,6 +25,7 @@ from . import (
     patch_merging,
     precision,
     proxy_tasks,
+    training_guards,
     transforms,
     weights_format,
     window_attention,

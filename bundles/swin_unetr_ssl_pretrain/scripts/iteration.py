@@ -8,10 +8,12 @@ import torch
 from ignite.engine import Engine
 from ignite.metrics import Average
 
+from .bf16_conv_guard import bf16_guard_note, guard_bf16_conv_gradients
 from .bundle_logger import logger
 from .losses import LOSS_TERMS
 from .precision import autocast_dtype
 from .proxy_tasks import ProxyTaskViews
+from .training_guards import check_finite_step
 from .window_attention import trains_fused
 
 __all__ = [
@@ -82,6 +84,9 @@ class SSLTrainIteration:
     (``forward_views``); the proxy tasks still run once on the whole batch, on its device.
     ``cpu_autocast`` runs the forward in bfloat16 on CPUs with native bf16 (AVX-512 bf16/AMX; no
     scaler needed, bf16 has float32's range) and the losses in float32; elsewhere it does nothing.
+    In bf16, convolutions on inputs shallower than their kernel run in float32 (``bf16_conv_guard``).
+    A non-finite loss (or, without the CUDA gradient scaler, gradient) stops training before the
+    optimiser step (``training_guards.check_finite_step``).
     Returns the total and each loss term as floats (for StatsHandler/TensorBoard), plus ``step``.
     """
 
@@ -110,25 +115,29 @@ class SSLTrainIteration:
         self.max_grad_norm = float(max_grad_norm)
         self.view_chunk_size = int(view_chunk_size)
         self.cpu_autocast = bool(cpu_autocast)
-        self._told = False
+        self.description: str | None = None
 
-    def _tell_precision(self, device: torch.device, network: torch.nn.Module) -> None:
-        """Log once how the forward runs: its precision and the window attention's implementation."""
-        self._told = True
+    def _describe(self, device: torch.device, network: torch.nn.Module) -> str:
+        """How the forward runs (precision, window attention, views per call); guards bf16 convolutions."""
+        dtype = autocast_dtype("cpu") if device.type == "cpu" and self.cpu_autocast else None
+        guard = ""
+        if dtype is not None:
+            guard_bf16_conv_gradients(network)
+            guard = "; " + bf16_guard_note()
         if device.type == "cpu":
-            dtype = autocast_dtype("cpu") if self.cpu_autocast else None
             precision = f"{dtype} autocast, losses in float32" if dtype is not None else "float32"
             attention = "fused window attention" if trains_fused(network) else "MONAI's window attention"
         else:
             precision = "float16 AMP" if self.amp else "float32"
             attention = "MONAI's window attention"
         chunks = f"{self.view_chunk_size} views per call" if self.view_chunk_size else "all views in one call"
-        logger.info(f"pre-training forward on {device.type} in {precision}; {attention}; {chunks}")
+        return f"on {device.type} in {precision}; {attention}; {chunks}{guard}"
 
     def __call__(self, engine: Engine, batchdata: Any) -> dict[str, float]:
         images = _images(batchdata, engine)
-        if not self._told:
-            self._tell_precision(images.device, engine.network)
+        if self.description is None:
+            self.description = self._describe(images.device, engine.network)
+            logger.info(f"pre-training forward {self.description}")
         views = self.proxy_tasks(images)
         local = (engine.state.iteration - 1) % self.accumulation_steps
         engine.network.train()
@@ -140,6 +149,14 @@ class SSLTrainIteration:
             outputs = _float32(outputs)
         losses = self.loss(outputs, views["targets"], views["rotations"])
         self.scaler.scale(losses["loss"] / self.accumulation_steps).backward()
+        check_finite_step(
+            losses["loss"],
+            engine.network,
+            engine.state.iteration,
+            engine.state.epoch,
+            self.description,
+            check_gradients=not self.scaler.is_enabled(),
+        )
         if local == self.accumulation_steps - 1:
             if self.max_grad_norm > 0:
                 self.scaler.unscale_(engine.optimizer)
