@@ -13,11 +13,17 @@ Each file goes through the bundles' entries as their configs evaluate them (``cr
 handler restores the trainer without training) and the SSL bundle's ``export.json``. Where a file
 fits, the network gets its tensors and its order; where it cannot (encoder weights as a whole network,
 weights without trainer state to resume from), the error names the file, what is wrong and what to do.
+``model.pt`` also loads through ``monai.bundle.load`` without ``key_in_ckpt``, and the pre-training
+bundle's ``model.pt`` starts a fine-tuning run. (That training writes ``model.pt`` in this layout is
+checked on real runs in test_btcv_training.py and test_ssl_training.py; ``ckpt_export`` without
+``key_in_ckpt`` in test_btcv_evaluate_infer.py and test_bundle_contract.py.)
 """
 
 from __future__ import annotations
 
 import importlib
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -132,7 +138,7 @@ def _write_files(bundle: str, root: Path) -> dict:
     }
     paths = {"ssl export": export}
     for fmt, obj in layouts.items():
-        paths[fmt] = root / f"{fmt}.pt"
+        paths[fmt] = root / (re.sub(r"\W+", "_", fmt).strip("_") + ".pt")
         torch.save(obj, paths[fmt])
     return {"state": state, "paths": paths}
 
@@ -225,6 +231,28 @@ def test_the_pretraining_model_pt_starts_fine_tuning(bundle, files, tmp_path):
             **KNOBS[bundle],
         )
         _assert_loaded(workflow.parser.get_parsed_content("network"), files["ssl"]["state"], "swinViT.")
+
+
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_monai_bundle_load_reads_model_pt_without_key_in_ckpt(bundle, files, tmp_path):
+    """``monai.bundle.load`` on a bundle folder whose models/model.pt is as training writes it (no key_in_ckpt)."""
+    from monai.bundle import load
+
+    name = BUNDLES[bundle].name
+    copy = tmp_path / name
+    for part in ("configs", "scripts"):
+        shutil.copytree(BUNDLES[bundle] / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "models").mkdir()
+    shutil.copy(files[bundle]["paths"]["model.pt"], copy / "models" / "model.pt")
+    with bundle_on_path(copy):
+        network = load(
+            name=name,
+            bundle_dir=str(tmp_path),
+            workflow_type="inference",
+            net_override={"feature_size": 12},
+            device="cpu",
+        )
+        _assert_loaded(network, files[bundle]["state"])
 
 
 def _data_knobs(bundle: str, phantom_dir: Path, ssl_corpus: Path, msd_task: Path) -> dict:

@@ -219,9 +219,10 @@ def checked_full_state(path: str) -> str:
         _trainer_iteration(path)
     except ValueError as err:
         raise ValueError(
-            f"{path}: cannot resume from this file: it is {err}; resume needs a full-state checkpoint of a "
-            f"training run (checkpoint_last.pt or checkpoint_*.pt beside model.pt), or 'latest'. To start a new "
-            f"training from the weights in this file, set pretrained_path to it and leave resume unset."
+            f"{path}: cannot resume from this file: it holds no optimizer and trainer state ({err}); resume "
+            f"needs a full-state checkpoint of a training run (checkpoint_last.pt or checkpoint_*.pt beside "
+            f"model.pt), or 'latest'. To start a new training from the weights in this file, set pretrained_path "
+            f"to it and leave resume unset."
         ) from err
     return path
 
