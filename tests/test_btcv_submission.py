@@ -240,10 +240,8 @@ def test_the_bundles_own_inference_output_goes_through(case, tmp_path):
         parser = ConfigParser()
         parser.read_config(str(BTCV_DIR / "configs" / "inference.json"))
         parser.update({"bundle_root": str(BTCV_DIR), "ckpt_path": "", "patch_merging": "current", **overrides})
-        parser["network_record"] = "$scripts.encoder_weights.NetworkRecord(@network_def).state_dict()"
         torch.manual_seed(0)
-        weights = {"model": parser.get_parsed_content("network_def").state_dict()}
-        weights["network_record"] = parser.get_parsed_content("network_record")
+        weights = parser.get_parsed_content("network_def").state_dict()  # as training writes model.pt
     ckpt = tmp_path / "model.pt"
     torch.save(weights, ckpt)
     run_workflow(

@@ -408,13 +408,13 @@ def _zoo_directory_problems(bundle_dir: Path) -> list[str]:
 
 
 def _bundle_weights(bundle: str, path: Path) -> Path:
-    """A small (feature size 12) checkpoint of ``bundle``'s inference network, in the bundle's format."""
+    """A small (feature size 12) ``model.pt`` of ``bundle``'s inference network as the bundle saves it (state dict)."""
     with bundle_on_path(BUNDLES[bundle]):
         parser = ConfigParser()
         parser.read_config(str(BUNDLES[bundle] / "configs" / "inference.json"))
         parser.update({"feature_size": 12, "patch_merging": "current", "ckpt_path": ""})
         torch.manual_seed(0)
-        torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, path)
+        torch.save(parser.get_parsed_content("network_def").state_dict(), path)
     return path
 
 
@@ -460,7 +460,8 @@ def test_network_def_builds_from_the_configs_alone(bundle, tmp_path):
 # BTCV's export is also tested in the default suite on a trained model (test_btcv_evaluate_infer.py)
 @pytest.mark.parametrize("bundle", [pytest.param("btcv", marks=pytest.mark.slow), "msd", "ssl"])
 def test_traced_torchscript_export_from_the_bundle_checkpoint_matches_the_eager_network(bundle, tmp_path):
-    """``monai.bundle ckpt_export --use_trace True --key_in_ckpt model`` (the model card's command) at a small size.
+    """``monai.bundle ckpt_export --use_trace True`` (the model card's command) at a small size, without
+    ``key_in_ckpt`` as the model zoo's CI calls it.
 
     torch's own trace check (rerunning the network, about 50 s here) is off: the traced model is compared with
     the eager network below."""
@@ -472,7 +473,7 @@ def test_traced_torchscript_export_from_the_bundle_checkpoint_matches_the_eager_
     ts_path = tmp_path / "model.ts"
     configs = BUNDLES[bundle] / "configs"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_path)]
-    cmd += ["--ckpt_file", str(weights), "--key_in_ckpt", "model", "--ckpt_path", str(weights)]
+    cmd += ["--ckpt_file", str(weights), "--ckpt_path", str(weights)]
     cmd += ["--meta_file", str(configs / "metadata.json"), "--config_file", str(configs / "inference.json")]
     cmd += ["--use_trace", "True", "--input_shape", "[1,1,64,64,64]", "--feature_size", "12"]
     cmd += ["--converter_kwargs", "{'check_trace': False}"]
@@ -486,7 +487,7 @@ def test_traced_torchscript_export_from_the_bundle_checkpoint_matches_the_eager_
         parser.read_config(str(configs / "inference.json"))
         parser.update({"feature_size": 12, "ckpt_path": str(weights)})
         eager = parser.get_parsed_content("network_def")
-    eager.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
+    eager.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     x = torch.rand(1, 1, 64, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
@@ -534,7 +535,7 @@ def test_model_card_data_licence_and_export_lines(bundle):
     docs = BUNDLES[bundle] / "docs"
     assert len((docs / "data_license.txt").read_text().strip()) > 200
     readme = _readme(bundle)
-    assert "ckpt_export network_def" in readme and "--use_trace True" in readme and "--key_in_ckpt model" in readme
+    assert "ckpt_export network_def" in readme and "--use_trace True" in readme
     assert "cannot be scripted" in readme
     assert "TensorRT" in readme
 

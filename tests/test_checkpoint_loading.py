@@ -49,14 +49,14 @@ def _tensors(state):
 
 
 def _native(path: Path, seed: int, order: str = "current", out_channels: int = 14, in_channels: int = 1) -> dict:
-    """A randomly initialised SwinUNETR saved as this project does (``{"model": ...}`` with order records)."""
+    """A randomly initialised SwinUNETR saved as the bundles save model.pt (its state dict, with order records)."""
     with bundle_on_path(BTCV_DIR):
         pm = importlib.import_module("scripts.patch_merging")
         torch.manual_seed(seed)
         net = SwinUNETR(in_channels, out_channels, feature_size=FS, downsample=pm.resolve_downsample(order))
         state = {k: v.clone() if torch.is_tensor(v) else v for k, v in net.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state}, path)
+    torch.save(state, path)
     return state
 
 
@@ -181,12 +181,12 @@ def test_converted_file_works_under_auto(weights, native_probs, phantom_dir, tmp
     result = subprocess.run(cmd + [str(out), "--patch_merging", "legacy"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert f"read {path} ({{'state_dict': state dict}} with epoch, 'module.' prefixes removed (DDP))" in result.stdout
-    assert f"wrote {out}: {{'model': {len(_tensors(weights['legacy']))} tensors + 4 patch-merging records}}" in (
+    assert f"wrote {out}: a state dict of {len(_tensors(weights['legacy']))} tensors + 4 patch-merging records" in (
         result.stdout
     )
-    saved = torch.load(out)
-    assert list(saved) == ["model"]
-    assert torch.equal(saved["model"]["swinViT.layers1.0.downsample._extra_state"], order_record("legacy"))
+    saved = torch.load(out)  # as the bundles save model.pt: the state dict, its order recorded inside
+    assert saved.keys() == weights["legacy"].keys()
+    assert torch.equal(saved["swinViT.layers1.0.downsample._extra_state"], order_record("legacy"))
     log.clear()
     converted = _btcv_predict(phantom_dir, tmp_path, str(out))  # auto: the record
     assert "legacy = monai<=1.4 order, from record" in log.text
@@ -216,7 +216,7 @@ def test_copy_model_state_from_a_legacy_network_switches_a_current_one_to_legacy
         assert pm.merging_order_of(target) == "legacy"
         # from a file's state dict as well: a shape-filtered copy skips nothing
         again = SwinUNETR(1, 14, feature_size=FS, downsample=pm.resolve_downsample("current"))
-        _, updated, unchanged = copy_model_state(again, torch.load(weights["root"] / "native_legacy.pt")["model"])
+        _, updated, unchanged = copy_model_state(again, torch.load(weights["root"] / "native_legacy.pt"))
         assert unchanged == [] and pm.merging_order_of(again) == "legacy"
     torch.manual_seed(3)
     x = torch.randn(1, 1, 64, 64, 64)
@@ -241,7 +241,7 @@ def test_version_1_dict_record_file_loads_with_its_order(weights, native_probs, 
     # the convert tool rewrites it with tensor records (what monai.bundle.load's copy_model_state needs)
     result = convert_checkpoint(str(path), str(tmp_path / "v2.pt"))
     assert (result["patch_merging"], result["from"], result["records"]) == ("legacy", "record", 4)
-    converted = torch.load(tmp_path / "v2.pt")["model"]
+    converted = torch.load(tmp_path / "v2.pt")
     assert all(torch.equal(converted[k], order_record("legacy")) for k in converted if k.endswith("_extra_state"))
 
 

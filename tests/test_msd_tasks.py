@@ -196,5 +196,5 @@ def test_two_process_ddp_training_of_a_multi_channel_task_on_cpu(msd_root, tmp_p
     assert "Epoch: 1/1, Iter: 1/1" in result.stdout + result.stderr  # 2 training cases shared by 2 ranks
     assert "effective learning rate 0.0002 (learning_rate 0.0001, lr_scaling linear, 2 processes)" in result.stdout
     model = torch.load(tmp_path / "models" / task / "fold0" / "model.pt", map_location="cpu", weights_only=True)
-    assert not any(k.startswith("module.") for k in model["model"])
-    assert model["model"]["swinViT.patch_embed.proj.weight"].shape[1] == 2
+    assert not any(k.startswith("module.") for k in model)
+    assert model["swinViT.patch_embed.proj.weight"].shape[1] == 2

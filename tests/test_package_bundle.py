@@ -32,10 +32,10 @@ def _names(zip_path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def btcv_weights(tmp_path_factory) -> Path:
-    """A BTCV checkpoint in the bundle's own format, at the small test size (feature size 12), legacy order."""
+    """A BTCV model.pt as the bundle saves it (the state dict, its order recorded inside), feature size 12, legacy."""
     path = tmp_path_factory.mktemp("weights") / "model.pt"
     torch.manual_seed(0)
-    torch.save({"model": recorded(SwinUNETR(1, 14, feature_size=12).state_dict(), "legacy")}, path)
+    torch.save(recorded(SwinUNETR(1, 14, feature_size=12).state_dict(), "legacy"), path)
     return path
 
 
@@ -102,6 +102,15 @@ def test_weights_url_without_the_file_and_unloadable_weights_are_refused(tmp_pat
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=str(bad)):
         package_bundle(str(BTCV_DIR), out_dir=str(tmp_path / "dist"), weights=str(bad))
+    # the model.pt of earlier versions: the zoo's CI would call ckpt_export on it without key_in_ckpt and fail
+    wrapped = tmp_path / "earlier_model.pt"
+    torch.save({"model": recorded(SwinUNETR(1, 14, feature_size=12).state_dict()), "network_record": {}}, wrapped)
+    with pytest.raises(ValueError) as info:
+        package_bundle(str(BTCV_DIR), out_dir=str(tmp_path / "dist"), weights=str(wrapped))
+    assert f"{wrapped}: expected a plain state dict" in str(info.value) and "state dict under 'model'" in str(
+        info.value
+    )
+    assert f"python -m tools.convert_checkpoint --input {wrapped}" in str(info.value)
     with pytest.raises(FileNotFoundError, match="missing"):
         package_bundle(str(tmp_path), out_dir=str(tmp_path / "dist"))
     assert not (tmp_path / "dist").exists() or list((tmp_path / "dist").iterdir()) == []
@@ -110,7 +119,8 @@ def test_weights_url_without_the_file_and_unloadable_weights_are_refused(tmp_pat
 def test_monai_download_unpacks_the_zip_and_the_bundle_runs_from_there(
     btcv_weights, phantom_dir, tmp_path, monkeypatch
 ):
-    """``monai.bundle download --url file://...`` then ``load`` and one inference, from the unpacked folder."""
+    """``monai.bundle download --url file://...`` then ``load`` (no key_in_ckpt, as the zoo calls it) and one
+    inference, from the unpacked folder."""
     zip_path = package_bundle(str(BTCV_DIR), out_dir=str(tmp_path / "dist"), weights=str(btcv_weights))
     bundles = tmp_path / "downloaded"
     download(name="swin_unetr_btcv_seg", url=zip_path.resolve().as_uri(), bundle_dir=str(bundles), progress=False)
@@ -124,13 +134,12 @@ def test_monai_download_unpacks_the_zip_and_the_bundle_runs_from_there(
             name="swin_unetr_btcv_seg",
             bundle_dir=str(bundles),
             workflow_type="inference",
-            key_in_ckpt="model",
             # built in the current order: loading the file's records must switch it to legacy
             net_override={"feature_size": 12, "downsample": "$scripts.patch_merging.resolve_downsample('current')"},
             device="cpu",
         )  # no copy_model_args: monai's copy_model_state copies the patch-merging records like any tensor
         assert importlib.import_module("scripts.patch_merging").merging_order_of(network) == "legacy"
-        saved = torch.load(btcv_weights, map_location="cpu", weights_only=True)["model"]
+        saved = torch.load(btcv_weights, map_location="cpu", weights_only=True)
         loaded = network.state_dict()
         assert loaded.keys() == saved.keys()
         for key, value in saved.items():  # the tensors, and the layers' order records

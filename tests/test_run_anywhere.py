@@ -29,17 +29,15 @@ def _copy_bundle(src: Path, dest: Path) -> Path:
 
 
 def _save_model(bundle: Path, order: str = "current", seed: int = 0, path: Path | None = None) -> Path:
-    """A random feature-size-12 BTCV network saved as the bundle saves model.pt; returns the file."""
+    """A random feature-size-12 BTCV network saved as the bundle saves model.pt (its state dict); returns the file."""
     with bundle_on_path(bundle):
-        from scripts.encoder_weights import NetworkRecord
         from scripts.patch_merging import resolve_downsample
 
         torch.manual_seed(seed)
         net = SwinUNETR(1, 14, feature_size=12, downsample=resolve_downsample(order))
-        ckpt = {"model": net.state_dict(), "network_record": NetworkRecord(net).state_dict()}
     path = path or bundle / "models" / "model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
+    torch.save(net.state_dict(), path)
     return path
 
 
@@ -218,7 +216,7 @@ def test_legacy_weights_give_a_legacy_network_whatever_loads_them(btcv_copy, tmp
         from scripts.patch_merging import LegacyPatchMerging, merging_order_of
 
         reference = SwinUNETR(1, 14, feature_size=12, downsample=LegacyPatchMerging)
-        reference.load_state_dict(torch.load(path, weights_only=True)["model"])
+        reference.load_state_dict(torch.load(path, weights_only=True))
         parser = ConfigParser()
         parser.read_config(str(btcv_copy / "configs" / "train.json"))
         parser.update({"bundle_root": str(tmp_path / "run"), "feature_size": 12, "use_checkpoint": False})
@@ -229,20 +227,21 @@ def test_legacy_weights_give_a_legacy_network_whatever_loads_them(btcv_copy, tmp
             CheckpointLoader(load_path=str(path), load_dict={"model": net}, strict=False).attach(engine)
             engine.run([0], max_epochs=1)
         else:
-            net.load_state_dict(torch.load(path, weights_only=True)["model"], strict=False)
+            net.load_state_dict(torch.load(path, weights_only=True), strict=False)
         assert merging_order_of(net) == "legacy"
         assert torch.allclose(_predict(net, x), _predict(reference, x), atol=1e-5)  # flash attention or not
         # the same weights in the current order are another function: the order matters here
         current = SwinUNETR(1, 14, feature_size=12, downsample="merging")
-        current.load_state_dict(torch.load(path, weights_only=True)["model"], strict=False)
+        current.load_state_dict(torch.load(path, weights_only=True), strict=False)
         assert (_predict(current, x) - _predict(reference, x)).abs().max() > 1e-3
 
 
 def test_files_written_before_the_layers_recorded_their_order_still_load_in_their_order(btcv_copy, tmp_path):
     """A model.pt with only the top-level network_record: inference reads the order from the file it names."""
     path = _save_model(btcv_copy, "legacy", seed=4, path=tmp_path / "old" / "model.pt")
-    old = torch.load(path, weights_only=True)
-    old["model"] = {k: v for k, v in old["model"].items() if not k.endswith("_extra_state")}
+    state = torch.load(path, weights_only=True)
+    record = {"patch_merging": "legacy", "feature_size": 12, "format_version": 1}
+    old = {"model": {k: v for k, v in state.items() if not k.endswith("_extra_state")}, "network_record": record}
     torch.save(old, path)
     with bundle_on_path(btcv_copy):
         from scripts.patch_merging import merging_order_of

@@ -95,20 +95,15 @@ def test_plot_loss_curves_needs_losses(tmp_path):
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    """An untrained SwinSSLNet (feature size 12) saved as the bundle's best-model checkpoint."""
+    """An untrained SwinSSLNet (feature size 12) saved as the bundle saves its best model: the state dict."""
     with bundle_on_path(SSL_DIR):
         from scripts.model import SwinSSLNet
+        from scripts.patch_merging import resolve_downsample
 
         torch.manual_seed(0)
-        net = SwinSSLNet(feature_size=12)
+        net = SwinSSLNet(feature_size=12, downsample=resolve_downsample("current"))  # as train.json builds it
     path = tmp_path / "model.pt"
-    torch.save(
-        {
-            "model": net.state_dict(),
-            "network_record": {"patch_merging": "current", "feature_size": 12, "format_version": 1},
-        },
-        path,
-    )
+    torch.save(net.state_dict(), path)
     return path
 
 

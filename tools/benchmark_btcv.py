@@ -153,17 +153,16 @@ def inference_overrides(
 def write_random_checkpoint(path: Path, feature_size: int, seed: int) -> str:
     """Write a bundle-format checkpoint of a randomly initialised network (seeded); return its path.
 
-    Format as written by the bundle's training: ``{"model": state dict, "network_record": ...}``,
-    so every variant loads the same weights through its own checkpoint loader.
+    Format as the bundle's training writes ``models/model.pt``: the state dict, its patch-merging
+    order recorded in it, so every variant loads the same weights through its own checkpoint loader.
     """
     parser = bundle_parser(
         "inference.json", {"feature_size": int(feature_size), "ckpt_path": "", "device": "$torch.device('cpu')"}
     )
     torch.manual_seed(int(seed))
     network = parser.get_parsed_content("network_def")
-    record = use_bundle_scripts(BUNDLE_DIR).encoder_weights.NetworkRecord(network).state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": network.state_dict(), "network_record": record}, str(path))
+    torch.save(network.state_dict(), str(path))
     return str(path)
 
 

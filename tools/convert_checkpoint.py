@@ -2,10 +2,12 @@
 
 Reads every format the bundles' loader reads (``scripts/ensemble.py``: a raw state dict as in the
 MONAI model zoo, the research code's ``{"state_dict": ..., "epoch", "best_acc"}``, ``{"model": ...}``,
-``module.``-prefixed keys) and writes ``{"model": state dict}`` with each patch-merging layer's
-order record (``<layer>._extra_state``) embedded, atomically, never over its input. The BTCV and MSD
-bundles then load the file under ``patch_merging: auto``, and so does any bare ``load_state_dict``
-into a network built with ``scripts.patch_merging.resolve_downsample``.
+``module.``-prefixed keys) and writes the plain state dict, as the bundles save ``models/model.pt``,
+with each patch-merging layer's order record (``<layer>._extra_state``) embedded, atomically, never
+over its input. The bundles then load the file under ``patch_merging: auto`` (as ``ckpt_path`` or
+``pretrained_path``), and so do ``monai.bundle ckpt_export`` and ``monai.bundle.load`` without
+``key_in_ckpt`` and any bare ``load_state_dict`` into a network built with
+``scripts.patch_merging.resolve_downsample``.
 
 The order comes from the file's own record, from the table of published files
 (``scripts/known_checkpoints.py``, by md5) under ``--patch_merging auto``, or from
@@ -28,7 +30,7 @@ __all__ = ["convert_checkpoint"]
 
 
 def convert_checkpoint(input: str, output: str, patch_merging: str = "auto", overwrite: bool = False) -> dict[str, Any]:
-    """Write ``output`` = ``{"model": <input's state dict with its patch-merging order recorded>}``.
+    """Write ``output`` = the input's state dict, its patch-merging order recorded in it (as ``models/model.pt``).
 
     Args:
         input: the checkpoint to convert (left untouched).
@@ -47,9 +49,9 @@ def convert_checkpoint(input: str, output: str, patch_merging: str = "auto", ove
         if not overwrite:
             raise FileExistsError(f"{output} exists; pass --overwrite True to replace it")
     scripts = use_bundle_scripts(BTCV_DIR)
-    state, order, info = scripts.ensemble.read_checkpoint(input, patch_merging)
-    converted = scripts.ensemble.recorded_state_dict(state, order)
-    scripts.checkpoints.atomic_torch_save({"model": converted}, output)
+    state, order, info = scripts.weights_format.read_checkpoint(input, patch_merging)
+    converted = scripts.weights_format.recorded_state_dict(state, order)
+    scripts.checkpoints.atomic_torch_save(converted, output)
     records = sum(k.endswith("._extra_state") for k in converted)
     return {
         "input": input,
@@ -66,8 +68,8 @@ def _report(result: dict[str, Any]) -> str:
     return (
         f"read {result['input']} ({result['format']}); patch merging {result['patch_merging']} "
         f"(from {result['from']})\n"
-        f"wrote {result['output']}: {{'model': {result['tensors']} tensors + {result['records']} "
-        f"patch-merging records}}; load it with patch_merging 'auto'"
+        f"wrote {result['output']}: a state dict of {result['tensors']} tensors + {result['records']} "
+        f"patch-merging records; load it with patch_merging 'auto'"
     )
 
 

@@ -63,9 +63,12 @@ def md5_of(path: Path) -> str:
 
 
 def check_weights(path: Path) -> str:
-    """Check that ``path`` loads as this project's checkpoint (``{"model": state_dict}``) or a bare state dict.
+    """Check that ``path`` is a plain state dict, as the bundles save ``models/model.pt`` and the model zoo reads it.
 
-    Returns a short description; raises FileNotFoundError or ValueError naming the file.
+    The zoo's CI and ``monai.bundle ckpt_export``/``load`` read ``models/model.pt`` without ``key_in_ckpt``,
+    so a wrapped checkpoint (``{"model": ...}``, written by earlier versions, or a full-state
+    ``checkpoint_*.pt``) is refused with the command that converts it. Returns a short description;
+    raises FileNotFoundError or ValueError naming the file.
     """
     import torch
 
@@ -75,13 +78,19 @@ def check_weights(path: Path) -> str:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch raises many kinds for a bad file)
         raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict of tensors, found a {type(obj).__name__}")
     # a state dict maps names to tensors; extra states (e.g. a layer's recorded patch-merging order) may be other values
-    tensors = sum(isinstance(v, torch.Tensor) for v in state.values()) if isinstance(state, Mapping) else 0
-    if not tensors:
-        raise ValueError(f"{path}: expected {{'model': state_dict}} or a state dict of tensors")
-    kind = "{'model': state_dict}" if "model" in obj else "bare state dict"
-    return f"{kind}, {tensors} tensors"
+    tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+    wrapped = [k for k in ("model", "state_dict") if isinstance(obj.get(k), Mapping)]
+    if wrapped or not tensors:
+        what = f"a checkpoint with the state dict under {wrapped[0]!r}" if wrapped else f"keys {list(obj)[:6]}"
+        raise ValueError(
+            f"{path}: expected a plain state dict (the zoo and ckpt_export read models/model.pt without "
+            f"key_in_ckpt), found {what}; convert it with python -m tools.convert_checkpoint --input {path} "
+            f"--output <new file> (add --patch_merging legacy|current if it records no order)"
+        )
+    return f"state dict, {tensors} tensors"
 
 
 def large_files_yaml(entries: list[dict[str, str]]) -> str:

@@ -1,8 +1,8 @@
 """The BTCV and MSD bundles in the real MONAI Deploy App SDK 4.0.0 (apps/btcv_seg_deploy).
 
 A small copy of the bundle (feature size 12, 64^3 windows, written into its configs, since a model.ts archive
-carries the configs as they are on disk) gets weights saved the bundle's way: ``{"model": state dict,
-"network_record": ...}`` with the legacy (monai <= 1.4) patch-merging order, which only the record tells apart.
+carries the configs as they are on disk) gets weights saved the bundle's way: the state dict as it is, with the
+legacy (monai <= 1.4) patch-merging order recorded inside it, which only the record tells apart.
 A phantom CT becomes a DICOM series (tools/make_dicom_series.py). The Deploy app runs in the deploy venv, from
 a folder that is not the bundle's, on (a) the bundle folder and (b) a traced model.ts exported with the
 ``inference_deploy.json`` overlay. Each DICOM SEG must reference the input series, put its frames on the input
@@ -55,8 +55,6 @@ def export_command(bundle: Path, model_ts: Path) -> list[str]:
         str(model_ts),
         "--ckpt_file",
         "models/model.pt",
-        "--key_in_ckpt",
-        "model",
         "--meta_file",
         "configs/metadata.json",
         "--config_file",
@@ -71,23 +69,22 @@ def export_command(bundle: Path, model_ts: Path) -> list[str]:
 def small_copy_with_weights(bundle: Path) -> None:
     """Write SMALL_KNOBS into the copy's inference.json and save random weights the bundle's way in models/model.pt.
 
-    ``{"model": state dict, "network_record": ...}`` with the legacy (monai <= 1.4) patch-merging order, which only
-    the record tells apart.
+    The state dict as it is, with the legacy (monai <= 1.4) patch-merging order recorded in its patch-merging layers
+    (``*.downsample._extra_state``), which only the records tell apart.
     """
     config_file = bundle / "configs" / "inference.json"
     config = json.loads(config_file.read_text())
     config.update(SMALL_KNOBS)
     config_file.write_text(json.dumps(config, indent=4) + "\n")
     parser = bundle_parser(bundle, "inference.json", {"patch_merging": "legacy", "ckpt_path": ""})
-    parser["network_record"] = "$scripts.encoder_weights.NetworkRecord(@network_def).state_dict()"  # as train.json
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def")
-    record = parser.get_parsed_content("network_record")
+    state = network.state_dict()
     forget_scripts_modules()
     sys.path.remove(str(bundle))  # bundle_parser put the copy's scripts first on sys.path
-    assert record["patch_merging"] == "legacy"
+    assert state["swinViT.layers1.0.downsample._extra_state"].tolist() == [2, 1]  # record version 2, legacy
     (bundle / "models").mkdir(exist_ok=True)
-    torch.save({"model": network.state_dict(), "network_record": record}, bundle / "models" / "model.pt")
+    torch.save(state, bundle / "models" / "model.pt")
 
 
 def phantom_series(root: Path) -> tuple[Path, np.ndarray]:

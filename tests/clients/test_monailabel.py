@@ -49,16 +49,19 @@ def _write_knobs(config: Path, knobs: dict) -> None:
 
 
 def _initial_model(bundle: Path, **overrides) -> None:
-    """A fresh network's weights saved as the bundle saves them: {"model": ..., "network_record": ...}."""
+    """A fresh network's weights saved as the bundle saves model.pt: the state dict, its order recorded inside.
+
+    MONAI Label reads it as it reads the zoo's model.pt: ``checkpoint.get("model", checkpoint)`` for inference,
+    a ``CheckpointLoader`` with ``load_dict={"model": network}`` (a plain state dict is loaded as it is) when
+    training starts from it."""
     torch.manual_seed(0)
     parser = bundle_parser(bundle, "train.json", overrides)
     try:
         network = parser.get_parsed_content("network_def")
-        record = parser.get_parsed_content("network_record")
     finally:
         forget_scripts_modules()
     (bundle / "models").mkdir(exist_ok=True)
-    torch.save({"model": network.state_dict(), "network_record": record.state_dict()}, bundle / "models" / "model.pt")
+    torch.save(network.state_dict(), bundle / "models" / "model.pt")
 
 
 def _datastore(studies: Path) -> list[str]:

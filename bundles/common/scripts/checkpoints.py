@@ -26,6 +26,7 @@ __all__ = [
     "atomic_torch_save",
     "latest_checkpoint",
     "resume_path",
+    "checked_full_state",
     "LATEST",
 ]
 
@@ -215,9 +216,27 @@ def _trainer_iteration(path: str) -> int:
     """The trainer iteration stored in a full-state checkpoint; raises if ``path`` is not one."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     missing = [k for k in FULL_STATE_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing or "iteration" not in checkpoint["trainer"]:
+    if missing or not isinstance(checkpoint["trainer"], Mapping) or "iteration" not in checkpoint["trainer"]:
         raise ValueError(f"not a full training checkpoint (missing {missing or ['trainer iteration']})")
     return int(checkpoint["trainer"]["iteration"])
+
+
+def checked_full_state(path: str) -> str:
+    """``path`` if it is a full-state training checkpoint; otherwise a ValueError naming it and saying what to do.
+
+    ``models/model.pt`` and weights from elsewhere hold the network only: training cannot continue
+    from them (no optimizer, scheduler or trainer state), but it can start from their weights.
+    """
+    try:
+        _trainer_iteration(path)
+    except ValueError as err:
+        raise ValueError(
+            f"{path}: cannot resume from this file: it holds no optimizer and trainer state ({err}); resume "
+            f"needs a full-state checkpoint of a training run (checkpoint_last.pt or checkpoint_*.pt beside "
+            f"model.pt), or 'latest'. To start a new training from the weights in this file, set pretrained_path "
+            f"to it and leave resume unset."
+        ) from err
+    return path
 
 
 def latest_checkpoint(ckpt_dir: str) -> str:
@@ -252,5 +271,5 @@ def resume_path(resume: Any, ckpt_dir: str) -> str:
     if text in (LATEST, "true"):
         return latest_checkpoint(ckpt_dir)
     if isinstance(resume, str):
-        return checked_torch_file(resume, "resume checkpoint")
+        return checked_full_state(checked_torch_file(resume, "resume checkpoint"))
     raise ValueError(f"resume must be '{LATEST}', true, false or a checkpoint path, not {resume!r}.")

@@ -2,11 +2,14 @@
 
 :func:`load_checkpoint` reads every format a fine-tuned Swin UNETR is published in:
 
-* a raw state dict (the MONAI model zoo's ``models/model.pt``);
+* a raw state dict (``models/model.pt`` of these bundles and of the MONAI model zoo);
 * ``{"state_dict": ..., <any other entries>}`` (research code: ``"epoch"``, ``"best_acc"``, maybe
   ``"optimizer"``);
-* ``{"model": ..., ...}`` (MONAI's ``CheckpointSaver``, this project);
+* ``{"model": ..., ...}`` (the bundles' full-state checkpoints, and their ``model.pt`` of earlier
+  versions, with a top-level ``"network_record"``);
 * any of these with ``module.``-prefixed keys (saved under DataParallel / DDP).
+
+(:func:`weights_format.read_checkpoint` reads them.)
 
 It loads strictly (every tensor of the network, nothing else) and logs the format it read and how
 many tensors it loaded; errors name the file. The patch-merging order is never guessed: it comes
@@ -23,8 +26,7 @@ from __future__ import annotations
 import copy
 import glob
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -32,35 +34,14 @@ from torch import nn
 from .bundle_logger import logger
 from .encoder_weights import NetworkRecord
 from .patch_merging import merging_order_of, set_merging_order
-from .weights_format import (
-    AUTO,
-    EXTRA_STATE_SUFFIX,
-    MONAI,
-    ORDER_DESCRIPTIONS,
-    RECORD,
-    RECORD_KEY,
-    _few,
-    _is_extra_state,
-    _order_from_file,
-    _tensor_mapping,
-    _torch_load,
-    checked_choice,
-    checked_torch_file,
-    detect_weights_format,
-    order_record,
-    settle_order,
-)
+from .weights_format import AUTO, ORDER_DESCRIPTIONS, _few, _is_extra_state, read_checkpoint
 
 __all__ = [
     "checkpoint_paths",
-    "read_checkpoint",
-    "recorded_state_dict",
     "load_checkpoint",
     "SoftmaxEnsemble",
     "build_inference_network",
 ]
-
-_DDP_PREFIX = "module."
 
 
 def checkpoint_paths(ckpt_path: str | Sequence[str], folds_dir: str) -> list[str]:
@@ -80,67 +61,6 @@ def checkpoint_paths(ckpt_path: str | Sequence[str], folds_dir: str) -> list[str
     if missing:
         raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
     return paths
-
-
-def _describe_format(obj: Any, state: Mapping[str, Any]) -> str:
-    """Which of the accepted layouts ``obj`` is, in words, for the log."""
-    if state is obj:
-        return "raw state dict"
-    wrapper = "state_dict" if obj.get("state_dict") is state else "model"
-    others = [str(k) for k in obj if k != wrapper]
-    return f"{{'{wrapper}': state dict}}" + (f" with {_few(others)}" if others else "")
-
-
-def read_checkpoint(path: str, patch_merging: str = AUTO) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """Read a whole-network checkpoint: ``(state dict, patch-merging order, info)``.
-
-    The state dict has network keys (``module.`` prefixes removed) and keeps the file's
-    ``*._extra_state`` records, if any. ``info`` holds ``format`` (in words), ``where`` the order
-    comes from ("record" | "published" | "setting") and ``network_record`` (a top-level record of
-    older files of this project, or None). Raises ValueError naming ``path`` for anything that is
-    not a Swin UNETR state dict, and ``UnrecordedOrderError`` under "auto" for an unrecorded file
-    that is not a known published one.
-    """
-    path = checked_torch_file(path, "checkpoint")
-    choice = checked_choice(patch_merging)
-    obj = _torch_load(path)
-    state = _tensor_mapping(obj)
-    if state is None:
-        what = f"keys {_few(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
-        raise ValueError(
-            f"{path}: not a model checkpoint: expected a state dict, {{'state_dict': state dict, ...}} or "
-            f"{{'model': state dict, ...}}; it holds {what}"
-        )
-    fmt = detect_weights_format(obj, path)
-    if fmt != MONAI:
-        raise ValueError(
-            f"{path}: holds Swin encoder weights only ({fmt}), not a whole network: use it as "
-            f"pretrained_path for training, not as ckpt_path"
-        )
-    described = _describe_format(obj, state)
-    if all(isinstance(k, str) and k.startswith(_DDP_PREFIX) for k in state):
-        state = {k[len(_DDP_PREFIX) :]: v for k, v in state.items()}
-        described += ", 'module.' prefixes removed (DDP)"
-    order, where = settle_order(*_order_from_file(obj, fmt, path), choice, path)
-    if where == RECORD and choice != AUTO and choice != order:
-        logger.warning("%s records the %s: patch_merging %r is ignored for it", path, ORDER_DESCRIPTIONS[order], choice)
-    record = obj.get(RECORD_KEY) if isinstance(obj.get(RECORD_KEY), Mapping) else None
-    return dict(state), order, {"format": described, "where": where, "network_record": record}
-
-
-def recorded_state_dict(state: Mapping[str, Any], order: str) -> dict[str, Any]:
-    """``state`` with every Swin downsample layer's order record (``<layer>._extra_state``) set to ``order``.
-
-    The layers of this project (``patch_merging.RecordedPatchMerging``) take that record when the
-    state dict is loaded, by any loader, so such a file needs no setting to compute the right function.
-    """
-    layers = sorted({k.rsplit(".", 2)[0] for k in state if k.rsplit(".", 3)[-3:-1] == ["downsample", "reduction"]})
-    if not layers:
-        raise ValueError("no Swin downsample layers (*.downsample.reduction.weight) in the state dict")
-    out = {k: v for k, v in state.items() if not _is_extra_state(k)}
-    for layer in layers:
-        out[f"{layer}.{EXTRA_STATE_SUFFIX}"] = order_record(order)
-    return out
 
 
 def load_checkpoint(network: nn.Module, path: str, patch_merging: str = AUTO) -> nn.Module:

@@ -11,9 +11,10 @@ Formats read (recognised by ``weights_format.detect_weights_format``, re-exporte
   that are dropped. Trained with the monai <= 1.4 ("legacy") patch-merging order.
 * ``"swin_ssl_encoder"``: this project's SSL export, written by :func:`save_encoder`.
 * ``"monai"``: MONAI-native keys: ``swinViT.*`` (optionally ``module.``-prefixed, optionally a
-  full SwinUNETR state dict whose decoder tensors are ignored) or bare ``network.swinViT``
-  keys; the mapping may be the file itself or wrapped in ``{"state_dict": ...}`` or
-  ``{"model": ...}`` (ignite checkpoints of this bundle).
+  full SwinUNETR state dict, whose decoder tensors are kept apart, or the SSL bundle's
+  pre-training network, whose heads are dropped) or bare ``network.swinViT`` keys; the mapping
+  may be the file itself (``models/model.pt`` of the bundles) or wrapped in ``{"state_dict": ...}``
+  or ``{"model": ...}`` (the bundles' full-state training checkpoints).
 
 SSL export format ``swin_ssl_encoder``, version 1 (a ``torch.save`` of a plain dict)::
 
@@ -32,9 +33,12 @@ Because ``state_dict`` uses the official layout, ``SwinUNETR.load_from(torch.loa
 the research code read it like ``model_swinvit.pt``; the top-level record tells this bundle which
 patch-merging order to build. Files are written atomically (temp file + ``os.replace``).
 
-A fine-tuning checkpoint of this bundle is ``{"model": <SwinUNETR state dict>, "network_record":
-{"patch_merging": ..., "feature_size": ..., "format_version": 1}, ...}``: the record comes from
-:class:`NetworkRecord`, which the training config adds to the checkpoint saver's ``save_dict``.
+Whole-network files of the bundles carry the order in the state dict itself: each patch-merging
+layer's ``<layer>._extra_state`` record (``weights_format``). ``models/model.pt`` is that state dict
+as it is (as in the model zoo); the full-state training checkpoints (``checkpoint_*.pt``) hold it
+under ``"model"`` next to the optimizer and trainer states and a top-level ``"network_record"``
+(:class:`NetworkRecord`), as ``model.pt`` did before. Any of them is read here: its encoder, plus
+the decoder of a whole SwinUNETR; the heads of this project's SSL network are dropped.
 """
 
 from __future__ import annotations
@@ -98,6 +102,9 @@ OFFICIAL_HEAD_KEYS = (
     "convTrans3d.weight",
     "convTrans3d.bias",
 )
+
+# heads of the SSL bundle's pre-training network (scripts/model.py) next to its swinViT: dropped
+_SSL_HEAD_PREFIXES = ("rotation_head.", "contrastive_head.", "reconstruction_head.")
 
 # top-level modules of a full monai SwinUNETR other than swinViT
 _SWINUNETR_DECODER_PREFIXES = tuple(
@@ -206,9 +213,9 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
     ``patch_merging`` (None when the file records none), ``patch_merging_source`` ("record" |
     "official" | "unrecorded"), ``dropped_head_tensors``, ``ignored_decoder_tensors``,
     ``decoder_state`` (the SwinUNETR decoder tensors of a whole-network file, network-relative
-    keys), ``num_tensors``, ``feature_size``, ``in_channels`` and ``record`` (the export/network
-    record, if any). Keys that are neither encoder tensors nor known head/decoder tensors raise
-    ValueError.
+    keys), ``num_tensors``, ``feature_size``, ``in_channels`` and ``record`` (the export's record,
+    or the top-level ``network_record`` of older checkpoints, if any). Keys that are neither encoder
+    tensors nor known head/decoder tensors raise ValueError.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -238,6 +245,8 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
                 if name.startswith(_SWINUNETR_DECODER_PREFIXES):
                     ignored.append(key)
                     decoder[name] = mapping[key]
+                elif name.startswith(_SSL_HEAD_PREFIXES):
+                    dropped.append(key)
                 else:
                     unexpected.append(key)
                 continue
@@ -265,7 +274,7 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
                 f"{path}: the record says feature_size {record['feature_size']}, in_channels "
                 f"{record['in_channels']} but patch_embed.proj.weight has shape {tuple(embed.shape)}."
             )
-    elif where == "record":
+    elif isinstance(obj.get(RECORD_KEY), Mapping):  # files written before the layers recorded their order
         record = dict(obj[RECORD_KEY])
     info = {
         "path": path,

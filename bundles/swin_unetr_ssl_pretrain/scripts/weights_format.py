@@ -1,11 +1,14 @@
 # Generated from bundles/common/scripts/weights_format.py by tools/sync_bundle_code.py: edit that file, then run it.
-"""What a Swin encoder weights file is: its format, and the patch-merging order it was trained with.
+"""What a Swin weights file is: its format, and the patch-merging order it was trained with.
 
-The lowest layer of the encoder-weight code: it imports no other module of this package except
-the logger and ``known_checkpoints`` (the table of published files). ``patch_merging`` (building
-the layers) and ``encoder_weights`` (loading and writing tensors) both build on it, so imports go
-one way: weights_format <- patch_merging <- encoder_weights.
-The formats are described in ``encoder_weights``; the orders in ``patch_merging``.
+The lowest layer of the weight code: it imports no other module of this package except the
+logger and ``known_checkpoints`` (the table of published files). ``patch_merging`` (building the
+layers), ``encoder_weights`` (loading and writing encoder tensors) and ``ensemble`` (inference
+networks) build on it, so imports go one way: weights_format <- patch_merging <- encoder_weights.
+The encoder formats are described in ``encoder_weights``, the orders in ``patch_merging``; whole
+networks are read by :func:`read_checkpoint`, in every layout a network is saved in (a raw state
+dict, as the bundles' ``models/model.pt``; ``{"model": ...}``, as their full-state checkpoints;
+``{"state_dict": ...}``; ``module.`` prefixes).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ __all__ = [
     "unrecorded_order_error",
     "UnreadableWeightsError",
     "checked_torch_file",
+    "read_checkpoint",
+    "recorded_state_dict",
 ]
 
 # Patch-merging orders (see patch_merging): the values a weights file records as "patch_merging"
@@ -86,6 +91,7 @@ _FORMAT_LABELS = {
 }
 
 _MAX_LISTED = 6
+_DDP_PREFIX = "module."
 
 
 def _few(items, limit: int = _MAX_LISTED) -> str:
@@ -362,3 +368,70 @@ def detect_merging_order(path: str, patch_merging: str = AUTO) -> str:
     obj = _torch_load(path)
     order, where = _order_from_file(obj, detect_weights_format(obj, path), path)
     return settle_order(order, where, patch_merging, path)[0]
+
+
+# ------------------------------------------------------------------- whole-network checkpoints
+
+
+def _describe_format(obj: Any, state: Mapping[str, Any]) -> str:
+    """Which of the accepted layouts ``obj`` is, in words, for the log."""
+    if state is obj:
+        return "raw state dict"
+    wrapper = "state_dict" if obj.get("state_dict") is state else "model"
+    others = [str(k) for k in obj if k != wrapper]
+    return f"{{'{wrapper}': state dict}}" + (f" with {_few(others)}" if others else "")
+
+
+def read_checkpoint(path: str, patch_merging: str = AUTO) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Read a whole-network checkpoint: ``(state dict, patch-merging order, info)``.
+
+    The state dict has network keys (``module.`` prefixes removed) and keeps the file's
+    ``*._extra_state`` records, if any. ``info`` holds ``format`` (in words), ``where`` the order
+    comes from ("record" | "published" | "setting") and ``network_record`` (a top-level record of
+    older files of this project, or None). Raises ValueError naming ``path`` for anything that is
+    not a Swin UNETR state dict, and ``UnrecordedOrderError`` under "auto" for an unrecorded file
+    that is not a known published one.
+    """
+    path = checked_torch_file(path, "checkpoint")
+    choice = checked_choice(patch_merging)
+    obj = _torch_load(path)
+    state = _tensor_mapping(obj)
+    if state is None or _key_style(list(state)) is None:
+        if state is not None:
+            what = f"a state dict with keys {_few(state)}"
+        else:
+            what = f"keys {_few(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise ValueError(
+            f"{path}: not a checkpoint of a Swin UNETR network: expected its state dict as it is, or under "
+            f"'model' or 'state_dict' ({{'model': state dict, ...}}); it holds {what}"
+        )
+    fmt = detect_weights_format(obj, path)
+    if fmt != MONAI:
+        raise ValueError(
+            f"{path}: holds Swin encoder weights only ({fmt}), not a whole network: use it as "
+            f"pretrained_path for training, not as ckpt_path"
+        )
+    described = _describe_format(obj, state)
+    if all(isinstance(k, str) and k.startswith(_DDP_PREFIX) for k in state):
+        state = {k[len(_DDP_PREFIX) :]: v for k, v in state.items()}
+        described += ", 'module.' prefixes removed (DDP)"
+    order, where = settle_order(*_order_from_file(obj, fmt, path), choice, path)
+    if where == RECORD and choice != AUTO and choice != order:
+        logger.warning("%s records the %s: patch_merging %r is ignored for it", path, ORDER_DESCRIPTIONS[order], choice)
+    record = obj.get(RECORD_KEY) if isinstance(obj.get(RECORD_KEY), Mapping) else None
+    return dict(state), order, {"format": described, "where": where, "network_record": record}
+
+
+def recorded_state_dict(state: Mapping[str, Any], order: str) -> dict[str, Any]:
+    """``state`` with every Swin downsample layer's order record (``<layer>._extra_state``) set to ``order``.
+
+    The layers of this project (``patch_merging.RecordedPatchMerging``) take that record when the
+    state dict is loaded, by any loader, so such a file needs no setting to compute the right function.
+    """
+    layers = sorted({k.rsplit(".", 2)[0] for k in state if k.rsplit(".", 3)[-3:-1] == ["downsample", "reduction"]})
+    if not layers:
+        raise ValueError("no Swin downsample layers (*.downsample.reduction.weight) in the state dict")
+    out = {k: v for k, v in state.items() if not _is_extra_state(k)}
+    for layer in layers:
+        out[f"{layer}.{EXTRA_STATE_SUFFIX}"] = order_record(order)
+    return out
