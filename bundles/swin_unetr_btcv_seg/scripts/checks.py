@@ -20,6 +20,7 @@ from monai.transforms import LoadImage
 
 from .bundle_logger import logger
 from .dicom_series import inspect_series
+from .skipped_files import skipped_lines
 from .transforms import DicomSeriesReader
 
 __all__ = ["InputDataError", "check_datalist", "check_datalists", "check_images"]
@@ -63,6 +64,8 @@ def _dicom_folder_ok(path: str, problems: list[str]) -> bool:
     report = inspect_series(path)
     if report.ignored:
         logger.info(f"{path}: leaving aside {report.ignored_text()} beside the image series")
+    for line in skipped_lines(path, [(name, "not a DICOM file") for name in report.other_files]):
+        logger.warning(line)
     if report.problems:
         problems.extend(report.problems)
         return False
