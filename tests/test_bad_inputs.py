@@ -323,6 +323,38 @@ def test_msd_predictions_keep_the_decathlon_names_with_a_manifest_and_no_overwri
     assert forward_calls == []
 
 
+def test_every_entry_of_an_input_folder_that_is_not_an_image_is_named_in_the_log(series, ckpt, tmp_path, caplog):
+    inputs = tmp_path / "inputs"
+    good = save_nifti(inputs / "good.nii.gz", seed=1)
+    with_notes = copy_series(series, inputs / "series_a")
+    (with_notes / "notes.txt").write_text("contrast phase: venous")
+    (inputs / "thumbnails").mkdir()
+    (inputs / "thumbnails" / "good.png").write_bytes(b"png")
+    others = ["notes.txt", "preview.png", *(f"export_{n}.csv" for n in range(5))]  # more than 5: one line
+    for name in [*others, ".DS_Store"]:  # hidden files are not reported
+        (inputs / name).write_text("not an image")
+    settings = dict(dataset_dir=str(inputs), ckpt_path=str(ckpt), output_dir=str(tmp_path / "out"), **INFER_SMALL)
+    with bundle_on_path(BTCV_DIR):
+        workflow = btcv_workflow(["inference.json"], "infer", **settings)
+        bundle_logger = logging.getLogger("swin_unetr_btcv_seg")  # the config's logging set-up happened above
+        bundle_logger.disabled = False
+        bundle_logger.addHandler(caplog.handler)
+        caplog.set_level(logging.INFO, logger="swin_unetr_btcv_seg")
+        try:
+            workflow.initialize()
+            items = workflow.parser.get_parsed_content("dataset#data")  # the inputs, checked before compute
+        finally:
+            bundle_logger.removeHandler(caplog.handler)
+    assert [item["image"] for item in items] == [str(good), str(with_notes)]
+    skipped = sorted(r.getMessage() for r in caplog.records if "skipping" in r.getMessage())
+    assert skipped == [
+        f"{with_notes}: skipping notes.txt (not a DICOM file)",
+        f"{inputs}: skipping 7 entries (not an image file (.nii.gz, .nii, .nrrd, .mha, .mhd)): "
+        "export_0.csv, export_1.csv, export_2.csv, export_3.csv, export_4.csv, ... (2 more)",
+        f"{inputs}: skipping thumbnails (a folder without DICOM files)",
+    ]
+
+
 # ------------------------------------------------------------------------------ checkpoints and datalists
 
 

@@ -80,3 +80,42 @@ def test_bad_training_input_is_reported_before_training(problem, tmp_path):
     assert message in text
     assert "good_img" not in text.split("problem(s) in the input data")[-1]  # the good case is not blamed
     assert steps == []
+
+
+@pytest.mark.parametrize("bundle", ["btcv", "msd"])
+def test_a_bad_validation_case_stops_training_before_the_training_set_is_read(bundle, tmp_path, monkeypatch):
+    """Both lists are checked in one step before any dataset is built: the training cases are never cached."""
+    from monai.data import CacheDataset
+
+    from tests.conftest import BTCV_DIR, MSD_DIR, MSD_SMALL
+    from tools.make_msd_tasks import write_msd_task
+
+    cached = []
+    monkeypatch.setattr(CacheDataset, "set_data", lambda self, data: cached.append(len(data)))
+    if bundle == "btcv":
+        bundle_dir, settings = BTCV_DIR, {"dataset_dir": str(tmp_path), **SMALL}
+        good = [_case(tmp_path, name, *_good()) for name in ("good1", "good2")]
+    else:
+        task_dir = write_msd_task(tmp_path, "Task09_Spleen", num_training=2, num_test=0, seed=0, shape=(24, 24, 16))
+        bundle_dir, settings = MSD_DIR, {"dataset_dir": str(task_dir), **MSD_SMALL}
+        good = json.loads((task_dir / "dataset.json").read_text())["training"]
+        tmp_path = task_dir
+    (tmp_path / "broken_img.nii.gz").write_bytes(b"not a NIfTI file")
+    validation = [good[0], {"image": "broken_img.nii.gz", "label": good[1]["label"]}]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": good, "validation": validation}))
+    with bundle_on_path(bundle_dir):
+        workflow = btcv_workflow(
+            ["train.json"],
+            "train",
+            bundle_dir,
+            datalist=str(tmp_path / "datalist.json"),
+            bundle_root=str(tmp_path / "run"),
+            max_epochs=1,
+            **settings,
+        )
+        error, steps = train_until_failure(workflow)
+    assert steps == [] and cached == []  # no training iteration, and the training set was not even read
+    text = error_text(error)
+    assert f"validation list (1):\n- {tmp_path / 'broken_img.nii.gz'}: cannot be read as an image" in text
+    assert "training list" not in text
+    assert not (tmp_path / "run" / "models").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -93,6 +94,50 @@ def test_latest_is_the_complete_full_state_checkpoint_with_most_iterations(check
         checkpoints.resume_path("latest", str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="resume must be"):
         checkpoints.resume_path(3, str(tmp_path))
+
+
+def _training_run(checkpoints, folder: Path, iterations: int, final: bool) -> str:
+    """A trainer saving as the bundles' train.json does: a full-state checkpoint with its run record every
+    iteration, and ``checkpoint_last.pt`` when it ends (``final``; a killed run writes none). Returns the run id."""
+    engine, model = Engine(lambda e, b: None), nn.Linear(2, 2)
+    record = checkpoints.RunRecord()
+    save = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), 0.1), "trainer": engine}
+    saver = checkpoints.AtomicCheckpointSaver(
+        str(folder),
+        {**save, "run_record": record},
+        save_interval=1,
+        epoch_level=False,
+        n_saved=1,
+        save_final=final,
+        final_filename="checkpoint_last.pt",
+    )
+    saver.attach(engine)
+    engine.run(range(iterations), max_epochs=1)
+    return record.id
+
+
+def test_latest_leaves_the_checkpoints_of_an_abandoned_run_aside_and_says_so(checkpoints, tmp_path, caplog):
+    abandoned = _training_run(checkpoints, tmp_path, 6, final=True)  # a longer run, stopped early on an error
+    torch.save(_full_state(9), tmp_path / "checkpoint_epoch=9.pt")  # older still: saved before runs were recorded
+    new = _training_run(checkpoints, tmp_path, 2, final=False)  # a fresh, shorter run in the same folder, killed
+    assert new != abandoned
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_epoch=9.pt", "checkpoint_iteration=2.pt", "checkpoint_last.pt"]
+    logger = logging.getLogger("swin_unetr_btcv_seg")
+    logger.addHandler(caplog.handler)  # a bundle's logging.conf may have replaced the root handlers
+    try:
+        caplog.set_level(logging.INFO, logger="swin_unetr_btcv_seg")
+        latest = checkpoints.resume_path("latest", str(tmp_path))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert latest == str(tmp_path / "checkpoint_iteration=2.pt")  # not the abandoned run's iteration 6
+    picked, aside = dict.fromkeys(r.getMessage() for r in caplog.records if "resume latest" in r.getMessage())
+    assert picked.startswith(f"resume latest: {latest} (iteration 2, run {new}, saved ")
+    assert picked.endswith(f"): the checkpoint saved last in {tmp_path}")
+    assert "leaving aside 2 checkpoint(s)" in aside
+    assert f"checkpoint_last.pt (iteration 6, run {abandoned}, saved " in aside
+    assert "checkpoint_epoch=9.pt (iteration 9, saved before runs were recorded)" in aside
+    assert checkpoints.RunRecord(latest).id == new  # resuming continues the run it resumes
+    assert checkpoints.RunRecord().id not in (new, abandoned)  # a fresh start is a new run
 
 
 def _legacy_checkpoint(folder: Path, bundle_dir: Path) -> Path:

@@ -90,6 +90,11 @@ def _complete_checkpoints(models: Path) -> dict[str, int]:
     return found
 
 
+def _run_id(path: Path) -> str:
+    """The id of the run that saved a full-state checkpoint."""
+    return torch.load(path, map_location="cpu", weights_only=True)["run_record"]["id"]
+
+
 def _steps(log: Path) -> list[int]:
     """The trainer iterations (one per epoch here) the run's log reports as done."""
     return [int(epoch) for epoch, _, _ in PROGRESS.findall(log.read_text())]
@@ -141,7 +146,7 @@ def _first_step(log: Path) -> int:
 
 
 def _resumed_from(log: Path) -> int:
-    match = re.search(r"resuming from \S+ \(iteration (\d+)\)", log.read_text())
+    match = re.search(r"resume latest: \S+ \(iteration (\d+), run \w+", log.read_text())
     assert match, log.read_text()[-4000:]
     return int(match.group(1))
 
@@ -168,6 +173,7 @@ def test_sigkill_during_and_between_saves_resumes_from_the_last_complete_checkpo
     assert _complete_checkpoints(models) == {"checkpoint_epoch=1.pt": 1}
     _kill(proc)
     assert _complete_checkpoints(models) == {"checkpoint_epoch=1.pt": 1}
+    run = _run_id(models / "checkpoint_epoch=1.pt")
 
     # 2. resumed with the model card's command; killed between saves, in the step after the next save
     log = tmp_path / "run2.log"
@@ -193,4 +199,5 @@ def test_sigkill_during_and_between_saves_resumes_from_the_last_complete_checkpo
     assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text()[-4000:]
     assert _resumed_from(log) == 2 and _first_step(log) == 3
     assert _complete_checkpoints(models) == {"checkpoint_last.pt": EPOCHS, f"checkpoint_epoch={EPOCHS}.pt": EPOCHS}
+    assert _run_id(models / "checkpoint_last.pt") == run  # resumed twice: still the same run
     assert not list(models.glob(".tmp_*"))

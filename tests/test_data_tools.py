@@ -202,12 +202,16 @@ def test_missing_standard_cases_are_all_named(tmp_path):
 
 def test_extra_cases_are_ignored_loudly_and_test_images_listed(tmp_path, caplog):
     root = placeholder_btcv(tmp_path, list(range(1, 11)) + list(range(21, 41)) + [50], test_ids=[61, 62, 80, 99])
+    (root / "RawData/Training/img/notes.txt").write_text("scanner settings")
+    (root / "RawData/Training/img/.DS_Store").write_bytes(b"hidden")  # hidden files are not reported
     with caplog.at_level("WARNING", logger="tools.btcv_datalist"):
         datalist = standard_split(root)
     assert len(datalist["training"]) == 24 and len(datalist["validation"]) == 6
     assert 50 not in [case_id(d["image"]) for d in datalist["training"] + datalist["validation"]]
     assert any("case 50" in r.getMessage() for r in caplog.records)
     assert any("img0099" in r.getMessage() for r in caplog.records)
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert skipped == [f"{root / 'RawData/Training/img'}: skipping notes.txt (not named like img0001.nii.gz)"]
     assert datalist["testing"] == [{"image": f"RawData/Testing/img/img{c:04d}.nii.gz"} for c in (61, 62, 80)]
 
 

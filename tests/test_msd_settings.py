@@ -176,19 +176,30 @@ def test_five_fold_split_is_disjoint_covers_all_cases_and_is_seeded(tmp_path):
             fold_datalist(str(folder / "dataset.json"), 5)
 
 
-def test_without_a_training_list_images_and_labels_are_paired_by_name(tmp_path):
+def test_without_a_training_list_images_and_labels_are_paired_by_name(tmp_path, caplog):
     folder = write_msd_task(tmp_path, "Task02_Heart", num_training=4, num_test=0, shape=(8, 8, 8))
     dataset = json.loads((folder / "dataset.json").read_text())
     del dataset["training"]
     (folder / "dataset.json").write_text(json.dumps(dataset))
     (folder / "imagesTr" / "._la_001.nii.gz").write_bytes(b"macOS resource fork")
+    (folder / "imagesTr" / "notes.txt").write_text("not an image")
     with bundle_on_path(MSD_DIR):
-        split = btcv_workflow(
+        workflow = btcv_workflow(
             ["train.json"], "train", MSD_DIR, task="Task02_Heart", dataset_dir=str(folder), num_folds=2
-        ).parser.get_parsed_content("train#split")
+        )
+        bundle_logger = logging.getLogger("swin_unetr_msd")  # the config's logging set-up happened above
+        bundle_logger.disabled = False
+        bundle_logger.addHandler(caplog.handler)
+        caplog.set_level(logging.INFO, logger="swin_unetr_msd")
+        try:
+            split = workflow.parser.get_parsed_content("train#split")
+        finally:
+            bundle_logger.removeHandler(caplog.handler)
     cases = split["training"] + split["validation"]
     assert sorted(c["image"] for c in cases) == [str(folder / "imagesTr" / f"la_{n:03d}.nii.gz") for n in range(1, 5)]
     assert all(c["label"] == c["image"].replace("imagesTr", "labelsTr") for c in cases)
+    assert f"{folder / 'imagesTr'}: skipping notes.txt (not an image file" in caplog.text
+    assert "ignoring macOS resource file" in caplog.text
 
 
 def _replace(path, data, affine=None):

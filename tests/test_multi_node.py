@@ -6,17 +6,23 @@ saves its weights before (``+setup``) and after (``+training``) training. The ra
 data (DistributedSampler; for pre-training also differently seeded proxy tasks), so equal weights
 on both ranks after the step, different from the initial ones, mean the gradients were averaged
 across the two launchers; rank 0 alone writes the bundle's checkpoints, which hold those weights.
+
+The BTCV run is then resumed on two launchers with ``resume_from latest`` (the model card's command),
+with a stale checkpoint of an abandoned run put beside its own: each rank saves what it resumed from,
+its trainer iteration and its weights after training (a layered config, as above).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import BTCV_DIR, REPO, SMALL, SSL_DIR, SSL_SMALL
@@ -41,10 +47,20 @@ def _rank_weights_config(path: Path) -> str:
     return str(path)
 
 
-def _two_nodes(bundle_dir: Path, overrides: dict, tmp_path: Path) -> list[str]:
+def _rank_state_config(path: Path) -> str:
+    """A config layered last: after training, each rank saves its resume path, trainer iteration and weights."""
+    save = (
+        "$torch.save({'resume_path': @resume_path, 'iteration': @train#trainer.state.iteration, "
+        "'model': @network.module.state_dict()}, @bundle_root + '/resumed_rank' + str(dist.get_rank()) + '.pt')"
+    )
+    path.write_text(json.dumps({"+training": [save]}, indent=4) + "\n")
+    return str(path)
+
+
+def _two_nodes(bundle_dir: Path, overrides: dict, tmp_path: Path, rank_config=_rank_weights_config) -> list[str]:
     """Start two torchrun launchers of ``training`` on one c10d endpoint; wait; return their outputs."""
     configs = [str(bundle_dir / "configs" / c) for c in ("train.json", "multi_gpu_train.json")]
-    configs.append(_rank_weights_config(tmp_path / "rank_weights.json"))
+    configs.append(rank_config(tmp_path / "rank_config.json"))
     launcher = [
         sys.executable,
         "-m",
@@ -123,16 +139,61 @@ def test_two_nodes_pretrain_together(ssl_corpus, tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
-def test_two_nodes_fine_tune_together(phantom_dir, tmp_path):
+@pytest.fixture(scope="module")
+def btcv_two_nodes(phantom_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """One epoch of BTCV fine-tuning on two launchers (one iteration per rank); its bundle_root and outputs."""
+    root = tmp_path_factory.mktemp("btcv_two_nodes")
     overrides = {
         **SMALL,
         "max_epochs": 1,
         "val_interval": 1,
         "dataset_dir": str(phantom_dir),
         "datalist": str(phantom_dir / "datalist.json"),
+        "bundle_root": str(root),
+    }
+    return root, _two_nodes(BTCV_DIR, overrides, root)
+
+
+def test_two_nodes_fine_tune_together(btcv_two_nodes):
+    root, outputs = btcv_two_nodes
+    assert all("2 processes" in output for output in outputs)
+    _assert_synchronised(root, root / "models" / "checkpoint_last.pt")
+    assert (root / "models" / "model.pt").is_file()
+
+
+def test_resume_latest_under_ddp_continues_on_both_ranks_from_the_same_checkpoint(
+    btcv_two_nodes, phantom_dir, tmp_path
+):
+    """Both ranks resume from the run's last checkpoint, not from a stale one of an abandoned run beside it.
+
+    The stale file has more iterations (50 epochs) but was saved by another run, earlier: a rank that took
+    it would stop on its epoch count, more than ``max_epochs``.
+    """
+    shutil.copytree(btcv_two_nodes[0] / "models", tmp_path / "models")
+    last = tmp_path / "models" / "checkpoint_last.pt"
+    first = _load(last)
+    assert first["trainer"]["iteration"] == 1
+    stale = dict(first, trainer={**first["trainer"], "iteration": 50, "epoch": 50})
+    saved = first["run_record"]["saved"] - 3600
+    stale["run_record"] = {"id": "abandoned0000", "started": saved - 3600, "saved": saved}
+    torch.save(stale, tmp_path / "models" / "checkpoint_epoch=50.pt")
+    overrides = {
+        **SMALL,
+        "max_epochs": 2,
+        "val_interval": 100,  # the final validation only
+        "resume_from": "latest",
+        "dataset_dir": str(phantom_dir),
+        "datalist": str(phantom_dir / "datalist.json"),
         "bundle_root": str(tmp_path),
     }
-    outputs = _two_nodes(BTCV_DIR, overrides, tmp_path)
-    assert all("2 processes" in output for output in outputs)
-    _assert_synchronised(tmp_path, tmp_path / "models" / "checkpoint_last.pt")
-    assert (tmp_path / "models" / "model.pt").is_file()
+    outputs = _two_nodes(BTCV_DIR, overrides, tmp_path, _rank_state_config)
+    ranks = [_load(tmp_path / f"resumed_rank{r}.pt") for r in (0, 1)]
+    assert [r["resume_path"] for r in ranks] == [str(last), str(last)]  # the same file on both ranks
+    assert [r["iteration"] for r in ranks] == [2, 2]  # resumed at iteration 1, trained the one left
+    assert all(torch.equal(ranks[0]["model"][k], ranks[1]["model"][k]) for k in ranks[0]["model"])
+    for output in outputs:  # each rank says which file it picked, of which run, and what it left aside
+        assert f"resume latest: {last} (iteration 1, run {first['run_record']['id']}" in output
+        assert "checkpoint_epoch=50.pt (iteration 50, run abandoned0000" in output
+    resumed = _load(last)
+    assert resumed["trainer"]["iteration"] == 2
+    assert resumed["run_record"]["id"] == first["run_record"]["id"]  # the same run, continued

@@ -142,7 +142,10 @@ def test_the_bundle_reports_training_and_validation_problems_in_one_error(corpus
         "validation": [{"image": corpus["good"]}, {"image": corpus["small"]}],
     }
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
-    for on_bad, advice in (("error", "set on_bad_volume 'skip'"), ("skip", None)):
+    for on_bad, advice in (
+        ("error", "set on_bad_volume 'skip' to pre-train on the rest (1 training and 1 validation"),
+        ("skip", None),
+    ):
         with bundle_on_path(SSL_DIR):
             workflow = btcv_workflow(
                 ["train.json"],
@@ -176,3 +179,27 @@ def test_skip_mode_names_each_list_left_with_nothing(corpus, corpus_checks):
     assert corpus["broken"] in text and corpus["missing"] in text
     assert "the validation datalist would be left with no usable volume" in text
     assert "training datalist would" not in text
+
+
+def test_error_mode_advises_skip_only_when_skipping_leaves_something_to_train_on(corpus, corpus_checks):
+    lists = {
+        "training": [{"image": corpus["good"]}, {"image": corpus["mr"]}],
+        "validation": [{"image": corpus["small"]}],  # skip would leave validation empty
+    }
+    texts = {}
+    for on_bad in ("error", "skip"):
+        with pytest.raises(corpus_checks.CorpusError) as err:
+            corpus_checks.check_corpora(lists, roi_size=(32, 64, 64), spacing=(1.5, 1.5, 2.0), on_bad=on_bad)
+        texts[on_bad] = str(err.value)
+    assert "set on_bad_volume 'skip'" not in texts["error"]
+    assert (
+        "on_bad_volume 'skip' would not help: the validation datalist would be left with no usable volume"
+        in (texts["error"])
+    )
+    assert "the validation datalist would be left with no usable volume" in texts["skip"]  # the advice held
+
+    lists["validation"].append({"image": corpus["good"]})
+    with pytest.raises(corpus_checks.CorpusError, match=r"pre-train on the rest \(1 training and 1 validation"):
+        corpus_checks.check_corpora(lists, roi_size=(32, 64, 64), spacing=(1.5, 1.5, 2.0), on_bad="error")
+    kept = corpus_checks.check_corpora(lists, roi_size=(32, 64, 64), spacing=(1.5, 1.5, 2.0), on_bad="skip")
+    assert {name: len(items) for name, items in kept.items()} == {"training": 1, "validation": 1}

@@ -31,6 +31,9 @@ SPACING = (1.5, 1.5, 2.0)
 AFFINE = np.diag([*SPACING, 1.0])  # right-handed, as a DICOM series needs
 
 
+WHY_NOT_A_VOLUME = "neither a volume file (.nii.gz, .nii, .mhd, .nrrd) nor a DICOM file"
+
+
 def small_ct(seed: int = 0) -> np.ndarray:
     """A small phantom CT volume (HU, float32), shape SHAPE."""
     return make_phantom(seed, shape=SHAPE, spacing=SPACING)[0]
@@ -111,13 +114,20 @@ def test_dicom_folder_and_nifti_folder_give_a_datalist_monai_loads(tmp_path, ser
     assert np.allclose(np.asarray(dicom), np.rint(small_ct(0)))
 
 
-def test_extensionless_dicom_files_are_found_by_magic_and_other_files_ignored(tmp_path, series_dir):
+def test_extensionless_dicom_files_are_found_by_magic_and_other_files_named_in_the_log(tmp_path, series_dir, caplog):
     folder = copy_series(series_dir, tmp_path / "set" / "S1")
     for f in sorted(folder.glob("*.dcm")):
         f.rename(f.with_suffix(""))  # slice0000
     (tmp_path / "set" / "LICENSE").write_text("not dicom\n" * 20)
     (folder / "annotation.xml").write_text("<xml/>")
-    assert find_volumes(tmp_path / "set") == [str(folder)]
+    (folder / ".DS_Store").write_bytes(b"hidden")  # hidden files are not reported
+    with caplog.at_level("WARNING", logger="tools.ssl_datalist"):
+        assert find_volumes(tmp_path / "set") == [str(folder)]
+    why = WHY_NOT_A_VOLUME
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        f"{tmp_path / 'set'}: skipping LICENSE ({why})",
+        f"{tmp_path / 'set'}: skipping S1/annotation.xml ({why})",
+    ]
 
 
 def test_two_datasets_with_the_same_file_names_give_distinct_entries(tmp_path):
@@ -262,7 +272,7 @@ def test_nbia_layout_keeps_ct_series_and_warns_about_the_others(tmp_path, series
     assert len(find_volumes(tmp_path / "manifest-1", "lidc-idri", modalities="any")) == 3
 
 
-def test_luna16_preset_finds_subset_mhd_files_only(tmp_path):
+def test_luna16_preset_finds_subset_mhd_files_only(tmp_path, caplog):
     import itk
     from monai.transforms import LoadImage
 
@@ -286,11 +296,14 @@ def test_luna16_preset_finds_subset_mhd_files_only(tmp_path):
     found = find_volumes(root, "luna16")
     assert found == sorted(wanted)
     assert all(os.path.isfile(p[:-4] + ".raw") or os.path.isfile(p[:-4] + ".zraw") for p in found)
-    assert len(find_volumes(root)) == 4  # without the preset the lung masks come too
+    with caplog.at_level("WARNING", logger="tools.ssl_datalist"):
+        assert len(find_volumes(root)) == 4  # without the preset the lung masks come too
+    # the voxel files of the .mhd headers are read through them; the CSV is named
+    assert [r.getMessage() for r in caplog.records] == [f"{root}: skipping annotations.csv ({WHY_NOT_A_VOLUME})"]
     assert tuple(LoadImage(image_only=True)(found[0]).shape) == SHAPE
 
 
-def test_covid19_preset_skips_label_files(tmp_path):
+def test_covid19_preset_skips_label_files_and_says_so(tmp_path, caplog):
     root = tmp_path / "covid"
     names = [
         "volume-covid19-A-0003.nii.gz",
@@ -301,7 +314,11 @@ def test_covid19_preset_skips_label_files(tmp_path):
     ]
     for n in names:
         touch(root / "data" / n)
-    found = [os.path.basename(p) for p in find_volumes(root, "tcia_covid19")]
+    with caplog.at_level("WARNING", logger="tools.ssl_datalist"):
+        found = [os.path.basename(p) for p in find_volumes(root, "tcia_covid19")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root}: skipping data/volume-covid19-A-0011_seg.nii.gz (excluded by preset tcia_covid19: *_seg.nii.gz)"
+    ]
     assert found == [
         "volume-covid19-A-0003.nii.gz",
         "volume-covid19-A-0011_ct.nii.gz",

@@ -42,7 +42,8 @@ def _optimizer_step(state_dict) -> int:
 def test_pretraining_writes_full_state_checkpoints_and_logs_every_term(ssl_trained):
     models = ssl_trained["root"] / "models"
     last = _load(ssl_trained["last"])
-    assert set(last) == {"model", "optimizer", "lr_scheduler", "scaler", "trainer", "network_record"}
+    assert set(last) == {"model", "optimizer", "lr_scheduler", "scaler", "trainer", "network_record", "run_record"}
+    assert set(last["run_record"]) == {"id", "started", "saved"}  # which run saved it, and when (resume latest)
     assert last["trainer"]["iteration"] == 2 and _optimizer_step(last["optimizer"]) == 2
     assert last["lr_scheduler"]["last_epoch"] == 2
     assert last["network_record"]["patch_merging"] == "current" and last["network_record"]["feature_size"] == 12

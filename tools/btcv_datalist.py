@@ -29,7 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.common.bundles import common_module
+
 logger = logging.getLogger(__name__)
+skipped_files = common_module("skipped_files")
 
 TRAINING_IDS = tuple(range(1, 11)) + tuple(range(21, 35))
 """Case ids of the standard 24-case training set."""
@@ -40,6 +43,7 @@ TESTING_IDS = tuple(range(61, 81))
 
 _IMG_RE = re.compile(r"^img(\d{4})\.nii\.gz$")
 _LABEL_RE = re.compile(r"^label(\d{4})\.nii\.gz$")
+_NAME_FORMS = {_IMG_RE: "img0001.nii.gz", _LABEL_RE: "label0001.nii.gz"}
 
 
 def image_relpath(case_id: int, subset: str = "Training") -> str:
@@ -75,9 +79,19 @@ def find_rawdata(data_dir: str | Path) -> Path:
 
 
 def _ids_in(folder: Path, pattern: re.Pattern) -> set[int]:
+    """Case ids of the files named by ``pattern`` in ``folder``; every other entry is named in a warning."""
     if not folder.is_dir():
         return set()
-    return {int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))}
+    ids, skipped = set(), []
+    for path in sorted(folder.iterdir()):
+        match = pattern.match(path.name)
+        if match and path.is_file():
+            ids.add(int(match.group(1)))
+        else:
+            skipped.append((path.name, f"not named like {_NAME_FORMS[pattern]}"))
+    for line in skipped_files.skipped_lines(str(folder), skipped):
+        logger.warning(line)
+    return ids
 
 
 def _rel(path: Path, data_dir: Path) -> str:

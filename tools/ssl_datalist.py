@@ -17,7 +17,10 @@ directory (plus an optional layout preset); its volumes are discovered under the
 Every problem of every data set (both lists, all files) is collected and raised together in one
 ``CorpusError``, so one run shows everything to fix.
 
-Hidden files and folders (names starting with ``.``) and ``DICOMDIR`` files are ignored.
+Hidden files and folders (names starting with ``.``) are ignored. Every other file the search
+meets but does not use (``notes.txt``, ``preview.png``, a ``DICOMDIR``, a label excluded by a
+preset) is named in a warning, one line per file or one line with a count when there are many;
+the ``.raw`` voxel file of an ``.mhd`` header is read through the header.
 Everything is sorted, so the same tree gives the same datalist.
 
 Layout presets for the five public CT sets of the Swin UNETR pre-training (Tang et al., CVPR 2022:
@@ -64,33 +67,23 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import importlib.util
 import json
 import logging
 import math
 import os
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tools.common.bundles import common_module
+
 logger = logging.getLogger(__name__)
 
 
-def _load_common_module(name: str):
-    """A module of ``bundles/common/scripts`` that imports nothing from its package, loaded from its file."""
-    path = Path(__file__).resolve().parents[1] / "bundles" / "common" / "scripts" / f"{name}.py"
-    module_name = f"bundles_common_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        sys.modules[module_name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
-        spec.loader.exec_module(sys.modules[module_name])
-    return sys.modules[module_name]
-
-
-dicom_series = _load_common_module("dicom_series")
+dicom_series = common_module("dicom_series")
+skipped_files = common_module("skipped_files")
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".nrrd")
 """File name endings (case-insensitive) of single-file volumes."""
@@ -204,6 +197,29 @@ def _normalize_modalities(modalities) -> tuple[str, ...] | None:
     return values
 
 
+def _plain_files(folder: str) -> list[str]:
+    """Paths of the files directly in ``folder`` (hidden ones aside)."""
+    try:
+        return [e.path for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")]
+    except OSError as exc:
+        raise CorpusError(f"cannot list folder {folder}: {exc}") from exc
+
+
+def _log_skipped(
+    base: str, kinds: tuple[str, ...], looked_at: set[str], used: set[str], excluded: list[tuple[str, str]]
+) -> None:
+    """A warning naming each file under ``base`` that the search met but does not use (``skipped_files``)."""
+    volume = f"a volume file ({', '.join(VOLUME_EXTENSIONS)})"
+    what = {("files",): f"not {volume}", ("dicom",): "not a DICOM file"}.get(
+        kinds, f"neither {volume} nor a DICOM file"
+    )
+    voxel_files = skipped_files.mhd_data_files(looked_at)  # read through their .mhd header
+    not_read = looked_at - used - voxel_files - {rel for rel, _ in excluded}
+    skipped = excluded + [(rel, what) for rel in sorted(not_read)]
+    for line in skipped_files.skipped_lines(base, skipped):
+        logger.warning(line)
+
+
 def find_volumes(
     base_dir: str | os.PathLike,
     preset: str | Preset | None = None,
@@ -231,11 +247,18 @@ def find_volumes(
     dir_patterns = preset.patterns if preset is not None else ("**",)
     exclude = preset.exclude if preset is not None else ()
     found: set[str] = set()
+    looked_at: set[str] = set()  # every file the search met; those neither found nor DICOM are logged
+    dicom: set[str] = set()
+    excluded: list[tuple[str, str]] = []
     if "files" in kinds:
         for pattern in file_patterns:
             for rel in _glob_rel(base, pattern, want_dirs=False):
+                looked_at.add(rel)
                 name = os.path.basename(rel)
-                if _is_volume_file(name) and not any(fnmatch.fnmatch(name, x) for x in exclude):
+                rule = next((x for x in exclude if fnmatch.fnmatch(name, x)), None)
+                if rule:
+                    excluded.append((rel, f"excluded by preset {preset.name}: {rule}"))
+                elif _is_volume_file(name):
                     found.add(rel)
     if "dicom" in kinds:
         folders = set()
@@ -245,8 +268,12 @@ def find_volumes(
             if any(fnmatch.fnmatch(os.path.basename(rel), x) for x in exclude):
                 continue
             folder = os.path.join(base, rel) if rel else base
-            if dicom_files(folder) and _keep_series(folder, keep, problems):
+            looked_at |= {os.path.relpath(f, base) for f in _plain_files(folder)}
+            files = dicom_files(folder)
+            dicom |= {os.path.relpath(f, base) for f in files}
+            if files and _keep_series(folder, keep, problems):
                 found.add(rel)
+    _log_skipped(base, kinds, looked_at, found | dicom, excluded)
     if own_problems and problems:
         raise CorpusError(f"{len(problems)} problem(s) in data set base dir {base}:\n- " + "\n- ".join(problems))
     if not found and len(problems) > problems_before:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -27,6 +28,17 @@ _OUTPUT_DIRS = frozenset(
 _OUTPUT_SUFFIXES = (".pyc", ".pyo", ".tmp")
 # written into configs/ by the MSD bundle's task_metadata.json run in place
 _GENERATED_CONFIGS = re.compile(r"metadata_.+\.json")
+
+
+def common_module(name: str) -> Any:
+    """A module of ``bundles/common/scripts`` that imports nothing from its package (``dicom_series``,
+    ``skipped_files``), loaded from its file, so the tools check inputs with the bundles' own code."""
+    module_name = f"bundles_common_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, BUNDLES_DIR / "common" / "scripts" / f"{name}.py")
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
 
 
 def forget_scripts_modules() -> None:

@@ -9,6 +9,7 @@ from monai.data import load_decathlon_datalist
 
 from .bundle_logger import logger
 from .dicom_series import dicom_files
+from .skipped_files import mhd_data_files, skipped_lines
 
 __all__ = ["inference_items", "IMAGE_SUFFIXES", "read_json", "load_datalist"]
 
@@ -56,7 +57,8 @@ def inference_items(datalist: str, dataset_dir: str, key: str = "testing") -> li
 
     With a ``datalist`` JSON, its ``key`` list (items ``{"image": path}`` or plain paths, relative
     to ``dataset_dir`` or absolute). Without one, every image file (``IMAGE_SUFFIXES``) and every
-    DICOM series folder directly in ``dataset_dir``, sorted by name.
+    DICOM series folder directly in ``dataset_dir``, sorted by name; every other entry but hidden
+    ones and the ``.raw`` files of ``.mhd`` headers is named in a warning (``skipped_files``).
     """
     if datalist:
         content = read_json(datalist)
@@ -66,13 +68,22 @@ def inference_items(datalist: str, dataset_dir: str, key: str = "testing") -> li
         return [{**e, "image": _resolve(str(e["image"]), dataset_dir)} for e in entries]
     if not os.path.isdir(dataset_dir):
         raise FileNotFoundError(f"dataset_dir is not a folder: {dataset_dir}")
-    items = []
-    for name in sorted(os.listdir(dataset_dir)):
+    items, skipped = [], []
+    names = sorted(n for n in os.listdir(dataset_dir) if not n.startswith("."))
+    voxel_files = mhd_data_files(names)
+    for name in names:
         path = os.path.join(dataset_dir, name)
-        if os.path.isfile(path) and name.lower().endswith(IMAGE_SUFFIXES):
+        if os.path.isdir(path):
+            if _is_dicom_series_dir(path):
+                items.append({"image": path})
+            else:
+                skipped.append((name, "a folder without DICOM files"))
+        elif name.lower().endswith(IMAGE_SUFFIXES):
             items.append({"image": path})
-        elif os.path.isdir(path) and _is_dicom_series_dir(path):
-            items.append({"image": path})
+        elif name not in voxel_files:
+            skipped.append((name, f"not an image file ({', '.join(IMAGE_SUFFIXES)})"))
+    for line in skipped_lines(dataset_dir, skipped):
+        logger.warning(line)
     if not items:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or DICOM series folders in {dataset_dir}")
     logger.info(f"found {len(items)} image(s) in {dataset_dir}")

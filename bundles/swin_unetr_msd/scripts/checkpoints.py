@@ -8,7 +8,9 @@ import os
 import re
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import ignite.distributed as idist
@@ -29,6 +31,7 @@ __all__ = [
     "resume_path",
     "checked_full_state",
     "LATEST",
+    "RunRecord",
 ]
 
 LATEST = "latest"
@@ -37,6 +40,7 @@ TMP_PREFIX = ".tmp_"
 # and checkpoint_last.pt (written on a clean end or a Python exception, never after a kill).
 CHECKPOINT_GLOB = "checkpoint*.pt"
 FULL_STATE_KEYS = ("model", "optimizer", "trainer")
+RUN_RECORD_KEY = "run_record"  # the RunRecord of the run that saved a full-state checkpoint
 _STARTED = time.time()  # temporaries older than this process are left over from a killed run
 
 
@@ -213,13 +217,58 @@ def _periodic_files(save_dir: str, checkpoint: Checkpoint) -> list[tuple[int, st
     return found
 
 
-def _trainer_iteration(path: str) -> int:
-    """The trainer iteration stored in a full-state checkpoint; raises if ``path`` is not one."""
+class RunRecord:
+    """Which training run wrote a full-state checkpoint, and when: saved in each one under ``run_record``.
+
+    A fresh run gets a new id; a run resumed from a checkpoint keeps that checkpoint's id (the same
+    run, continued). Each save stamps its time, so ``latest_checkpoint`` picks the file saved last
+    and names the run of every file it leaves aside.
+    """
+
+    def __init__(self, resume_from: str = "") -> None:
+        earlier = _load_full_state(resume_from).get(RUN_RECORD_KEY) if resume_from else None
+        self.id = str(earlier["id"]) if earlier else uuid.uuid4().hex[:12]
+        self.started = float(earlier["started"]) if earlier else time.time()
+
+    def state_dict(self) -> dict:
+        """The record as saved: run id, start time and this save's time (seconds since the epoch)."""
+        return {"id": self.id, "started": self.started, "saved": time.time()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue the run ``state`` records."""
+        self.id, self.started = str(state["id"]), float(state["started"])
+
+
+def _load_full_state(path: str) -> dict:
+    """A full-state checkpoint (memory-mapped); raises if ``path`` is not one."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     missing = [k for k in FULL_STATE_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing or not isinstance(checkpoint["trainer"], Mapping) or "iteration" not in checkpoint["trainer"]:
         raise ValueError(f"not a full training checkpoint (missing {missing or ['trainer iteration']})")
-    return int(checkpoint["trainer"]["iteration"])
+    return checkpoint
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A full-state checkpoint in the folder ``latest`` looks in."""
+
+    path: str
+    iteration: int
+    run: Mapping | None  # the RunRecord state; None for files saved before runs were recorded
+
+    def rank(self) -> tuple:
+        """Recorded files by save time, after every unrecorded one (they are older); those by iteration."""
+        return (1, float(self.run["saved"]), self.iteration) if self.run else (0, 0.0, self.iteration)
+
+    def describe(self) -> str:
+        """``iteration 40, run 1a2b3c4d5e6f, saved 2026-12-07 10:01:02``."""
+        if not self.run:
+            return f"iteration {self.iteration}, saved before runs were recorded"
+        return f"iteration {self.iteration}, run {self.run['id']}, saved {_when(self.run['saved'])}"
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(seconds)))
 
 
 def checked_full_state(path: str) -> str:
@@ -241,16 +290,22 @@ def checked_full_state(path: str) -> str:
 
 
 def latest_checkpoint(ckpt_dir: str) -> str:
-    """The complete full-state checkpoint in ``ckpt_dir`` (``checkpoint*.pt``) with the most trainer iterations.
+    """The full-state checkpoint in ``ckpt_dir`` (``checkpoint*.pt``) that was saved last.
 
-    Temporary files of an interrupted save are never candidates; a file that does not load, or
-    holds no trainer state, is skipped with a warning. Raises FileNotFoundError when none is
-    left: resuming must never silently start afresh.
+    The save time is the one ``RunRecord`` stamps into each checkpoint, so a stale file of an
+    abandoned run (its ``checkpoint_last.pt``, or periodic files with more iterations) never wins
+    over the run saved since; the log names the file picked, its run, and every file left aside.
+    Files saved before runs were recorded come after recorded ones; among them, the most trainer
+    iterations wins. Temporary files of an interrupted save are never candidates; a file that does
+    not load, or holds no trainer state, is skipped with a warning. Raises FileNotFoundError when
+    none is left: resuming must never silently start afresh.
     """
     candidates = []
     for path in sorted(glob.glob(os.path.join(ckpt_dir, CHECKPOINT_GLOB))):
         try:
-            candidates.append((_trainer_iteration(path), os.path.getmtime(path), path))
+            checkpoint = _load_full_state(path)
+            record = checkpoint.get(RUN_RECORD_KEY)
+            candidates.append(_Candidate(path, int(checkpoint["trainer"]["iteration"]), record or None))
         except Exception as err:  # noqa: BLE001 (a file that does not load is not a checkpoint to resume from)
             logger.warning("resume: skipping %s: %s", path, err)
     if not candidates:
@@ -258,14 +313,27 @@ def latest_checkpoint(ckpt_dir: str) -> str:
             f"resume is set but {ckpt_dir} holds no training checkpoint (checkpoint_*.pt) "
             "that loads with model, optimizer and trainer state."
         )
-    iteration, _, latest = max(candidates)
-    logger.info("resuming from %s (iteration %d)", latest, iteration)
-    return latest
+    latest = max(candidates, key=_Candidate.rank)
+    why = "the checkpoint saved last" if latest.run else "the most iterations (no checkpoint records its run)"
+    logger.info("resume latest: %s (%s): %s in %s", latest.path, latest.describe(), why, ckpt_dir)
+    aside = [c for c in candidates if c is not latest and (c.iteration > latest.iteration or _other_run(c, latest))]
+    if aside:
+        logger.warning(
+            "resume latest: leaving aside %d checkpoint(s) of another run or saved earlier: %s; "
+            "to continue one of them, resume from its path instead of latest",
+            len(aside),
+            "; ".join(f"{os.path.basename(c.path)} ({c.describe()})" for c in aside),
+        )
+    return latest.path
+
+
+def _other_run(a: _Candidate, b: _Candidate) -> bool:
+    return (a.run or {}).get("id") != (b.run or {}).get("id")
 
 
 def resume_path(resume: Any, ckpt_dir: str) -> str:
     """The checkpoint a run continues from: ``''`` for a fresh start, a path as given, or for ``latest``
-    (or ``True``) the newest complete full-state checkpoint in ``ckpt_dir`` (``latest_checkpoint``)."""
+    (or ``True``) the complete full-state checkpoint in ``ckpt_dir`` saved last (``latest_checkpoint``)."""
     text = str(resume).strip().lower() if isinstance(resume, (str, bool)) or resume is None else None
     if text in ("", "false", "none"):
         return ""

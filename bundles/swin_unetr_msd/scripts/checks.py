@@ -1,8 +1,9 @@
 # Generated from bundles/common/scripts/checks.py by tools/sync_bundle_code.py: edit that file, then run it.
 """Up-front checks of input files, so bad data stops a run before any compute is spent.
 
-Every problem found is reported with the file it concerns; all problems of a datalist are
-collected and raised together in one ``InputDataError``. A DICOM series folder is checked slice by
+Every problem found is reported with the file it concerns; all problems of a datalist (of a
+training run's training and validation lists, ``check_datalists``) are collected and raised
+together in one ``InputDataError``. A DICOM series folder is checked slice by
 slice first (``dicom_series.inspect_series``: every file readable and complete, one series, even
 slice spacing); its non-image objects (RTSTRUCT, SEG, SR ...) are logged and left aside.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,10 @@ from monai.transforms import LoadImage
 
 from .bundle_logger import logger
 from .dicom_series import inspect_series
+from .skipped_files import skipped_lines
 from .transforms import DicomSeriesReader
 
-__all__ = ["InputDataError", "check_datalist", "check_images"]
+__all__ = ["InputDataError", "check_datalist", "check_datalists", "check_images"]
 
 
 AFFINE_TOLERANCE = 1e-3  # mm; image and label must share their voxel-to-world mapping
@@ -62,6 +64,8 @@ def _dicom_folder_ok(path: str, problems: list[str]) -> bool:
     report = inspect_series(path)
     if report.ignored:
         logger.info(f"{path}: leaving aside {report.ignored_text()} beside the image series")
+    for line in skipped_lines(path, [(name, "not a DICOM file") for name in report.other_files]):
+        logger.warning(line)
     if report.problems:
         problems.extend(report.problems)
         return False
@@ -124,6 +128,61 @@ def _check_label(path: str, image: Any, image_path: str, num_classes: int, probl
         )
 
 
+def _datalist_problems(
+    items: Sequence[dict], num_classes: int, in_channels: int, image_key: str, label_key: str
+) -> list[str]:
+    """Every problem of one datalist's files, each naming its file."""
+    problems: list[str] = []
+    for n, item in enumerate(items, 1):
+        if image_key not in item:
+            problems.append(f"datalist item {n} has no '{image_key}' entry: {item}")
+            continue
+        image = _check_image(str(item[image_key]), in_channels, problems)
+        if label_key in item:
+            _check_label(str(item[label_key]), image, str(item[image_key]), num_classes, problems)
+    return problems
+
+
+def check_datalists(
+    lists: Mapping[str, Sequence[dict]],
+    num_classes: int,
+    in_channels: int = 1,
+    image_key: str = "image",
+    label_key: str = "label",
+    enabled: bool = True,
+) -> dict[str, list[dict]]:
+    """Check several datalists (e.g. ``{"training": ..., "validation": ...}``) in one step; return them unchanged.
+
+    Training configs call this before any dataset is built, so a bad validation case stops the run
+    before the training set is cached or trained on, in the same error as the training list's
+    problems. Each list is checked as ``check_datalist`` checks one.
+    """
+    lists = {name: list(items) for name, items in lists.items()}
+    if not enabled:
+        sizes = ", ".join(f"{len(items)} {name}" for name, items in lists.items())
+        logger.warning(f"input checks are disabled: {sizes} items are used unchecked")
+        return lists
+    found = {
+        name: ([f"the {name} list is empty: no images to process"] if not items else [])
+        + _datalist_problems(items, num_classes, in_channels, image_key, label_key)
+        for name, items in lists.items()
+    }
+    total = sum(len(problems) for problems in found.values())
+    if total:
+        raise InputDataError(
+            f"{total} problem(s) in the input data:"
+            + "".join(
+                f"\n{name} list ({len(problems)}):\n- " + "\n- ".join(problems)
+                for name, problems in found.items()
+                if problems
+            )
+        )
+    logger.info(
+        "input checks passed for " + ", ".join(f"{len(items)} {name}" for name, items in lists.items()) + " item(s)"
+    )
+    return lists
+
+
 def check_datalist(
     items: Sequence[dict],
     num_classes: int,
@@ -144,14 +203,7 @@ def check_datalist(
         return items
     if not items:
         raise InputDataError("the datalist is empty: no images to process")
-    problems: list[str] = []
-    for n, item in enumerate(items, 1):
-        if image_key not in item:
-            problems.append(f"datalist item {n} has no '{image_key}' entry: {item}")
-            continue
-        image = _check_image(str(item[image_key]), in_channels, problems)
-        if label_key in item:
-            _check_label(str(item[label_key]), image, str(item[image_key]), num_classes, problems)
+    problems = _datalist_problems(items, num_classes, in_channels, image_key, label_key)
     if problems:
         raise InputDataError(f"{len(problems)} problem(s) in the input data:\n- " + "\n- ".join(problems))
     logger.info(f"input checks passed for {len(items)} item(s)")

@@ -68,6 +68,7 @@ class SeriesReport:
     num_slices: int = 0
     spacing: float | None = None
     ignored: list[str] = field(default_factory=list)
+    other_files: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     non_image_only: bool = False
 
@@ -242,12 +243,16 @@ def inspect_series(folder: str) -> SeriesReport:
     Problems: no DICOM (image) file; a file that cannot be read, or whose pixel data is missing or
     cut short; several image series in the folder (listed); slices in different orientations; two
     slices at one position; a gap between neighbouring slices that differs from the median spacing
-    by more than ``SPACING_TOLERANCE`` (a missing slice). Non-image objects are listed in ``ignored``.
+    by more than ``SPACING_TOLERANCE`` (a missing slice). Non-image objects are listed in ``ignored``,
+    the names of other files that are not DICOM (hidden ones aside) in ``other_files``.
     """
     folder = os.fspath(folder)
     report = SeriesReport(folder)
     try:
         files = dicom_files(folder)
+        report.other_files = sorted(
+            e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".") and e.path not in files
+        )
     except OSError as e:
         report.problems.append(f"{folder}: cannot list the folder ({e})")
         return report

@@ -12,6 +12,7 @@ import os
 from .bundle_logger import logger
 from .datalists import IMAGE_SUFFIXES, _resolve, inference_items
 from .folds import fold_indices, fold_split
+from .skipped_files import skipped_lines
 from .tasks import read_task_json
 
 __all__ = ["training_cases", "fold_indices", "fold_datalist", "split", "test_items"]
@@ -20,7 +21,11 @@ __all__ = ["training_cases", "fold_indices", "fold_datalist", "split", "test_ite
 def _paired_files(dataset_dir: str, dataset_json: str) -> list[dict]:
     """``imagesTr/<name>`` with ``labelsTr/<name>``, for a ``dataset.json`` without a training list."""
     images_dir = os.path.join(dataset_dir, "imagesTr")
-    names = sorted(n for n in os.listdir(images_dir) if n.endswith(IMAGE_SUFFIXES)) if os.path.isdir(images_dir) else []
+    entries = sorted(os.listdir(images_dir)) if os.path.isdir(images_dir) else []
+    names = [n for n in entries if n.endswith(IMAGE_SUFFIXES)]
+    others = [(n, f"not an image file ({', '.join(IMAGE_SUFFIXES)})") for n in entries if n not in names]
+    for line in skipped_lines(images_dir, others):
+        logger.warning(line)
     if not names:
         raise ValueError(f"{dataset_json}: no 'training' list, and no images in {images_dir}")
     logger.info(f"{dataset_json} has no 'training' list: pairing {len(names)} image(s) of imagesTr with labelsTr")
@@ -80,5 +85,8 @@ def test_items(dataset_json: str, dataset_dir: str | None = None) -> list[dict]:
     entries = read_task_json(dataset_json, "dataset.json").get("test")
     if entries:
         items = [{"image": _resolve(e["image"] if isinstance(e, dict) else e, dataset_dir)} for e in entries]
+        for item in items:
+            if os.path.basename(item["image"]).startswith("._"):
+                logger.warning(f"{dataset_json}: ignoring macOS resource file {item['image']}")
         return [i for i in items if not os.path.basename(i["image"]).startswith("._")]
     return inference_items("", os.path.join(dataset_dir, "imagesTs"))

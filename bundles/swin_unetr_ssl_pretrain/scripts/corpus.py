@@ -81,12 +81,15 @@ def _check_items(
     return good, problems
 
 
-def _advice(on_bad: str, fatal: Sequence[str]) -> str:
-    """What the user can do about the problems, for the ``on_bad`` mode already set."""
-    if on_bad == "error":
-        return "set on_bad_volume 'skip' to train on the rest"
-    names = " and the ".join(_list_name(name) for name in fatal)
-    return f"on_bad_volume is already 'skip', but the {names} would be left with no usable volume: fix or replace them"
+def _advice(on_bad: str, checked: Mapping[str, tuple[list, list]]) -> str:
+    """What the user can do about the problems: skip only when skipping leaves every list something to use."""
+    emptied = [name for name, (good, problems) in checked.items() if problems and not good]
+    if emptied:
+        names = " and the ".join(_list_name(name) for name in emptied)
+        mode = "on_bad_volume is already 'skip', but" if on_bad == "skip" else "on_bad_volume 'skip' would not help:"
+        return f"{mode} the {names} would be left with no usable volume: fix or replace them"
+    left = " and ".join(f"{len(good)} {name or 'usable'}" for name, (good, _) in checked.items())
+    return f"set on_bad_volume 'skip' to pre-train on the rest ({left} volume(s)), or fix or replace them"
 
 
 def _list_name(name: str) -> str:
@@ -120,7 +123,7 @@ def check_corpora(
     checked = {name: _check_items(items, roi_size, spacing, image_key) for name, items in lists.items()}
     fatal = [name for name, (good, problems) in checked.items() if problems and (on_bad == "error" or not good)]
     if fatal:
-        raise CorpusError(_report(lists, checked, _advice(on_bad, fatal)))
+        raise CorpusError(_report(lists, checked, _advice(on_bad, checked)))
     for name, (good, problems) in checked.items():
         for problem in problems:
             logger.warning("skipping volume: %s", problem)
