@@ -8,7 +8,9 @@ and the multi-GPU config extending, not replacing, the single-process ``setup``.
 
 from __future__ import annotations
 
+import io
 import json
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -381,6 +383,8 @@ def test_bundle_scripts_import_one_way_and_at_module_level(bundle):
 # ---- The model zoo's CI (ci/verify_bundle.py min and full mode, pre-commit rules), checked our way ----
 
 ZOO_HASH_TYPES = {"md5", "sha1", "sha256", "sha512"}
+# tokens that are not code for check-docstring-first (pre-commit-hooks v4.6.0)
+NON_CODE_TOKENS = frozenset({tokenize.COMMENT, tokenize.ENDMARKER, tokenize.NEWLINE, tokenize.NL, tokenize.ENCODING})
 
 
 def _zoo_directory_problems(bundle_dir: Path) -> list[str]:
@@ -502,9 +506,32 @@ def _released_files() -> list[Path]:
     ]
 
 
+def _docstring_first_problem(text: str) -> str | None:
+    """pre-commit-hooks' ``check-docstring-first`` rule: a string token at column 0 counts as a docstring; only
+    one may exist, and before any code (so no attribute docstring under a module-level constant)."""
+    docstring_line = code_line = None
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.STRING and token.start[1] == 0:
+            if docstring_line is not None:
+                return f"line {token.start[0]}: multiple module docstrings (first on line {docstring_line})"
+            if code_line is not None:
+                return f"line {token.start[0]}: module docstring after code (line {code_line})"
+            docstring_line = token.start[0]
+        elif token.type not in NON_CODE_TOKENS and code_line is None:
+            code_line = token.start[0]
+    return None
+
+
+def test_docstring_first_rule_catches_a_second_string_at_column_0():
+    assert _docstring_first_problem('"""Module."""\n\nX = 1\n"""About X."""\n').startswith("line 4: multiple")
+    assert _docstring_first_problem('import os\n"""Late."""\n').startswith("line 2: module docstring after code")
+    assert _docstring_first_problem('"""Module."""\n\nX = 1  # about X\n\n\ndef f():\n    """Doc."""\n') is None
+
+
 def test_bundle_files_follow_the_zoo_pre_commit_rules():
     """JSON with 4-space indent; every text file ends in exactly one newline, no trailing whitespace; no file
-    over 1024 KB; a Python file starts with its docstring."""
+    over 1024 KB; a Python file starts with its docstring and has no other string at column 0 (the zoo's
+    check-docstring-first)."""
     import ast
 
     problems = []
@@ -524,6 +551,9 @@ def test_bundle_files_follow_the_zoo_pre_commit_rules():
             first = ast.parse(text).body[0]
             if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)):
                 problems.append(f"{path}: does not start with a docstring")
+            problem = _docstring_first_problem(text)
+            if problem:
+                problems.append(f"{path}: {problem}")
     assert problems == []
 
 
