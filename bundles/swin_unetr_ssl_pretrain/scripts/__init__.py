@@ -11,6 +11,7 @@ import os
 
 from . import (
     checkpoints,
+    checks,
     corpus,
     datalists,
     dicom_series,
@@ -21,6 +22,7 @@ from . import (
     known_checkpoints,
     losses,
     model,
+    outputs,
     patch_merging,
     precision,
     proxy_tasks,
