@@ -48,8 +48,5 @@ def keep_largest_component(
 ) -> KeepLargestConnectedComponentd:
     """MONAI's ``KeepLargestConnectedComponentd`` on a single-channel label map, each listed organ on its own."""
     return KeepLargestConnectedComponentd(
-        keys=keys,
-        applied_labels=check_lcc_labels(lcc_labels, num_classes),
-        is_onehot=False,
-        independent=True,
+        keys=keys, applied_labels=check_lcc_labels(lcc_labels, num_classes), is_onehot=False, independent=True
     )
