@@ -8,7 +8,9 @@ and the multi-GPU config extending, not replacing, the single-process ``setup``.
 
 from __future__ import annotations
 
+import io
 import json
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ from tests.conftest import (
 from tools.make_msd_tasks import write_msd_task
 
 BUNDLES = {"btcv": BTCV_DIR, "msd": MSD_DIR, "ssl": SSL_DIR}
-WITH_INFERENCE = ["btcv", "msd"]  # the pre-training bundle has no inference config: nothing to infer
+SEGMENTATION = ["btcv", "msd"]  # segment, evaluate and serve MONAI Label/Deploy; the pre-training bundle reconstructs
 MSD_TASK = "Task09_Spleen"
 
 # Knobs a user overrides, named by each bundle's model card (beyond the literal-valued top-level keys).
@@ -224,8 +226,8 @@ def test_run_ids_are_present(bundle):
     # `import scripts` fail from another folder; the setup steps run first in "training" instead
     assert "initialize" not in train and "initialize" not in multi
     assert train["training"][0] == multi["training"][0] == "@setup"
-    if bundle in WITH_INFERENCE:
-        assert {"run", "inferring"} <= set(_config(bundle, "inference.json"))
+    assert {"run", "inferring"} <= set(_config(bundle, "inference.json"))
+    if bundle in SEGMENTATION:
         assert {"run", "evaluating"} <= set(_config(bundle, "evaluate.json"))
 
 
@@ -251,7 +253,7 @@ def test_multi_gpu_setup_keeps_every_single_process_step(bundle):
     assert merged["network"]["module"] == "@network_module"
 
 
-@pytest.mark.parametrize("bundle", WITH_INFERENCE)
+@pytest.mark.parametrize("bundle", SEGMENTATION)
 def test_evaluation_inserts_the_original_label_copy_by_group_name(bundle, phantom_dir, msd_task_root, tmp_path):
     """evaluate.json's preprocessing is train.json's deterministic transforms plus one copy after loading."""
     overrides = (
@@ -278,7 +280,7 @@ def _checkpoint(path: Path, in_channels: int, out_channels: int) -> str:
 
 
 def _settings(bundle: str, phantom_dir: Path, msd_task_root: Path, ssl_corpus: Path, tmp_path: Path) -> tuple:
-    """(train overrides, inference overrides or None) for a small, fast workflow of ``bundle``."""
+    """(train overrides, inference overrides) for a small, fast workflow of ``bundle``."""
     if bundle == "btcv":
         data = {"dataset_dir": str(phantom_dir), "datalist": str(phantom_dir / "datalist.json")}
         infer = {
@@ -297,7 +299,13 @@ def _settings(bundle: str, phantom_dir: Path, msd_task_root: Path, ssl_corpus: P
             **MSD_INFER_SMALL,
         }
         return {**data, "num_folds": 3, **MSD_SMALL}, infer
-    return {"dataset_dir": str(ssl_corpus), **SSL_SMALL}, None
+    infer = {
+        "dataset_dir": str(ssl_corpus),
+        "datalist": str(ssl_corpus / "datalist.json"),
+        "ckpt_path": str(_bundle_weights(bundle, tmp_path / "model.pt")),
+        **{k: SSL_SMALL[k] for k in ("feature_size", "roi_size", "num_workers")},
+    }
+    return {"dataset_dir": str(ssl_corpus), **SSL_SMALL}, infer
 
 
 @pytest.mark.parametrize("bundle", list(BUNDLES))
@@ -308,11 +316,8 @@ def test_train_and_infer_workflows_pass_check_properties(bundle, phantom_dir, ms
         assert train.check_properties() in (None, [])
         for run_id in ("run", "training"):
             assert run_id in train.parser
-        if infer_settings is not None:
-            infer = btcv_workflow(
-                ["inference.json"], "infer", BUNDLES[bundle], bundle_root=str(tmp_path), **infer_settings
-            )
-            assert infer.check_properties() in (None, [])
+        infer = btcv_workflow(["inference.json"], "infer", BUNDLES[bundle], bundle_root=str(tmp_path), **infer_settings)
+        assert infer.check_properties() in (None, [])
 
 
 @pytest.mark.parametrize("bundle", list(BUNDLES))
@@ -381,6 +386,8 @@ def test_bundle_scripts_import_one_way_and_at_module_level(bundle):
 # ---- The model zoo's CI (ci/verify_bundle.py min and full mode, pre-commit rules), checked our way ----
 
 ZOO_HASH_TYPES = {"md5", "sha1", "sha256", "sha512"}
+# tokens that are not code for check-docstring-first (pre-commit-hooks v4.6.0)
+NON_CODE_TOKENS = frozenset({tokenize.COMMENT, tokenize.ENDMARKER, tokenize.NEWLINE, tokenize.NL, tokenize.ENCODING})
 
 
 def _zoo_directory_problems(bundle_dir: Path) -> list[str]:
@@ -405,6 +412,63 @@ def _zoo_directory_problems(bundle_dir: Path) -> list[str]:
     if not (bundle_dir / "models" / "model.pt").is_file() and "models/model.pt" not in hosted:
         problems.append("no models/model.pt and no large_files.yml naming it")
     return problems
+
+
+# The zoo's key rules (CONTRIBUTING.md "Preferred Files and Keys"; ci/verify_bundle.py verify_bundle_keys until
+# it moved to per-app property checks): top-level keys, and {section: [keys]} with {section#part#arg: key it needs}.
+ZOO_TOP_KEYS = {
+    # output_dir: "if there are any output files"; every inference and training config here writes some
+    "inference.json": ["bundle_root", "device", "network_def", "inferer", "output_dir"],
+    "train.json": ["bundle_root", "device", "dataset_dir", "output_dir"],
+}
+ZOO_SECTION_KEYS = {"train": ["trainer", "dataset", "handlers"], "validate": ["evaluator", "dataset", "handlers"]}
+ZOO_PART_KEYS = {"train": ["trainer#max_epochs", "dataset#data"], "validate": ["dataset#data"]}
+ZOO_ARG_KEYS = {  # an engine or dataset argument given means the section names it with this key
+    "train": {"trainer#postprocessing": "postprocessing", "dataset#transform": "preprocessing"}
+    | {"trainer#key_train_metric": "key_metric"},
+    "validate": {"evaluator#postprocessing": "postprocessing", "dataset#transform": "preprocessing"}
+    | {"evaluator#inferer": "inferer", "evaluator#key_val_metric": "key_metric"},
+}
+
+
+def _zoo_key_problems(configs_dir: Path) -> list[str]:
+    """What the zoo's key rules refuse in a bundle's inference.json and train.json (names as written, not parsed)."""
+    problems = []
+    for name, keys in ZOO_TOP_KEYS.items():
+        config = json.loads((configs_dir / name).read_text())
+        problems += [f"{name}: missing key {key!r}" for key in keys if key not in config]
+        if name != "train.json":
+            continue
+        for section in (s for s in ZOO_SECTION_KEYS if s in config):
+            missing = [k for k in ZOO_SECTION_KEYS[section] if k not in config[section]]
+            problems += [f"{name}: missing {section}#{k}" for k in missing]
+            for part in ZOO_PART_KEYS[section]:
+                head, key = part.split("#")
+                if key not in config[section].get(head, {}):
+                    problems.append(f"{name}: missing {section}#{part}")
+            for arg, key in ZOO_ARG_KEYS[section].items():
+                head, argument = arg.split("#")
+                if argument in config[section].get(head, {}) and key not in config[section]:
+                    problems.append(f"{name}: {section}#{arg} given but no {section}#{key}")
+        for handler in config.get("train", {}).get("handlers", []):
+            if handler.get("_target_") == "ValidationHandler" and handler.get("interval") != "@val_interval":
+                problems.append(f"{name}: ValidationHandler interval is {handler.get('interval')!r}, not @val_interval")
+    return problems
+
+
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_configs_have_the_keys_the_zoo_requires(bundle):
+    assert _zoo_key_problems(BUNDLES[bundle] / "configs") == []
+
+
+def test_zoo_key_rules_catch_a_missing_inferer_and_output_dir(tmp_path):
+    for name in ZOO_TOP_KEYS:
+        config = _config("ssl", name)
+        if name == "inference.json":
+            config = {k: v for k, v in config.items() if k not in ("inferer", "output_dir")}
+        (tmp_path / name).write_text(json.dumps(config))
+    expected = ["inference.json: missing key 'inferer'", "inference.json: missing key 'output_dir'"]
+    assert _zoo_key_problems(tmp_path) == expected
 
 
 def _bundle_weights(bundle: str, path: Path) -> Path:
@@ -503,9 +567,32 @@ def _released_files() -> list[Path]:
     ]
 
 
+def _docstring_first_problem(text: str) -> str | None:
+    """pre-commit-hooks' ``check-docstring-first`` rule: a string token at column 0 counts as a docstring; only
+    one may exist, and before any code (so no attribute docstring under a module-level constant)."""
+    docstring_line = code_line = None
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.STRING and token.start[1] == 0:
+            if docstring_line is not None:
+                return f"line {token.start[0]}: multiple module docstrings (first on line {docstring_line})"
+            if code_line is not None:
+                return f"line {token.start[0]}: module docstring after code (line {code_line})"
+            docstring_line = token.start[0]
+        elif token.type not in NON_CODE_TOKENS and code_line is None:
+            code_line = token.start[0]
+    return None
+
+
+def test_docstring_first_rule_catches_a_second_string_at_column_0():
+    assert _docstring_first_problem('"""Module."""\n\nX = 1\n"""About X."""\n').startswith("line 4: multiple")
+    assert _docstring_first_problem('import os\n"""Late."""\n').startswith("line 2: module docstring after code")
+    assert _docstring_first_problem('"""Module."""\n\nX = 1  # about X\n\n\ndef f():\n    """Doc."""\n') is None
+
+
 def test_bundle_files_follow_the_zoo_pre_commit_rules():
     """JSON with 4-space indent; every text file ends in exactly one newline, no trailing whitespace; no file
-    over 1024 KB; a Python file starts with its docstring."""
+    over 1024 KB; a Python file starts with its docstring and has no other string at column 0 (the zoo's
+    check-docstring-first)."""
     import ast
 
     problems = []
@@ -525,6 +612,9 @@ def test_bundle_files_follow_the_zoo_pre_commit_rules():
             first = ast.parse(text).body[0]
             if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)):
                 problems.append(f"{path}: does not start with a docstring")
+            problem = _docstring_first_problem(text)
+            if problem:
+                problems.append(f"{path}: {problem}")
     assert problems == []
 
 
@@ -547,7 +637,7 @@ def test_required_packages_are_what_the_bundle_imports_pinned_for_python_3_10(bu
     meta = json.loads((BUNDLES[bundle] / "configs" / "metadata.json").read_text())
     required = meta["required_packages_version"]
     needed = {"pytorch-ignite", "nibabel", "itk", "einops", "pydicom", "tensorboard", "fire"}
-    if bundle in WITH_INFERENCE:
+    if bundle in SEGMENTATION:
         needed.add("scipy")  # Hausdorff distance and surface Dice (monai's distance transform)
     if bundle == "btcv":
         needed.add("scikit-image")  # lcc_labels: monai's KeepLargestConnectedComponentd labels components with it
@@ -558,7 +648,7 @@ def test_required_packages_are_what_the_bundle_imports_pinned_for_python_3_10(bu
     assert "scikit-image" not in required or _version(required["scikit-image"]) < (0, 26)  # 0.26 needs 3.11
 
 
-@pytest.mark.parametrize("bundle", WITH_INFERENCE)
+@pytest.mark.parametrize("bundle", SEGMENTATION)
 def test_supported_apps_pass_the_property_check_of_each_app(bundle, phantom_dir, msd_task_root, tmp_path):
     """The zoo checks an inference workflow's properties per app in ``supported_apps``; here each app's own needs.
 

@@ -374,10 +374,7 @@ def test_broken_sdists_give_clear_errors(tmp_path):
         fetch_sample_ct(tmp_path / "a", sdist=no_seg)
     mismatch = _fake_sdist(
         tmp_path / "b.tar.gz",
-        {
-            fsc.IMAGE_MEMBER: _nifti_gz((4, 4, 4), np.int16),
-            fsc.SEG_MEMBER: _nifti_gz((4, 4, 5), np.uint8),
-        },
+        {fsc.IMAGE_MEMBER: _nifti_gz((4, 4, 4), np.int16), fsc.SEG_MEMBER: _nifti_gz((4, 4, 5), np.uint8)},
     )
     with pytest.raises(ValueError, match="shape mismatch"):
         fetch_sample_ct(tmp_path / "b", sdist=mismatch)

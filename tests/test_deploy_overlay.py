@@ -15,10 +15,7 @@ from tools.common.bundles import BTCV_DIR, use_bundle_scripts
 
 CONFIGS = BTCV_DIR / "configs"
 # inference.json class -> the MONAI class the overlay uses instead (each is a subclass of the other's base)
-REPLACED = {
-    "scripts.transforms.DicomLoadImaged": "LoadImaged",
-    "scripts.transforms.PathTolerantSpacingd": "Spacingd",
-}
+REPLACED = {"scripts.transforms.DicomLoadImaged": "LoadImaged", "scripts.transforms.PathTolerantSpacingd": "Spacingd"}
 # Deploy removes LoadImage*/SaveImage* after instantiating them, and a SaveImaged would resolve output_dir, i.e.
 # bundle_root (scripts.BUNDLE_ROOT), which an archive does not have: the overlay ends with the label map.
 DROPPED = {"SaveImaged", "scripts.outputs.RecordOutputd"}

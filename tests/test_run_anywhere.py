@@ -266,6 +266,7 @@ def test_files_written_before_the_layers_recorded_their_order_still_load_in_thei
         (MSD_DIR, ["inference.json"]),
         (SSL_DIR, ["train.json"]),
         (SSL_DIR, ["export.json"]),
+        (SSL_DIR, ["inference.json"]),
     ],
 )
 def test_every_default_path_is_under_the_bundle_folder(bundle, configs, elsewhere):

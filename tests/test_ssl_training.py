@@ -1,4 +1,5 @@
-"""Pre-training as a user runs it: train, resume, pick the best checkpoint, export, fine-tune from the export."""
+"""Pre-training as a user runs it: train, resume, pick the best checkpoint, export, fine-tune from the export,
+reconstruct volumes."""
 
 from __future__ import annotations
 
@@ -9,14 +10,26 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
 from monai.networks.nets import SwinUNETR
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import BTCV_DIR, SMALL, SSL_DIR, SSL_SMALL, btcv_workflow, bundle_on_path, error_text, run_workflow
+from tests.conftest import (
+    BTCV_DIR,
+    PHANTOM_SPACING,
+    SMALL,
+    SSL_DIR,
+    SSL_SMALL,
+    btcv_workflow,
+    bundle_on_path,
+    error_text,
+    run_workflow,
+)
 
 TERMS = ("loss", "inpaint_loss", "contrast_loss", "rotation_loss")
 
@@ -303,3 +316,52 @@ def test_thirty_steps_on_one_fixed_batch_halve_the_total_loss(ssl_corpus, tmp_pa
         trainer.run()
     assert len(losses) == 30
     assert sum(losses[-3:]) / 3 <= 0.5 * losses[0], losses
+
+
+def test_inference_writes_each_volume_s_reconstruction_in_hu_in_its_own_geometry(tmp_path):
+    """inference.json as a user runs it on a datalist's validation list: one NIfTI per volume with the input's
+    shape and affine, holding the checkpoint's sliding-window reconstruction of the windowed volume, in HU."""
+    import nibabel as nib
+    from monai.bundle import ConfigParser
+    from monai.inferers import sliding_window_inference
+
+    from tools.make_phantoms import write_phantom_dataset
+
+    data = tmp_path / "data"
+    ((image, _),) = write_phantom_dataset(data, num_cases=1, seed=3, shape=(30, 60, 60), spacing=PHANTOM_SPACING)
+    (data / "datalist.json").write_text(json.dumps({"validation": [str(Path(image).relative_to(data))]}))
+    ckpt = tmp_path / "model.pt"
+    with bundle_on_path(SSL_DIR):  # a checkpoint as training writes it: {"model": state dict with its order record}
+        parser = ConfigParser()
+        parser.read_config(str(SSL_DIR / "configs" / "inference.json"))
+        parser.update({"feature_size": 12, "patch_merging": "current", "ckpt_path": ""})
+        torch.manual_seed(0)
+        network = parser.get_parsed_content("network_def").eval()
+    torch.save({"model": network.state_dict()}, ckpt)
+    settings = {
+        "bundle_root": str(tmp_path / "bundle"),
+        "dataset_dir": str(data),
+        "datalist": str(data / "datalist.json"),
+        "ckpt_path": str(ckpt),
+        "sw_batch_size": 1,
+        **{k: SSL_SMALL[k] for k in ("feature_size", "roi_size", "num_workers")},
+    }
+    run_workflow(["inference.json"], "infer", SSL_DIR, **settings)
+
+    out_path = tmp_path / "bundle" / "eval" / (Path(image).name.removesuffix(".nii.gz") + "_recon.nii.gz")
+    manifest = json.loads((out_path.parent / "manifest.json").read_text())
+    assert manifest == [{"input": str(image), "output": str(out_path)}]
+    source, written = nib.load(str(image)), nib.load(str(out_path))
+    assert written.shape == source.shape and written.get_data_dtype() == np.float32
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-4)
+    # the same computation by hand, in nibabel's closest-canonical (RAS) layout: window, infer, back to HU
+    windowed = np.clip((nib.as_closest_canonical(source).get_fdata() + 1000.0) / 2000.0, 0.0, 1.0)
+    with torch.no_grad():
+        inputs = torch.as_tensor(windowed, dtype=torch.float32)[None, None]
+        recon = sliding_window_inference(inputs, SSL_SMALL["roi_size"], 1, network, overlap=0.5)
+    expected = recon[0, 0].numpy() * 2000.0 - 1000.0
+    np.testing.assert_allclose(nib.as_closest_canonical(written).get_fdata(), expected, atol=0.5)
+
+    with pytest.raises(Exception) as info:  # the output exists: refused before any compute
+        run_workflow(["inference.json"], "infer", SSL_DIR, **settings)
+    assert str(out_path) in error_text(info.value) and "overwrite" in error_text(info.value)

@@ -565,9 +565,11 @@ def run_benchmark(
             "phantom_spacing": list(PHANTOM_SPACING),
             "model_zoo_constants": {k: list(v) if isinstance(v, tuple) else v for k, v in MODEL_ZOO_TRAIN.items()},
             "timing": "wall time per iteration (data, step, postprocessing, metrics, handlers), medians over repeats",
-            "memory_measure": "torch.cuda.max_memory_allocated"
-            if dev.type == "cuda"
-            else "process peak RSS (getrusage ru_maxrss of a fresh process; includes the cached volumes)",
+            "memory_measure": (
+                "torch.cuda.max_memory_allocated"
+                if dev.type == "cuda"
+                else "process peak RSS (getrusage ru_maxrss of a fresh process; includes the cached volumes)"
+            ),
         },
         "summary": summary,
         "comparison": comparison(summary),

@@ -121,11 +121,7 @@ def _write_zip(target: Path, name: str, members: list[tuple[Path | None, str, st
 
 
 def package_bundle(
-    bundle_dir: str,
-    out_dir: str = "dist",
-    weights: str = "",
-    weights_url: str = "",
-    overwrite: bool = False,
+    bundle_dir: str, out_dir: str = "dist", weights: str = "", weights_url: str = "", overwrite: bool = False
 ) -> Path:
     """Write ``<out_dir>/<name>_v<version>.zip`` from the bundle folder ``bundle_dir``; return its path.
 

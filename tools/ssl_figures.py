@@ -51,13 +51,7 @@ TITLES = {
 }
 SHORT_NAMES = {"loss": "total", "inpaint_loss": "inpaint", "contrast_loss": "contrast", "rotation_loss": "rotation"}
 
-__all__ = [
-    "read_scalars",
-    "plot_loss_curves",
-    "loss_drops",
-    "format_loss_drops",
-    "plot_inpainting_example",
-]
+__all__ = ["read_scalars", "plot_loss_curves", "loss_drops", "format_loss_drops", "plot_inpainting_example"]
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:

@@ -16,11 +16,7 @@ from typing import Any
 from tools.common.bundles import REPO_ROOT
 
 # Console noise from bundle subprocesses that carries no information for a user (kept in the log file).
-BUNDLE_NOISE = (
-    "nvImageCodec is not available",
-    "NvImgCodecPydicomReader",
-    "Orientationd.__init__:labels",
-)
+BUNDLE_NOISE = ("nvImageCodec is not available", "NvImgCodecPydicomReader", "Orientationd.__init__:labels")
 
 
 class CommandError(RuntimeError):

@@ -277,7 +277,7 @@ def checked_full_state(path: str) -> str:
     from them (no optimizer, scheduler or trainer state), but it can start from their weights.
     """
     try:
-        _trainer_iteration(path)
+        _load_full_state(path)
     except ValueError as err:
         raise ValueError(
             f"{path}: cannot resume from this file: it holds no optimizer and trainer state ({err}); resume "

@@ -36,6 +36,7 @@ __all__ = [
     "inspect_series",
 ]
 
+# Storage SOP classes that are not image slices of a series, with a short name (all SR classes too)
 NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
     "1.2.840.10008.5.1.4.1.1.481.2": "RTDOSE",
@@ -46,12 +47,11 @@ NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.11.1": "PR",
     "1.2.840.10008.5.1.4.1.1.104.1": "DOC",
 }
-"""Storage SOP classes that are not image slices of a series, with a short name (all SR classes too)."""
 SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+# Modalities of non-image objects, used for files without a SOPClassUID
 NON_IMAGE_MODALITIES = frozenset({"RTSTRUCT", "RTDOSE", "RTPLAN", "RTRECORD", "SEG", "REG", "SR", "PR", "KO", "DOC"})
-"""Modalities of non-image objects, used for files without a SOPClassUID."""
+# A slice gap may differ from the series' median gap by this fraction (at least 0.01 mm)
 SPACING_TOLERANCE = 0.1
-"""A slice gap may differ from the series' median gap by this fraction (at least 0.01 mm)."""
 _DICM_OFFSET = 128
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -203,7 +203,7 @@ def _spacing_problems(report: SeriesReport, slices: list[tuple[str, object]]) ->
     report.spacing = float(np.median(gaps))
     tolerance = max(0.01, SPACING_TOLERANCE * report.spacing)
     problems = []
-    for (z0, a), (z1, b), gap in zip(ordered, ordered[1:], gaps):
+    for (z0, a), (_, b), gap in zip(ordered, ordered[1:], gaps):
         if gap < 0.01:
             problems.append(f"{folder}: slice files {a} and {b} lie at the same position ({z0:.2f} mm): a duplicate")
         elif abs(gap - report.spacing) > tolerance:

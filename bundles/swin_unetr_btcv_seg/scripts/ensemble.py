@@ -37,12 +37,7 @@ from .encoder_weights import NetworkRecord
 from .patch_merging import merging_order_of, set_merging_order
 from .weights_format import AUTO, ORDER_DESCRIPTIONS, _few, _is_extra_state, read_checkpoint
 
-__all__ = [
-    "checkpoint_paths",
-    "load_checkpoint",
-    "SoftmaxEnsemble",
-    "build_inference_network",
-]
+__all__ = ["checkpoint_paths", "load_checkpoint", "SoftmaxEnsemble", "build_inference_network"]
 
 
 def checkpoint_paths(ckpt_path: str | Sequence[str], folds_dir: str) -> list[str]:

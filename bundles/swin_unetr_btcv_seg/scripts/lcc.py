@@ -35,7 +35,7 @@ def check_lcc_labels(lcc_labels: Sequence[int] | None, num_classes: int) -> list
             f"lcc_labels: {bad} not organ ids; each must be an integer in 1..{num_classes - 1} "
             f"(0 is the background), got {list(lcc_labels)}"
         )
-    if len(set(int(v) for v in lcc_labels)) != len(lcc_labels):
+    if len({int(v) for v in lcc_labels}) != len(lcc_labels):
         raise ValueError(f"lcc_labels lists an organ id more than once: {list(lcc_labels)}")
     labels = sorted(int(v) for v in lcc_labels)
     if labels:
@@ -48,8 +48,5 @@ def keep_largest_component(
 ) -> KeepLargestConnectedComponentd:
     """MONAI's ``KeepLargestConnectedComponentd`` on a single-channel label map, each listed organ on its own."""
     return KeepLargestConnectedComponentd(
-        keys=keys,
-        applied_labels=check_lcc_labels(lcc_labels, num_classes),
-        is_onehot=False,
-        independent=True,
+        keys=keys, applied_labels=check_lcc_labels(lcc_labels, num_classes), is_onehot=False, independent=True
     )

@@ -61,27 +61,9 @@ __all__ = [
 
 # (depth, height, width) start offsets of the 8 strided slices, in concatenation order, as
 # monai <= 1.4 wrote them. Entries 2/5 and 3/6 repeat: that is what the weights were trained with.
-_LEGACY_OFFSETS = (
-    (0, 0, 0),
-    (1, 0, 0),
-    (0, 1, 0),
-    (0, 0, 1),
-    (1, 0, 1),
-    (0, 1, 0),
-    (0, 0, 1),
-    (1, 1, 1),
-)
+_LEGACY_OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
 # the same for monai >= 1.5 PatchMerging ("merging")
-_CURRENT_OFFSETS = (
-    (0, 0, 0),
-    (1, 0, 0),
-    (0, 1, 0),
-    (0, 0, 1),
-    (1, 1, 0),
-    (1, 0, 1),
-    (0, 1, 1),
-    (1, 1, 1),
-)
+_CURRENT_OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
 _OFFSETS = {LEGACY: _LEGACY_OFFSETS, CURRENT: _CURRENT_OFFSETS}
 
 

@@ -10,6 +10,8 @@ from monai.metrics import SurfaceDiceMetric
 
 __all__ = ["NormalisedSurfaceDistance"]
 
+PRED_AND_LABEL = from_engine(["pred", "label"])  # the handler's default output transform: (pred, label) batches
+
 
 class NormalisedSurfaceDistance(IgniteMetricHandler):
     """NSD per foreground label at ``tolerance_mm`` (one value per label), in millimetres.
@@ -22,7 +24,7 @@ class NormalisedSurfaceDistance(IgniteMetricHandler):
         self,
         tolerance_mm: Sequence[float],
         include_background: bool = False,
-        output_transform: Callable = from_engine(["pred", "label"]),
+        output_transform: Callable = PRED_AND_LABEL,
         save_details: bool = True,
     ) -> None:
         metric = SurfaceDiceMetric(

@@ -55,10 +55,7 @@ LEGACY = "legacy"
 CURRENT = "current"
 AUTO = "auto"
 MERGING_ORDERS = (LEGACY, CURRENT)
-ORDER_DESCRIPTIONS = {
-    LEGACY: "legacy = monai<=1.4 order",
-    CURRENT: "current = monai>=1.5 'merging' order",
-}
+ORDER_DESCRIPTIONS = {LEGACY: "legacy = monai<=1.4 order", CURRENT: "current = monai>=1.5 'merging' order"}
 
 # Weights file formats (described in encoder_weights) and the checkpoint key of a network record
 SSL_FORMAT = "swin_ssl_encoder"

@@ -12,6 +12,7 @@ import os
 from . import (
     bf16_conv_guard,
     checkpoints,
+    checks,
     corpus,
     datalists,
     dicom_series,
@@ -22,6 +23,7 @@ from . import (
     known_checkpoints,
     losses,
     model,
+    outputs,
     patch_merging,
     precision,
     proxy_tasks,

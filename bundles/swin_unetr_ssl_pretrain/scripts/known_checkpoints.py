@@ -37,7 +37,7 @@ KNOWN_CHECKPOINTS: dict[str, dict[str, str]] = {
         "what": "MONAI model zoo swin_unetr_btcv_segmentation models/model.pt (raw state dict)",
         "source": "Project-MONAI/model-zoo models/swin_unetr_btcv_segmentation/large_files.yml",
         "patch_merging": "legacy",
-    },
+    }
 }
 
 # md5 of files already hashed in this process: (real path, size, mtime_ns) -> md5
