@@ -15,10 +15,10 @@ from collections.abc import Iterable
 
 __all__ = ["LISTED", "MHD_DATA_SUFFIXES", "mhd_data_files", "skipped_lines"]
 
+# entries named one by one per reason; beyond this, one line with the count
 LISTED = 5
-"""Entries named one by one per reason; beyond this, one line with the count."""
+# voxel files of a MetaImage header (scan.mhd + scan.raw): read through the header, not skipped
 MHD_DATA_SUFFIXES = (".raw", ".zraw")
-"""Voxel files of a MetaImage header (``scan.mhd`` + ``scan.raw``): read through the header, not skipped."""
 
 
 def mhd_data_files(paths: Iterable[str]) -> set[str]:
