@@ -1,9 +1,10 @@
 """The bundles under each tested MONAI: a user who brings monai 1.4, 1.5 or 1.6 pre-trains, fine-tunes and infers.
 
-Run with the python of each version's venv (``.ci/run`` does, beside the contract tests)::
+Run with the python of each version's venv, beside the contract tests (``.ci/run`` does)::
 
-    py=$(bash tools/monai_env.sh 1.4)    # or 1.5; monai 1.6.1 is the project's .venv
-    $py -m pytest -m compat tests/compat tests/test_bundle_contract.py
+    py=$(bash tools/monai_env.sh 1.4)    # or 1.5
+    $py -m pytest -m "not slow" tests/compat tests/test_bundle_contract.py
+    .venv/bin/python -m pytest -m compat tests/compat    # monai 1.6.1, the project's .venv
 
 Each bundle runs one training iteration at test size, as ``monai.bundle run`` would: pre-training and its
 encoder export, BTCV and MSD fine-tuning from that encoder, then their inference on the trained weights.
