@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import monai
 import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import create_workflow
+from monai.networks.nets import SwinUNETR
 
 from tools.common.bundles import BTCV_DIR, MSD_DIR, SSL_DIR, bundle_on_path, forget_scripts_modules  # noqa: F401
 from tools.common.bundles import REPO_ROOT as REPO
@@ -70,6 +72,13 @@ def recorded(state: dict, order: str = "current", version: int = 2) -> dict:
     layers = {k.rsplit(".", 2)[0] for k in state if k.endswith(".downsample.reduction.weight")}
     record = order_record(order) if version == 2 else {"patch_merging": order, "format_version": 1}
     return {**state, **{f"{layer}._extra_state": record for layer in layers}}
+
+
+def monai_swin_unetr(**kwargs) -> SwinUNETR:
+    """MONAI's own ``SwinUNETR(**kwargs)`` as a user of the installed monai builds it (1.4 requires ``img_size``)."""
+    if tuple(int(x) for x in monai.__version__.split(".")[:2]) < (1, 5):
+        kwargs.setdefault("img_size", 64)
+    return SwinUNETR(**kwargs)
 
 
 def btcv_workflow(configs: list[str], workflow_type: str, bundle_dir: Path = BTCV_DIR, **overrides):

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
-from monai.networks.nets import SwinUNETR
 
 from tests.conftest import (
     BTCV_DIR,
@@ -29,6 +28,7 @@ from tests.conftest import (
     SSL_SMALL,
     btcv_workflow,
     bundle_on_path,
+    monai_swin_unetr,
 )
 from tools.make_msd_tasks import write_msd_task
 
@@ -275,7 +275,8 @@ def test_evaluation_inserts_the_original_label_copy_by_group_name(bundle, phanto
 
 def _checkpoint(path: Path, in_channels: int, out_channels: int) -> str:
     """A MONAI SwinUNETR of today (current patch-merging order, no record: configs set ``patch_merging``)."""
-    torch.save({"model": SwinUNETR(in_channels, out_channels, feature_size=12).state_dict()}, path)
+    network = monai_swin_unetr(in_channels=in_channels, out_channels=out_channels, feature_size=12)
+    torch.save({"model": network.state_dict()}, path)
     return str(path)
 
 

@@ -13,6 +13,10 @@ and the encoder silently computes a different function. Two orders are handled h
   (Tang et al. 2022). Implemented by :class:`LegacyPatchMerging`.
 * ``"current"`` - monai >= 1.5 ``PatchMerging`` (``downsample="merging"``).
 
+The bundles never build MONAI's own ``PatchMerging`` (``resolve_downsample`` gives a class of this
+module, which keeps its order under any monai); a network that has one (built elsewhere) is read as
+the order of the installed monai.
+
 ``"mergingv2"`` (``PatchMergingV2``) is a third order; no weights of this project use it, so it
 is reported as unsupported rather than guessed.
 
@@ -32,6 +36,7 @@ from monai.networks.nets.swin_unetr import BasicLayer, PatchMerging, PatchMergin
 from torch import nn
 
 from .bundle_logger import logger
+from .compat import MONAI_VERSION
 from .weights_format import (
     AUTO,
     CURRENT,
@@ -65,6 +70,8 @@ _LEGACY_OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1,
 # the same for monai >= 1.5 PatchMerging ("merging")
 _CURRENT_OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
 _OFFSETS = {LEGACY: _LEGACY_OFFSETS, CURRENT: _CURRENT_OFFSETS}
+# the order of the installed monai's own PatchMerging
+_MONAI_ORDER = LEGACY if MONAI_VERSION < (1, 5, 0) else CURRENT
 
 
 class RecordedPatchMerging(PatchMergingV2):
@@ -159,7 +166,7 @@ def _order_of_module(module: nn.Module | None) -> str:
         # checked by attribute, not class identity, so a re-imported copy of this module still counts
         return order
     if type(module) is PatchMerging:
-        return CURRENT
+        return _MONAI_ORDER
     if type(module) is PatchMergingV2:
         raise ValueError(
             "the network uses PatchMergingV2 (downsample='mergingv2'): this order is not supported "

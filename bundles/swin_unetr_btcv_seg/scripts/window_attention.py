@@ -131,7 +131,7 @@ class MaskReusingWindowAttention(WindowAttention):
     fused_training: bool = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if torch.is_grad_enabled() or not self.use_flash_attention or torch.jit.is_scripting():
+        if torch.is_grad_enabled() or not getattr(self, "use_flash_attention", False) or torch.jit.is_scripting():
             self._bias_key = self._bias_mask = self._bias = None
             if self._fused_training_applies(x):
                 return self._fused_training_forward(x, mask)

@@ -5,11 +5,18 @@ then run ``python tools/sync_bundle_code.py``; the others belong to this bundle.
 
 ``BUNDLE_ROOT`` is the folder that holds this package: the configs' default ``bundle_root``, so every
 default path (models/, eval/, ...) is under the bundle whatever the working directory.
+
+The first thing it does is ``compat.require_supported_versions()``: a monai or torch this bundle cannot
+run on stops here, with the installed and the supported versions, before any other module needs them.
 """
 
 import os
 
-from . import (
+from . import compat
+
+compat.require_supported_versions()
+
+from . import (  # noqa: E402  (after the version check: an unsupported monai fails with its own message)
     bf16_conv_guard,
     checkpoints,
     checks,
@@ -23,6 +30,7 @@ from . import (
     known_checkpoints,
     metrics,
     msd_data,
+    networks,
     outputs,
     patch_merging,
     precision,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from monai.networks.nets import SwinUNETR
 from torch import nn
+
+from .networks import swin_unetr
 
 __all__ = ["SSLOutputs", "SwinSSLNet", "SwinSSLReconstruction"]
 
@@ -50,7 +51,7 @@ class SwinSSLNet(nn.Module):
         num_rotations: int = 4,
     ) -> None:
         super().__init__()
-        self.swinViT = SwinUNETR(
+        self.swinViT = swin_unetr(
             in_channels=in_channels,
             out_channels=1,
             feature_size=feature_size,
