@@ -32,15 +32,22 @@ __all__ = [
 ]
 
 
+def _cpu_bf16_autocast() -> bool:
+    """Whether CPU autocast to bfloat16 is on."""
+    try:
+        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    except TypeError:  # torch < 2.4 takes no device type here
+        return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
+
+
 def needs_float32(conv: nn.Conv3d, x: torch.Tensor) -> bool:
     """Whether ``conv`` on ``x`` is a call whose bf16 weight gradient oneDNN may get wrong (see the module doc)."""
     return (
         x.dim() == 5
         and x.device.type == "cpu"
         and torch.is_grad_enabled()
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
         and x.shape[2] < conv.kernel_size[0]
+        and _cpu_bf16_autocast()
     )
 
 
