@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,15 @@ def verify_metadata(meta_file: Path, bundle_dir: Path) -> str:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
+
+
+def card_block(card: Path, title: str) -> str:
+    """The first bash block after the heading ``### title`` of model card ``card`` (README.md)."""
+    text = card.read_text()
+    start = text.index(f"### {title}\n")
+    match = re.search(r"```bash\n(.*?)```", text[start:], re.S)
+    assert match, f"no bash block under '{title}' in {card}"
+    return match.group(1)
 
 
 def error_text(exc: BaseException) -> str:

@@ -10,7 +10,6 @@ the test sizes to every ``monai.bundle run``; every other word of each command i
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import shutil
 import subprocess
@@ -21,20 +20,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from tests.conftest import BTCV_DIR, PHANTOM_SHAPE, PHANTOM_SPACING, REPO, SMALL, bundle_on_path
+from tests.conftest import BTCV_DIR, PHANTOM_SHAPE, PHANTOM_SPACING, REPO, SMALL, bundle_on_path, card_block
 
 CARD = BTCV_DIR / "docs" / "README.md"
 TEST_IDS = range(61, 81)
 TEST_IMAGE_SHAPE = (40, 40, 24)  # one 64^3 window each after resampling and padding
-
-
-def card_block(title: str) -> str:
-    """The first bash block after the card's heading ``title``."""
-    text = CARD.read_text()
-    start = text.index(f"### {title}\n")
-    match = re.search(r"```bash\n(.*?)```", text[start:], re.S)
-    assert match, f"no bash block under '{title}' in {CARD}"
-    return match.group(1)
 
 
 def _dataset(root: Path) -> Path:
@@ -64,7 +54,7 @@ def _encoder(path: Path) -> Path:
 
 
 def test_the_model_cards_leaderboard_commands_run_as_written(tmp_path):
-    block = card_block("Reproduce the leaderboard inference")
+    block = card_block(CARD, "Reproduce the leaderboard inference")
     data = _dataset(tmp_path / "btcv")
     bundle = tmp_path / "bundle" / "swin_unetr_btcv_seg"
     shutil.copytree(BTCV_DIR, bundle, ignore=shutil.ignore_patterns("models", "eval", "predictions", "__pycache__"))

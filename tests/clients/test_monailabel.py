@@ -6,12 +6,16 @@ put a copy of the bundle under ``<app>/model/`` (for MSD, the single-task copy t
 API: ``/info/`` (labels from ``channel_def``), ``/infer`` (a label map on the input's grid), ``/train``
 for one epoch, then ``/infer`` again, which must use the weights that training wrote to ``models/model.pt``.
 Small knobs (``SMALL``) are written into the copy's configs, as a user would edit them.
+``test_the_model_cards_monailabel_commands_run_as_written`` takes the BTCV card's "MONAI Label" block
+from the card itself and runs it by bash, with only its folders, weights file and port replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -26,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import PHANTOM_SHAPE, PHANTOM_SPACING, SMALL, run_workflow
+from tests.conftest import PHANTOM_SHAPE, PHANTOM_SPACING, SMALL, card_block, run_workflow
 from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_parser, forget_scripts_modules
 
 pytestmark = pytest.mark.clients
@@ -344,3 +348,121 @@ def test_monailabel_server_lists_msd_labels_infers_trains_and_infers_with_the_tr
     old = _bundle_prediction(bundle, first_weights, tmp_path / "local_before")
     new = _bundle_prediction(bundle, model_pt, tmp_path / "local_after")
     _assert_second_answer_from_trained_weights(before_labels, after_labels, old, new)
+
+
+BTCV_CARD = BTCV_DIR / "docs" / "README.md"
+CARD_PORT = "8000"
+
+
+def _zoo_stand_in(path: Path) -> Path:
+    """A raw SwinUNETR state dict (feature size 12) as the model zoo publishes its file: no order records."""
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(0)
+    torch.save(SwinUNETR(in_channels=1, out_channels=14, feature_size=12).state_dict(), path)
+    return path
+
+
+def _card_studies(studies: Path) -> Path:
+    """The card's datastore with one labelled image (``case0``) and the unlabelled ``case3`` it infers."""
+    from tools.make_phantoms import write_phantom_dataset
+
+    (image0, label0), (image3, _) = write_phantom_dataset(
+        studies.parent / "raw", num_cases=2, seed=11, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING
+    )
+    (studies / "labels" / "final").mkdir(parents=True)
+    shutil.copy(image0, studies / "case0.nii.gz")
+    shutil.copy(label0, studies / "labels" / "final" / "case0.nii.gz")
+    shutil.copy(image3, studies / "case3.nii.gz")
+    return studies
+
+
+def _server_in_background(script: str, log: Path) -> str:
+    """The card's ``start_server`` command (with its continuation lines) run in the background until the script
+    ends, followed by a wait until ``/info/`` answers: the card starts it in one shell and curls from another."""
+    lines = script.splitlines()
+    (first,) = [k for k, line in enumerate(lines) if "monailabel.main start_server" in line]
+    last = first
+    while lines[last].rstrip().endswith("\\"):
+        last += 1
+    command = lines[first : last + 1]
+    port = re.search(r"--port (\d+)", "\n".join(command)).group(1)
+    command[-1] += f" > {shlex.quote(str(log))} 2>&1 &"
+    wait = [
+        "SERVER=$!",
+        "trap 'rc=$?; kill $SERVER 2>/dev/null; wait $SERVER || true; exit $rc' EXIT",
+        f"for _ in $(seq {STARTUP_S // 2}); do",
+        f"    curl -s -o /dev/null http://127.0.0.1:{port}/info/ && break",
+        "    kill -0 $SERVER 2>/dev/null || { echo 'server exited during start-up' >&2; exit 3; }",
+        "    sleep 2",
+        "done",
+    ]
+    return "\n".join(lines[:first] + command + wait + lines[last + 1 :])
+
+
+def test_the_model_cards_monailabel_commands_run_as_written(tmp_path, monailabel_python):
+    """The BTCV card's "MONAI Label" block on a fresh app download: a published checkpoint converted into the
+    copy, /info/, /infer of the unlabelled case3 (a label map on its grid), and /train with a single labelled
+    image, which trains and saves its last weights as model.pt, unvalidated, saying so in the server log."""
+    block = card_block(BTCV_CARD, "MONAI Label")
+    source = tmp_path / "bundles" / BUNDLE  # the bundle with the test's small knobs, as a user would edit them
+    shutil.copytree(
+        BTCV_DIR, source, ignore=shutil.ignore_patterns("models", "eval", "predictions", "runs", "__pycache__")
+    )
+    _write_knobs(source / "configs" / "train.json", TRAIN_KNOBS)
+    _write_knobs(source / "configs" / "inference.json", INFER_KNOBS)
+    stand_in = _zoo_stand_in(tmp_path / "zoo_model_fs12.pt")
+    studies = _card_studies(tmp_path / "studies")
+    apps, answer, port = tmp_path / "apps", tmp_path / "case3_seg.nii.gz", str(_free_port())
+
+    script = block
+    for old, new in [
+        ("APPS=~/monailabel/apps", f"APPS={shlex.quote(str(apps))}"),
+        ("STUDIES=~/monailabel/studies", f"STUDIES={shlex.quote(str(studies))}"),
+        (f"cp -r bundles/{BUNDLE} ", f"cp -r {shlex.quote(str(source))} "),
+        ("/weights/model_swin_unetr_btcv_segmentation_v1.pt", shlex.quote(str(stand_in))),
+        ("-o case3_seg.nii.gz", f"-o {shlex.quote(str(answer))}"),
+        (f"127.0.0.1:{CARD_PORT}", f"127.0.0.1:{port}"),
+        (f"--port {CARD_PORT}", f"--port {port}"),
+    ]:
+        assert old in script, f"the card's MONAI Label commands changed: no '{old}' in\n{block}"
+        script = script.replace(old, new)
+    for placeholder in ("~/", "/weights/", CARD_PORT):
+        assert placeholder not in script, f"the card's commands changed: {placeholder} left in the test's script"
+    log = tmp_path / "server.log"
+    prelude = f'set -euo pipefail\npython() {{ {shlex.quote(sys.executable)} "$@"; }}\n'
+    result = subprocess.run(
+        ["bash", "-c", prelude + _server_in_background(script, log)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    server_log = log.read_text(errors="replace") if log.exists() else "(no server log)"
+    report = f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n--- server log ---\n{server_log[-12000:]}"
+    assert result.returncode == 0, report
+
+    # the bundle folder was used as it is, nothing downloaded
+    assert f"Adding Bundle from Local: {BUNDLE}" in server_log, report
+    bundle = apps / "monaibundle" / "model" / BUNDLE
+    assert (bundle / "configs" / "inference.json").is_file(), sorted(p.name for p in bundle.parent.iterdir())
+
+    # stdout's last line: /info/'s JSON, then /train's answer (curl adds no newline)
+    answers = result.stdout.splitlines()[-1]
+    info, end = json.JSONDecoder().raw_decode(answers)
+    assert len(info["models"][BUNDLE]["labels"]) == 13, info["models"][BUNDLE]
+    assert json.loads(answers[end:]) == {}, report
+
+    image, label_map = nib.load(studies / "case3.nii.gz"), nib.load(answer)
+    assert label_map.shape == image.shape, (label_map.shape, image.shape)
+    np.testing.assert_allclose(label_map.affine, image.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(label_map.dataobj)).astype(int)) <= set(range(14))
+
+    # one labelled image: trained, last weights saved unvalidated, and said so
+    assert "no validation data (1 training image(s), none for validation)" in server_log, report
+    assert "holds this run's last weights, unvalidated" in server_log, report
+    trained = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert set(trained) == {"model", "network_record"}, set(trained)
+    first = torch.load(stand_in, weights_only=True)
+    changed = [k for k, v in first.items() if not torch.equal(v, trained["model"][k])]
+    assert changed, "training left the converted weights unchanged"

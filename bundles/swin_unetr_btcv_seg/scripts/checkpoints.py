@@ -145,6 +145,21 @@ class AtomicCheckpointSaver(CheckpointSaver):
         ours = [h for h in handlers if getattr(h[0], "__self__", None) is self]
         handlers[:] = ours + [h for h in handlers if h not in ours]
 
+    def save_key_metric_file(self) -> str:
+        """Write the key-metric file (e.g. ``model.pt``) now, with the current weights and no score; return its path.
+
+        For a run that has nothing to validate on; the file has the same content as a key-metric save.
+        """
+        checkpoint = getattr(self, "_key_metric_checkpoint", None)
+        saver = getattr(checkpoint, "save_handler", None)
+        if not isinstance(saver, AtomicDiskSaver) or saver.filename is None:
+            raise ValueError("this saver writes no key-metric file with a fixed name (key_metric_filename)")
+        state = checkpoint._setup_checkpoint()  # what ignite's Checkpoint saves: state dicts, DDP unwrapped
+        if len(state) == 1:  # ignite saves a single object's state dict bare
+            (state,) = state.values()
+        saver(state, saver.filename)
+        return os.path.join(str(saver.dirname), saver.filename)
+
     def interval_completed(self, engine: Any) -> None:
         """Save the periodic checkpoint; the first time, adopt the earlier files first."""
         if not self._adopted:
@@ -183,26 +198,46 @@ class FinalValidationHandler(ValidationHandler):
     model of that run) even when it is shorter than ``interval`` epochs, as MONAI Label's runs are
     (50 epochs by default). The final epoch is not validated twice: when the periodic handler (every
     ``interval`` epochs) has just validated it, this one skips.
+
+    A run without validation data (MONAI Label's ``val_split`` leaves none below 3 labelled images)
+    still trains: with ``model_saver`` (the validator's key-metric saver) its last weights become
+    ``model.pt``, unvalidated, and the log says so; without it the run writes no ``model.pt``.
     """
 
-    def __init__(self, interval: int, validator: Any = None) -> None:
+    def __init__(self, interval: int, validator: Any = None, model_saver: AtomicCheckpointSaver | None = None) -> None:
         super().__init__(interval=interval, validator=validator, epoch_level=True)
+        self.model_saver = model_saver
 
     def attach(self, engine: Any) -> None:
         """Run at the trainer's COMPLETED event."""
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Any) -> None:
-        """Validate the final model unless the periodic validation just did."""
+        """Validate the final model unless the periodic validation just did; without validation data, save it."""
         epoch = engine.state.epoch
-        if self.interval > 0 and epoch % self.interval == 0:
-            return
         loader = getattr(self.validator, "data_loader", None)
         if loader is not None and hasattr(loader, "__len__") and len(loader) == 0:
-            logger.warning("final validation skipped: no validation data, so this run writes no model.pt")
+            self._save_unvalidated(engine)
+            return
+        if self.interval > 0 and epoch % self.interval == 0:
             return
         logger.info("final validation after epoch %d (the key-metric saver keeps the best as model.pt)", epoch)
         super().__call__(engine)
+
+    def _save_unvalidated(self, engine: Any) -> None:
+        """Write the run's last weights as the key-metric file (``model.pt``), saying that nothing validated them."""
+        if self.model_saver is None:
+            logger.warning("no validation data: this run writes no model.pt")
+            return
+        path = self.model_saver.save_key_metric_file()
+        dataset = getattr(engine.state.dataloader, "dataset", None)
+        trained_on = f"{len(dataset)} training image(s)" if dataset is not None else "training data"
+        logger.warning(
+            "no validation data (%s, none for validation): %s holds this run's last weights, unvalidated. "
+            "To validate runs, give validation images (MONAI Label: at least 3 labelled images at val_split 0.2).",
+            trained_on,
+            path,
+        )
 
 
 def _periodic_files(save_dir: str, checkpoint: Checkpoint) -> list[tuple[int, str]]:
