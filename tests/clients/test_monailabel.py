@@ -462,7 +462,7 @@ def test_the_model_cards_monailabel_commands_run_as_written(tmp_path, monailabel
     assert "no validation data (1 training image(s), none for validation)" in server_log, report
     assert "holds this run's last weights, unvalidated" in server_log, report
     trained = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    assert set(trained) == {"model", "network_record"}, set(trained)
+    assert "swinViT.patch_embed.proj.weight" in trained, sorted(trained)[:5]  # a plain state dict, as model.pt is
     first = torch.load(stand_in, weights_only=True)
-    changed = [k for k, v in first.items() if not torch.equal(v, trained["model"][k])]
+    changed = [k for k, v in first.items() if not torch.equal(v, trained[k])]
     assert changed, "training left the converted weights unchanged"
