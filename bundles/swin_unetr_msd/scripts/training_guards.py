@@ -35,7 +35,7 @@ def check_finite_step(
     loss: torch.Tensor | float,
     network: nn.Module,
     iteration: int,
-    epoch: int,
+    epoch: int | None,
     forward: str,
     check_gradients: bool = True,
 ) -> None:
@@ -54,7 +54,8 @@ def check_finite_step(
     else:
         what = f"the loss is {value}"
     message = (
-        f"training stopped at iteration {iteration} (epoch {epoch}): {what}; training forward {forward}. "
+        f"training stopped at iteration {iteration}{'' if epoch is None else f' (epoch {epoch})'}: {what}; "
+        f"training forward {forward}. "
         f"The optimiser step was not taken, so the weights are those after iteration {iteration - 1}: the "
         "checkpoint_last.pt this run writes as it stops, in ckpt_dir, holds them. To go on, resume from it "
         "(resume_from latest) with a lower learning_rate, or train in float32 (amp_cpu_training false on a CPU, "

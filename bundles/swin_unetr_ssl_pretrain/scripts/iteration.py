@@ -153,7 +153,7 @@ class SSLTrainIteration:
             losses["loss"],
             engine.network,
             engine.state.iteration,
-            engine.state.epoch,
+            getattr(engine.state, "epoch", None),
             self.description,
             check_gradients=not self.scaler.is_enabled(),
         )
