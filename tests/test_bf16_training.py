@@ -68,6 +68,19 @@ def test_guarded_convolution_weight_gradient_equals_float64(channels, kernel, pa
         assert error < 0.02
 
 
+def test_guarded_convolution_leaves_a_float64_network_in_float64():
+    """Autocast leaves float64 alone, and so does the guard (a float64 check of the pre-training step)."""
+    guard, _ = _guard()
+    conv = torch.nn.Sequential(torch.nn.Conv3d(8, 8, 3, padding=1)).double()
+    guard(conv)
+    x = torch.randn(1, 8, 2, 4, 4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.float64
+    out.sum().backward()
+    assert conv[0].weight.grad.dtype == torch.float64
+
+
 def _conv_weight_gradient_errors(network: torch.nn.Module, run_step) -> dict[str, float]:
     """Run ``run_step()``; for each Conv3d the relative error of its weight gradient against float64 from the
     bf16 (or float32) operands it actually saw."""

@@ -46,6 +46,7 @@ def needs_float32(conv: nn.Conv3d, x: torch.Tensor) -> bool:
     return (
         x.dim() == 5
         and x.device.type == "cpu"
+        and conv.weight.dtype == torch.float32  # autocast leaves float64 alone
         and torch.is_grad_enabled()
         and x.shape[2] < conv.kernel_size[0]
         and _cpu_bf16_autocast()
