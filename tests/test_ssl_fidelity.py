@@ -3,8 +3,8 @@
 The research code's cutout is re-implemented here from its description (a box budget of U(0, 0.3) of
 the volume counted with overlaps, box sides 5 %..25 % of the crop side, Gaussian-noise fill, then with
 probability (B-1)/B a pass that pastes boxes of another crop of the batch), and the bundle's
-``ResearchBoxCutout`` is compared with it over many draws. The model card's fidelity table is kept in
-step with ``configs/train.json``.
+``ResearchBoxCutout`` is compared with it over many draws. The fidelity table (docs/pretraining.md, moved
+there from the model card) is kept in step with ``configs/train.json``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from tests.conftest import SSL_DIR, bundle_on_path
+from tests.conftest import REPO, SSL_DIR, bundle_on_path
 from tests.fidelity_tables import fidelity_knobs, section
 
 TRAIN = json.loads((SSL_DIR / "configs" / "train.json").read_text())
-README = (SSL_DIR / "docs" / "README.md").read_text()
+README = (REPO / "docs" / "pretraining.md").read_text()  # the fidelity table, moved from the model card
 SHAPE = (40, 40, 40)
 BATCH = 4
 

@@ -1,13 +1,13 @@
 """The BTCV and MSD bundles in the real MONAI Label 0.8.5 server (its ``monaibundle`` sample app), from its own venv.
 
-The tests do what the model cards' "MONAI Label" sections tell a user to do: download the sample app,
-put a copy of the bundle under ``<app>/model/`` (for MSD, the single-task copy that
+The tests do what the "MONAI Label" guide (docs/monai_label.md, linked from the model cards) tells a user
+to do: download the sample app, put a copy of the bundle under ``<app>/model/`` (for MSD, the single-task copy that
 ``tools/msd_label_bundle.py`` writes), start the server offline on 127.0.0.1, and use its REST
 API: ``/info/`` (labels from ``channel_def``), ``/infer`` (a label map on the input's grid), ``/train``
 for one epoch, then ``/infer`` again, which must use the weights that training wrote to ``models/model.pt``.
 Small knobs (``SMALL``) are written into the copy's configs, as a user would edit them.
-``test_the_model_cards_monailabel_commands_run_as_written`` takes the BTCV card's "MONAI Label" block
-from the card itself and runs it by bash, with only its folders, weights file and port replaced.
+``test_the_model_cards_monailabel_commands_run_as_written`` takes the BTCV "MONAI Label" block
+from that guide itself and runs it by bash, with only its folders, weights file and port replaced.
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def test_monailabel_server_lists_msd_labels_infers_trains_and_infers_with_the_tr
     _assert_second_answer_from_trained_weights(before_labels, after_labels, old, new)
 
 
-BTCV_CARD = BTCV_DIR / "docs" / "README.md"
+BTCV_CARD = REPO_ROOT / "docs" / "monai_label.md"  # moved from the BTCV model card; the card links it
 CARD_PORT = "8000"
 
 
