@@ -50,8 +50,8 @@ overlap 0.5 (80 at 0.25), and it is run three times (validation, evaluation, inf
 therefore resamples to 3 mm isotropic, the sample CT's own voxel size: 12 windows at overlap 0.25,
 8 at 0. ``--spacing "[1.5,1.5,2.0]"`` gives the recipe's geometry at several times the cost.
 
-How long the demo takes is measured in the top-level README.md and the model cards
-(``bundles/*/docs/README.md``); on a CPU shared with other jobs, fewer ``--ssl_steps`` keep it short.
+How long the demo takes is measured in the top-level README.md and ``docs/performance.md``;
+on a CPU shared with other jobs, fewer ``--ssl_steps`` keep it short.
 
 Command line (from the repository root)::
 
