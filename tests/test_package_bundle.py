@@ -41,7 +41,8 @@ def btcv_weights(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("bundle_dir", BUNDLES, ids=lambda p: p.name)
 def test_zip_holds_one_bundle_folder_named_by_version_without_outputs(bundle_dir, tmp_path):
-    """A used bundle folder (caches, outputs, local weights) packs to exactly its configs, docs, scripts and LICENSE."""
+    """A used bundle folder (caches, outputs, local weights, stray docs) packs to exactly its configs, scripts, LICENSE
+    and the docs its card links inside the bundle (README.md, data_license.txt): no measurement JSON, no guide."""
     used = tmp_path / bundle_dir.name
     shutil.copytree(bundle_dir, used, ignore=shutil.ignore_patterns("__pycache__"))
     for junk in ("scripts/__pycache__/a.cpython-311.pyc", "eval/x_seg.nii.gz", "runs/events", "models/model.pt"):
@@ -49,6 +50,9 @@ def test_zip_holds_one_bundle_folder_named_by_version_without_outputs(bundle_dir
         (used / junk).write_bytes(b"x")
     (used / "docs" / "__pycache__").mkdir()
     (used / "docs" / "__pycache__" / "b.pyc").write_bytes(b"x")
+    for stray in ("docs/benchmark_cpu.json", "docs/figures/profile.json", "docs/guide.md"):  # belong in <repo>/docs
+        (used / stray).parent.mkdir(parents=True, exist_ok=True)
+        (used / stray).write_text("{}")
 
     zip_path = package_bundle(str(used), out_dir=str(tmp_path / "dist"))
 
@@ -56,11 +60,15 @@ def test_zip_holds_one_bundle_folder_named_by_version_without_outputs(bundle_dir
     names = _names(zip_path)
     expected = sorted(
         f"{bundle_dir.name}/{p.relative_to(bundle_dir).as_posix()}"
-        for top in ("configs", "docs", "scripts")
+        for top in ("configs", "scripts")
         for p in (bundle_dir / top).rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
     )
-    assert sorted(names) == sorted(expected + [f"{bundle_dir.name}/LICENSE"])
+    shipped_docs = [f"{bundle_dir.name}/docs/README.md", f"{bundle_dir.name}/docs/data_license.txt"]
+    assert sorted(names) == sorted(expected + shipped_docs + [f"{bundle_dir.name}/LICENSE"])
+    allowed = ("configs/", "scripts/", "LICENSE", "large_files.yml", "models/model.pt", "docs/README.md", "docs/data_")
+    assert [n for n in names if not n.split("/", 1)[1].startswith(allowed)] == []
+    assert [n for n in names if "/docs/" in n and n.endswith(".json")] == []
     assert f"{bundle_dir.name}/configs/metadata.json" in names
     assert f"{bundle_dir.name}/docs/data_license.txt" in names
     assert not [n for n in names if n.endswith(".pyc") or "/models/" in n or "/eval/" in n or "/runs/" in n]
@@ -171,3 +179,10 @@ def test_monai_download_unpacks_the_zip_and_the_bundle_runs_from_there(
     pred = nib.load(out / image.name.replace(".nii.gz", "_seg.nii.gz"))
     assert pred.shape == nib.load(image).shape
     assert set(np.unique(np.asarray(pred.dataobj))) <= set(range(14))
+
+
+@pytest.mark.parametrize("bundle_dir", BUNDLES, ids=lambda p: p.name)
+def test_bundle_docs_hold_only_what_the_card_links(bundle_dir):
+    """Measurements and guides live in the repository's docs/ (docs/figures/, docs/*.md), not in a bundle."""
+    docs = sorted(p.relative_to(bundle_dir).as_posix() for p in (bundle_dir / "docs").rglob("*") if p.is_file())
+    assert docs == ["docs/README.md", "docs/data_license.txt"]

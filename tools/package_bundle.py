@@ -1,7 +1,8 @@
 """Write a bundle as the zip that ``monai.bundle download`` and MONAI Label unpack.
 
-The zip holds one folder, ``<name>/``, with ``configs/``, ``docs/``, ``scripts/`` and ``LICENSE``
-(what the bundle folder holds, less run outputs and caches), and:
+The zip holds one folder, ``<name>/``, with ``configs/``, ``scripts/``, ``LICENSE`` and of ``docs/`` only
+what the model card links inside the bundle (``docs/README.md``, ``docs/data_license.txt``): no run
+outputs, caches, measurements or guides (those live in the repository's ``docs/``), and:
 
 - ``models/model.pt`` when ``--weights`` is given without ``--weights_url`` (weights in the zip);
 - ``large_files.yml`` when ``--weights_url`` is given: the weights stay where they are hosted, and
@@ -35,6 +36,13 @@ logger = logging.getLogger("package_bundle")
 
 REQUIRED = ("configs/metadata.json", "LICENSE")
 WEIGHTS_PATH = "models/model.pt"
+# of docs/, a downloaded bundle carries the model card and the data licence it links; nothing else
+SHIPPED_DOCS = ("docs/README.md", "docs/data_license.txt")
+
+
+def shipped(arcname: str) -> bool:
+    """Whether a bundle file (path inside the bundle) goes into the zip: configs, scripts, licence files, the card."""
+    return arcname.split("/", 1)[0] in ("configs", "scripts") or arcname in ("LICENSE", LARGE_FILES, *SHIPPED_DOCS)
 
 
 def name_and_version(bundle_dir: Path) -> tuple[str, str]:
@@ -140,7 +148,11 @@ def package_bundle(
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     if weights_url and not weights:
         raise ValueError("--weights_url needs --weights: the hosted file's md5 is computed from the local copy")
-    members: list[tuple[Path | None, str, str | None]] = [(p, arc, None) for p, arc in bundle_files(bundle)]
+    files = bundle_files(bundle)
+    left_out = [arc for _, arc in files if not shipped(arc)]
+    if left_out:
+        logger.info("%s: not shipped (repository-only docs): %s", name, left_out)
+    members: list[tuple[Path | None, str, str | None]] = [(p, arc, None) for p, arc in files if shipped(arc)]
     if weights:
         logger.info("weights %s: %s", weights, check_weights(Path(weights)))
     if weights_url:
