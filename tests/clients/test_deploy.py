@@ -44,7 +44,7 @@ MSD_TASK = "Task09_Spleen"
 
 
 def export_command(bundle: Path, model_ts: Path) -> list[str]:
-    """The export of the model card's "MONAI Deploy" section, run in the bundle folder."""
+    """The export of the BTCV "MONAI Deploy" section (docs/monai_deploy.md), run in the bundle folder."""
     return [
         sys.executable,
         "-m",

@@ -401,8 +401,8 @@ def _server_in_background(script: str, log: Path) -> str:
 
 
 def test_the_model_cards_monailabel_commands_run_as_written(tmp_path, monailabel_python):
-    """The BTCV card's "MONAI Label" block on a fresh app download: a published checkpoint converted into the
-    copy, /info/, /infer of the unlabelled case3 (a label map on its grid), and /train with a single labelled
+    """The BTCV "MONAI Label" block (docs/monai_label.md) on a fresh app download: a published checkpoint converted
+    into the copy, /info/, /infer of the unlabelled case3 (a label map on its grid), and /train with a single labelled
     image, which trains and saves its last weights as model.pt, unvalidated, saying so in the server log."""
     block = card_block(BTCV_CARD, "MONAI Label")
     source = tmp_path / "bundles" / BUNDLE  # the bundle with the test's small knobs, as a user would edit them

@@ -1,8 +1,8 @@
 # Generated from bundles/common/scripts/compat.py by tools/sync_bundle_code.py: edit that file, then run it.
 """The MONAI and torch versions this bundle runs on, and the start-up check that refuses the others.
 
-Tested: monai 1.4.0, 1.5.2 and 1.6.1 with torch 2.13.0, and monai 1.6.1 with torch 2.14.1 (the model
-card's "MONAI and torch versions" section says what differs between them). ``require_supported_versions``
+Tested: monai 1.4.0, 1.5.2 and 1.6.1 with torch 2.13.0, and monai 1.6.1 with torch 2.14.1 (the project
+repository's docs/versions.md says what differs between them). ``require_supported_versions``
 runs first when a config imports ``scripts``, and refuses, naming the installed and the supported versions:
 
 * monai < 1.4: it does not merge the ``+imports`` and ``+setup`` keys of ``configs/multi_gpu_train.json``
