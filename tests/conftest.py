@@ -135,7 +135,7 @@ def verify_metadata(meta_file: Path, bundle_dir: Path) -> str:
 
 
 def card_block(card: Path, title: str) -> str:
-    """The first bash block after the heading ``### title`` of model card ``card`` (README.md)."""
+    """The first bash block after the heading ``### title`` of ``card``: a model card or a docs/ guide it links."""
     text = card.read_text()
     start = text.index(f"### {title}\n")
     match = re.search(r"```bash\n(.*?)```", text[start:], re.S)
