@@ -332,18 +332,18 @@ def test_to_channels_last_is_the_same_function_with_the_same_state_dict():
             torch.testing.assert_close(affine(y).contiguous(), before, atol=1e-4, rtol=0)
 
 
-def test_reuse_freed_memory_stops_page_faulting_tensors_in_again():
+def test_reuse_cpu_memory_stops_page_faulting_tensors_in_again():
     """After the allocator setting, a freed 256 MiB tensor's memory is reused, not faulted in afresh."""
     import resource
 
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc allocator setting: Linux only")
     with bundle_on_path():
-        from scripts.allocator import reuse_freed_memory
+        from scripts.allocator import reuse_cpu_memory
 
-        applied = reuse_freed_memory(True)
-        assert applied is True and reuse_freed_memory(True) is True  # idempotent
-        assert reuse_freed_memory(False) is False
+        applied = reuse_cpu_memory(True)
+        assert applied is True and reuse_cpu_memory(True) is True  # idempotent
+        assert reuse_cpu_memory(False) is False
 
     def faults_of_one_fill():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

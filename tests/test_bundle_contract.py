@@ -98,7 +98,7 @@ PUBLIC_KNOBS = {
         "feature_size",
         "pretrained_path",
         "patch_merging",
-        "resume",
+        "resume_from",
         "on_bad_volume",
         "dataset_type",
         "cache_dir",
@@ -142,7 +142,8 @@ BTCV_INFERENCE_KNOBS = [
 ]
 # Literal-valued top-level keys that are not knobs: MONAI's bundle root, and the network shape that
 # the metadata fixes (checked against it below and in the per-bundle tests).
-NOT_KNOBS = {"bundle_root", "in_channels", "num_classes"}
+# resume: the pre-training bundle's former name of resume_from, kept only to refuse it with the new name
+NOT_KNOBS = {"bundle_root", "in_channels", "num_classes", "resume"}
 
 
 def _config(bundle: str, name: str) -> dict:
@@ -239,7 +240,7 @@ def test_multi_gpu_setup_keeps_every_single_process_step(bundle):
         [str(BUNDLES[bundle] / "configs" / name) for name in ("train.json", "multi_gpu_train.json")]
     )
     assert merged["setup"][: len(train)] == train
-    assert "$scripts.allocator.reuse_freed_memory(@reuse_cpu_memory and torch.device(@device).type == 'cpu')" in train
+    assert "$scripts.allocator.reuse_cpu_memory(@reuse_cpu_memory and torch.device(@device).type == 'cpu')" in train
     assert len(merged["setup"]) > len(train)
     # the process group is joined where the device is resolved, before any step reads @device
     assert merged["device"] == "$scripts.distributed.rank_device()"

@@ -88,11 +88,11 @@ def test_latest_is_the_complete_full_state_checkpoint_with_most_iterations(check
     for value in ("", False, None, "false"):
         assert checkpoints.resume_path(value, str(tmp_path)) == ""
     assert checkpoints.resume_path(latest, str(tmp_path / "elsewhere")) == latest  # a path is used as given
-    with pytest.raises(FileNotFoundError, match="resume checkpoint not found: /elsewhere/ckpt.pt"):
+    with pytest.raises(FileNotFoundError, match="resume_from checkpoint not found: /elsewhere/ckpt.pt"):
         checkpoints.resume_path("/elsewhere/ckpt.pt", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="holds no training checkpoint"):
         checkpoints.resume_path("latest", str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="resume must be"):
+    with pytest.raises(ValueError, match="resume_from must be"):
         checkpoints.resume_path(3, str(tmp_path))
 
 
@@ -179,9 +179,16 @@ def test_ssl_resume_latest_and_missing_checkpoint(tmp_path):
         for value in ("latest", True):
             parser = ConfigParser()
             parser.read_config(str(SSL_DIR / "configs" / "train.json"))
-            parser.update({"bundle_root": str(tmp_path), "resume": value})
-            assert parser.get_parsed_content("resume_from") == str(expected)
+            parser.update({"bundle_root": str(tmp_path), "resume_from": value})
+            assert parser.get_parsed_content("resume_path") == str(expected)
         parser.update({"bundle_root": str(tmp_path / "nothing")})
         with pytest.raises(Exception) as err:
-            parser.get_parsed_content("resume_from")
-    assert "holds no training checkpoint" in error_text(err.value)
+            parser.get_parsed_content("resume_path")
+        assert "holds no training checkpoint" in error_text(err.value)
+        # the former name is refused with the new one, never ignored (an ignored resume would start afresh)
+        parser = ConfigParser()
+        parser.read_config(str(SSL_DIR / "configs" / "train.json"))
+        parser.update({"bundle_root": str(tmp_path), "resume": "latest"})
+        with pytest.raises(Exception) as err:
+            parser.get_parsed_content("resume_path")
+    assert "pass --resume_from latest instead of --resume" in error_text(err.value)

@@ -64,7 +64,12 @@ BUNDLES = {
         "epochs_key": "max_epochs",
         "small": {**SMALL, "val_interval": 100},
     },
-    "ssl": {"dir": SSL_DIR, "resume": "resume", "epochs_key": "num_steps", "small": {**SSL_SMALL, "val_interval": 100}},
+    "ssl": {
+        "dir": SSL_DIR,
+        "resume": "resume_from",
+        "epochs_key": "num_steps",
+        "small": {**SSL_SMALL, "val_interval": 100},
+    },
 }
 EPOCHS = 3
 

@@ -35,31 +35,35 @@ def test_rotating_back_by_the_returned_class_restores_the_input_and_all_classes_
         assert torch.equal(rotated, torch.rot90(crop, k, dims=(2, 3)))
     assert classes == {0, 1, 2, 3}
 
-    rotate_d = pt.RandRotate90Classd(keys="image", class_key="rot").set_random_state(5)
+    # the same through ProxyTaskViews, which train.json's proxy_tasks runs: each view rotates back to its crop
+    views = pt.ProxyTaskViews().set_random_state(5)
     seen = set()
-    for _ in range(20):
-        out = rotate_d({"image": crop})
-        k = int(out["rot"])
-        seen.add(k)
-        assert torch.equal(pt.rotate90(out["image"], -k), crop)
+    for _ in range(10):
+        out = views(crop[None])
+        for row in range(2):
+            k = int(out["rotations"][row])
+            seen.add(k)
+            assert torch.equal(pt.rotate90(out["targets"][row], -k), crop)
     assert len(seen) > 1
 
 
 @pytest.mark.parametrize("fraction", [(0.1, 0.3), (0.0, 0.05), (0.25, 0.25)])
 def test_cutout_masks_a_share_within_the_bounds_and_keeps_the_unmasked_target(ssl_scripts, fraction):
     pt = ssl_scripts.proxy_tasks
-    cutout = pt.RandBoxCutoutd(keys="image", fraction=fraction, mask_key="mask").set_random_state(1)
+    # RandBoxCutout is the cutout ProxyTaskViews (train.json's proxy_tasks) applies with cutout_mode bundle
+    cutout = pt.RandBoxCutout(fraction=fraction).set_random_state(1)
     crop = _crop(shape=(1, 32, 32, 16)) * 0.5 + 2.0  # outside the noise range, so every masked voxel changes
+    target = crop.clone()
     shares = []
     for _ in range(25):
-        out = cutout({"image": crop})
-        mask = out["mask"][0]
+        image = cutout(crop)
+        mask = cutout.mask
         share = float(mask.float().mean())
         shares.append(share)
         assert fraction[0] - 1e-9 <= share <= fraction[1] + 1e-9
-        assert torch.equal(out["image_target"], crop)
-        masked = out["image"][0][mask]
-        assert torch.equal(out["image"][0][~mask], crop[0][~mask])
+        assert torch.equal(crop, target)  # the un-masked crop, the reconstruction target, is left as it was
+        masked = image[0][mask]
+        assert torch.equal(image[0][~mask], crop[0][~mask])
         assert masked.numel() == 0 or (masked.min() >= 0.0 and masked.max() <= 1.0)
     if fraction[1] > fraction[0]:
         assert max(shares) - min(shares) > 0.01  # the share is drawn, not fixed
@@ -89,9 +93,8 @@ def test_proxy_task_views_are_seeded_and_pair_two_views_of_each_crop(ssl_scripts
     with pytest.raises(ValueError, match="not square in the rotation plane"):
         pt.ProxyTaskViews()(torch.rand(2, 1, 8, 12, 16))
 
-    views_d = pt.RandProxyTaskViewsd(keys="image").set_random_state(7)
-    out = views_d({"image": images[0]})
-    assert out["image_inputs"].shape == (2, 1, 8, 12, 12) and out["image_rotations"].shape == (2,)
+    single = pt.ProxyTaskViews().set_random_state(7)(images[:1])  # one crop: its two views
+    assert single["inputs"].shape == (2, 1, 8, 12, 12) and single["rotations"].shape == (2,)
 
 
 def test_loss_terms_equal_their_definitions_and_monai_contrastive_loss(ssl_scripts):

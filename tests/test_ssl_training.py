@@ -140,7 +140,7 @@ def test_resume_continues_at_the_next_step_with_the_saved_optimiser_state(ssl_tr
             bundle_root=str(root),
             num_steps=3,
             val_interval=1,
-            resume=True,
+            resume_from=True,
             **SSL_SMALL,
         )
         workflow.initialize()
@@ -164,7 +164,7 @@ def test_resume_without_a_checkpoint_fails_instead_of_starting_afresh(ssl_corpus
             SSL_DIR,
             dataset_dir=str(ssl_corpus),
             bundle_root=str(tmp_path),
-            resume=True,
+            resume_from=True,
             **SSL_SMALL,
         )
         workflow.initialize()

@@ -268,10 +268,9 @@ def _data_knobs(bundle: str, phantom_dir: Path, ssl_corpus: Path, msd_task: Path
 def test_resume_from(bundle, fmt, files, tmp_path, request):
     """train.json's resume handler restores a full-state checkpoint; weights alone are sent to pretrained_path."""
     path = files[bundle]["paths"][fmt]
-    knob = "resume" if bundle == "ssl" else "resume_from"
     with bundle_on_path(BUNDLES[bundle]):
         workflow = btcv_workflow(
-            ["train.json"], "train", BUNDLES[bundle], bundle_root=str(tmp_path), **{knob: str(path)}, **KNOBS[bundle]
+            ["train.json"], "train", BUNDLES[bundle], bundle_root=str(tmp_path), resume_from=str(path), **KNOBS[bundle]
         )
         parser = workflow.parser
         if fmt != "full state":

@@ -122,7 +122,7 @@ def train_overrides(
         "num_samples": int(num_samples),
         "seed": int(seed),
         "pretrained_path": "",
-        "resume": False,
+        "resume_from": "",
         "num_workers": 0,
         # the bundle's rule is `amp and torch.cuda.is_available()`; pinned to the device benchmarked
         "use_amp": bool(amp) and device.type == "cuda",

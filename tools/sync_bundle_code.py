@@ -1,9 +1,16 @@
-"""Copy the bundles' shared Python from ``bundles/common/scripts`` into each bundle that uses it.
+"""Copy the bundles' shared Python and configs from ``bundles/common`` into each bundle that uses them.
 
-Bundles stay self-contained folders (MONAI Label / Deploy load one folder as is), so shared modules
-are copied, not imported across bundles. ``bundles/common/scripts/<name>`` is the one place to
-edit; ``bundles/common/manifest.json`` says which bundles get which module. Each copy starts with
-a one-line header naming its source, followed by the source unchanged.
+Bundles stay self-contained folders (MONAI Label / Deploy load one folder as is), so shared files
+are copied, not imported across bundles. ``bundles/common/scripts/<name>`` (Python modules, copied
+into each bundle's ``scripts/``) and ``bundles/common/configs/<name>`` (configs that are the same
+in every bundle by intent, copied into its ``configs/``) are the one place to edit;
+``bundles/common/manifest.json`` says which bundles get which file (``modules`` and ``configs``).
+
+Each Python module and ``logging.conf`` copy starts with a one-line ``#`` header naming its source,
+followed by the source unchanged. JSON has no comments, so a generated JSON config (the
+``multi_gpu_train.json`` overlays) is a byte-for-byte copy without a header: its source is
+``bundles/common/configs/<name>``, listed in the manifest, and ``--check`` (run by
+``tests/test_bundle_code_sync.py``) fails when a copy differs.
 
     python tools/sync_bundle_code.py            # write every copy
     python tools/sync_bundle_code.py --check    # exit 1 naming each copy that differs or is missing
@@ -22,7 +29,10 @@ MANIFEST = COMMON / "manifest.json"
 HEADER = "# Generated from {source} by tools/sync_bundle_code.py: edit that file, then run it.\n"
 HEADER_START = "# Generated from "
 
-__all__ = ["load_manifest", "expected_copies", "check", "sync", "main"]
+__all__ = ["load_manifest", "load_config_manifest", "expected_copies", "check", "sync", "main"]
+
+# configs in formats without comments are copied without the header
+NO_HEADER_SUFFIXES = (".json",)
 
 
 def load_manifest(root: Path = REPO) -> dict[str, list[str]]:
@@ -30,22 +40,36 @@ def load_manifest(root: Path = REPO) -> dict[str, list[str]]:
     return json.loads((Path(root) / MANIFEST).read_text())["modules"]
 
 
+def load_config_manifest(root: Path = REPO) -> dict[str, list[str]]:
+    """``{config file name: [bundle folder names]}`` from ``bundles/common/manifest.json`` under ``root``."""
+    return json.loads((Path(root) / MANIFEST).read_text()).get("configs", {})
+
+
+def _copy_text(root: Path, source: Path) -> str:
+    text = (root / source).read_text()
+    if source.suffix in NO_HEADER_SUFFIXES:
+        return text
+    return HEADER.format(source=source.as_posix()) + text
+
+
 def expected_copies(root: Path = REPO) -> dict[Path, str]:
-    """``{copy path: expected text}`` for every (module, bundle) pair of the manifest."""
+    """``{copy path: expected text}`` for every (module, bundle) and (config, bundle) pair of the manifest."""
     root = Path(root)
     copies = {}
-    for name, bundles in load_manifest(root).items():
-        source = COMMON / "scripts" / name
-        text = HEADER.format(source=source.as_posix()) + (root / source).read_text()
-        for bundle in bundles:
-            copies[root / "bundles" / bundle / "scripts" / name] = text
+    for folder, files in (("scripts", load_manifest(root)), ("configs", load_config_manifest(root))):
+        for name, bundles in files.items():
+            source = COMMON / folder / name
+            text = _copy_text(root, source)
+            for bundle in bundles:
+                copies[root / "bundles" / bundle / folder / name] = text
     return copies
 
 
 def _stale_copies(root: Path, expected: dict[Path, str]) -> list[Path]:
-    """Generated files in a bundle's scripts/ that the manifest no longer lists."""
+    """Generated files (those with the header) in a bundle's scripts/ or configs/ that the manifest no longer lists."""
     found = []
-    for path in sorted((Path(root) / "bundles").glob("*/scripts/*.py")):
+    bundles = Path(root) / "bundles"
+    for path in sorted([*bundles.glob("*/scripts/*.py"), *bundles.glob("*/configs/*.conf")]):
         if path not in expected and path.read_text().startswith(HEADER_START):
             found.append(path)
     return found
@@ -88,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         if problems:
             print(
-                f"{len(problems)} bundle copy(ies) out of sync: edit bundles/common/scripts, then run "
-                f"python tools/sync_bundle_code.py",
+                f"{len(problems)} bundle copy(ies) out of sync: edit bundles/common/scripts or "
+                f"bundles/common/configs, then run python tools/sync_bundle_code.py",
                 file=sys.stderr,
             )
         return 1 if problems else 0

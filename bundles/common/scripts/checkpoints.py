@@ -318,7 +318,7 @@ def checked_full_state(path: str) -> str:
             f"{path}: cannot resume from this file: it holds no optimizer and trainer state ({err}); resume "
             f"needs a full-state checkpoint of a training run (checkpoint_last.pt or checkpoint_*.pt beside "
             f"model.pt), or 'latest'. To start a new training from the weights in this file, set pretrained_path "
-            f"to it and leave resume unset."
+            f"to it and leave resume_from unset."
         ) from err
     return path
 
@@ -344,7 +344,7 @@ def latest_checkpoint(ckpt_dir: str) -> str:
             logger.warning("resume: skipping %s: %s", path, err)
     if not candidates:
         raise FileNotFoundError(
-            f"resume is set but {ckpt_dir} holds no training checkpoint (checkpoint_*.pt) "
+            f"resume_from is set but {ckpt_dir} holds no training checkpoint (checkpoint_*.pt) "
             "that loads with model, optimizer and trainer state."
         )
     latest = max(candidates, key=_Candidate.rank)
@@ -365,14 +365,24 @@ def _other_run(a: _Candidate, b: _Candidate) -> bool:
     return (a.run or {}).get("id") != (b.run or {}).get("id")
 
 
-def resume_path(resume: Any, ckpt_dir: str) -> str:
-    """The checkpoint a run continues from: ``''`` for a fresh start, a path as given, or for ``latest``
-    (or ``True``) the complete full-state checkpoint in ``ckpt_dir`` saved last (``latest_checkpoint``)."""
-    text = str(resume).strip().lower() if isinstance(resume, (str, bool)) or resume is None else None
+def resume_path(resume_from: Any, ckpt_dir: str, old_name_value: Any = None) -> str:
+    """The checkpoint a run continues from (the configs' ``resume_path``, from the knob ``resume_from``).
+
+    ``''`` for a fresh start, a path as given, or for ``latest`` (or ``True``) the complete full-state
+    checkpoint in ``ckpt_dir`` saved last (``latest_checkpoint``). ``old_name_value``: the value given
+    under the knob's former name (``resume`` in the pre-training bundle), refused with the new name, so
+    an old command never starts afresh where it meant to resume.
+    """
+    if old_name_value is not None:
+        raise ValueError(
+            f"resume is now called resume_from, as in the fine-tuning bundles (same values: '{LATEST}', true, "
+            f"false or a checkpoint path): pass --resume_from {old_name_value} instead of --resume."
+        )
+    text = str(resume_from).strip().lower() if isinstance(resume_from, (str, bool)) or resume_from is None else None
     if text in ("", "false", "none"):
         return ""
     if text in (LATEST, "true"):
         return latest_checkpoint(ckpt_dir)
-    if isinstance(resume, str):
-        return checked_full_state(checked_torch_file(resume, "resume checkpoint"))
-    raise ValueError(f"resume must be '{LATEST}', true, false or a checkpoint path, not {resume!r}.")
+    if isinstance(resume_from, str):
+        return checked_full_state(checked_torch_file(resume_from, "resume_from checkpoint"))
+    raise ValueError(f"resume_from must be '{LATEST}', true, false or a checkpoint path, not {resume_from!r}.")

@@ -55,9 +55,8 @@ def label_map_dice(pred: Any, reference: Any, labels: Sequence[int]) -> np.ndarr
     The definition of MONAI's ``compute_dice`` with ``ignore_empty=True``, which the evaluators'
     ``MeanDice`` uses: ``2 |P & R| / (|P| + |R|)``, NaN where the reference lacks the label (so
     the means skip it as they do). Counted with one ``bincount`` per map instead of a mask per
-    label: on a 512 x 512 x 147 map with 13 labels, 2.5 s instead of 38 s with ``compute_dice`` on
-    per-label masks (2-core Xeon, busy). ``tests/test_btcv_cross_validation.py`` checks it
-    against ``compute_dice``.
+    label, so a full-size CT label map takes one pass instead of one per label.
+    ``tests/test_btcv_cross_validation.py`` checks it against ``compute_dice``.
     """
     pred, reference = np.asarray(pred), np.asarray(reference)
     if pred.shape != reference.shape:

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from .bundle_logger import logger
 
-__all__ = ["LR_SCALING", "effective_learning_rate", "rank_device", "world_size"]
+__all__ = ["LR_SCALING", "effective_learning_rate", "rank", "rank_device", "world_size"]
 
 LR_SCALING = ("none", "linear")
 
@@ -18,8 +18,8 @@ def rank_device() -> torch.device:
 
     NCCL and ``cuda:<rank>`` (made the current CUDA device) when CUDA is available, else gloo on
     the CPU. ``multi_gpu_train.json`` resolves ``device`` through this, so the process group
-    exists before anything reads ``@device``: train.json's ``initialize`` steps (which may) run
-    first, then the DDP steps that ``multi_gpu_train.json`` appends with ``+initialize``.
+    exists before anything reads ``@device``: train.json's ``setup`` steps (which may) run
+    first, then the DDP steps that ``multi_gpu_train.json`` appends with ``+setup``.
     """
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -28,6 +28,11 @@ def rank_device() -> torch.device:
     device = torch.device(f"cuda:{dist.get_rank()}")
     torch.cuda.set_device(device)
     return device
+
+
+def rank() -> int:
+    """This process's rank in the default group, 0 without one (a single-process run)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size(device: torch.device | None = None) -> int:

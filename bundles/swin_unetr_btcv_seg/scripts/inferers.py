@@ -9,7 +9,7 @@ import torch
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 from torch import nn
 
-from .allocator import reuse_freed_memory
+from .allocator import reuse_cpu_memory
 from .bf16_conv_guard import bf16_guard_note, guard_bf16_conv_gradients
 from .bundle_logger import logger
 from .precision import autocast_dtype
@@ -30,7 +30,7 @@ def _call_in(dtype: torch.dtype | None, device_type: str, call: Any, *args: Any,
 def to_channels_last(network: nn.Module) -> int:
     """Convert ``network`` in place to channels-last 3D for faster CPU convolutions; return the norms swapped.
 
-    oneDNN's Conv3d is about 1.6x faster on channels-last (NDHWC) tensors, but ``InstanceNorm3d``
+    oneDNN's Conv3d is faster on channels-last (NDHWC) tensors, but ``InstanceNorm3d``
     copies such tensors back to NCDHW, which costs more than the convolutions gain. Each
     ``InstanceNorm3d`` without running statistics is therefore replaced by ``GroupNorm`` with one
     group per channel: the same function (per sample and channel), with a channels-last kernel and
@@ -62,7 +62,7 @@ class AutocastSlidingWindowInferer(SlidingWindowInferer):
 
     With ``channels_last`` true, a network given for CPU inference is first converted in place by
     ``to_channels_last`` (meant for inference-only configs; CUDA is left as it is). With
-    ``reuse_cpu_memory`` true, the first CPU call applies ``allocator.reuse_freed_memory``.
+    ``reuse_cpu_memory`` true, the first CPU call applies ``allocator.reuse_cpu_memory``.
     """
 
     def __init__(
@@ -92,7 +92,7 @@ class AutocastSlidingWindowInferer(SlidingWindowInferer):
         if device_type not in self._told:
             self._told.add(device_type)
             if device_type == "cpu":
-                reuse_freed_memory(self.reuse_cpu_memory)
+                reuse_cpu_memory(self.reuse_cpu_memory)
             logger.info(
                 f"sliding-window inference on {device_type} in {dtype or torch.float32}{layout}"
                 + ("" if dtype or not self.autocast else " (no native reduced-precision kernels here)")

@@ -3,10 +3,10 @@
 
 MONAI's ``WindowAttention`` (monai 1.6, flash-attention path, used when no gradient is recorded)
 expands the relative position bias plus the shifted-window mask to one float32 tensor per window of
-every sample, ``[batch x windows, heads, tokens, tokens]``, and casts it to the activations' dtype:
-at 96^3 with 4 windows per call that is about 2 GB written twice per stage-1 block, and
-``compute_mask`` rebuilds the shifted-window mask at every forward. Profiled on a 2-core Intel Xeon
-with AMX (feature size 12, 4 windows of 64^3, bf16 autocast), those copies were 34 % of the forward.
+every sample, ``[batch x windows, heads, tokens, tokens]``, and casts it to the activations' dtype: a
+full-size tensor written twice per stage-1 block, and ``compute_mask`` rebuilds the shifted-window
+mask at every forward. On a CPU those copies are a large share of the forward (the model cards give
+the profiles).
 
 ``reuse_attention_masks`` converts a network in place (class swap, no new parameters, same state
 dict) so that, while no gradient is recorded:
@@ -21,8 +21,8 @@ MONAI's flash-attention path (the same kernel on the same operands, sample by sa
 
 Training on a CPU: MONAI's attention under autograd is the plain math path, ``softmax(q k^T + bias
 + mask) v``, with five to six full-size ``[windows, heads, tokens, tokens]`` tensors per call, in
-float32 even under bf16 autocast (the float32 bias promotes the scores). Profiled at the demo's
-pre-training size on the Intel Xeon, those copies, adds and softmaxes were about 85 % of a step.
+float32 even under bf16 autocast (the float32 bias promotes the scores). On a CPU, those copies,
+adds and softmaxes are most of a pre-training step (the model cards give the profiles).
 ``fast_window_attention`` additionally switches on, for gradients on a CPU, one autograd function
 (``WindowAttentionFunction``) that writes bias + mask into one score tensor in the activations'
 dtype, runs the softmax in place and keeps only the probabilities for the backward pass, whose
@@ -51,8 +51,8 @@ __all__ = [
 ]
 
 
-# MONAI masks shifted-window pairs with -100: exp(-100) is a subnormal float, and subnormals made the
-# softmax 4x slower (measured, Intel Xeon). Training scales the mask by 100, so masked pairs get exactly 0
+# MONAI masks shifted-window pairs with -100: exp(-100) is a subnormal float, and subnormals make the
+# softmax much slower on CPUs. Training scales the mask by 100, so masked pairs get exactly 0
 # instead of ~4e-44 of the weight.
 HARD_MASK_SCALE = 100.0
 

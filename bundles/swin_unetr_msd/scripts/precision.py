@@ -13,7 +13,7 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
     float16 on CUDA. On CPU, bfloat16 only where oneDNN has native bf16 kernels (AVX-512 bf16 or
     AMX): elsewhere (e.g. AVX2-only CPUs) bf16 Conv3d falls back to a reference kernel that is
-    about 100x slower than float32.
+    far slower than float32.
     """
     if device_type == "cuda":
         return torch.float16

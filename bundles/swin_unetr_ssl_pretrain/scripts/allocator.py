@@ -9,19 +9,19 @@ import sys
 
 from .bundle_logger import logger
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["reuse_cpu_memory"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _applied: bool | None = None
 
 
-def reuse_freed_memory(enabled: bool = True) -> bool:
+def reuse_cpu_memory(enabled: bool = True) -> bool:
     """Make glibc serve large allocations from its heap and keep freed memory for reuse; True if applied.
 
     By default glibc maps every allocation above 32 MiB (most activation tensors of a 3D network)
     with ``mmap`` and unmaps it when freed, so every forward pass page-faults its working set in
-    again: on a 2-core CPU that is 30-40 % of a Swin UNETR forward pass, spent in the kernel. With
+    again, a large share of a Swin UNETR forward pass spent in the kernel on a CPU. With
     ``mmap`` off for allocations and trimming off, freed blocks are reused. The process then keeps its
     peak resident memory until it exits. Process-wide and idempotent; a no-op (False) where the C
     library is not glibc.

@@ -8,18 +8,17 @@ the masked union drawn in bounds, uniform noise, no paste pass).
 Array transforms work on one channel-first crop (C, D, H, W) on whatever device the tensor lives
 on, so the trainer applies them to a batch already on the GPU; random draws come from each
 transform's ``self.R`` (MONAI's ``Randomizable``), so ``set_random_state(seed)`` makes them
-reproducible. The dictionary forms do the same inside a MONAI ``Compose`` pipeline.
+reproducible. The trainer applies :class:`ProxyTaskViews` (train.json's ``proxy_tasks``) to each batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.transforms import MapTransform, Randomizable, Transform
+from monai.transforms import Randomizable, Transform
 
 __all__ = [
     "CUTOUT_MODES",
@@ -27,10 +26,7 @@ __all__ = [
     "NUM_ROTATIONS",
     "ProxyTaskViews",
     "RandBoxCutout",
-    "RandBoxCutoutd",
-    "RandProxyTaskViewsd",
     "RandRotate90Class",
-    "RandRotate90Classd",
     "ResearchBoxCutout",
     "draw_research_boxes",
     "rotate90",
@@ -65,37 +61,6 @@ class RandRotate90Class(Randomizable, Transform):
         if randomize:
             self.randomize()
         return rotate90(img, self._k, self.spatial_axes), self._k
-
-
-class RandRotate90Classd(Randomizable, MapTransform):
-    """Dictionary form of :class:`RandRotate90Class`: rotates ``keys`` alike and stores the class in ``class_key``."""
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        class_key: str = "rotation",
-        spatial_axes: Sequence[int] = (1, 2),
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        self.rotator = RandRotate90Class(spatial_axes)
-        self.class_key = class_key
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.rotator.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data: Any = None) -> None:
-        self.rotator.randomize()
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        for key in self.key_iterator(d):
-            d[key], _ = self.rotator(torch.as_tensor(d[key]), randomize=False)
-        d[self.class_key] = torch.tensor(self.rotator._k, dtype=torch.long)
-        return d
 
 
 class RandBoxCutout(Randomizable, Transform):
@@ -167,46 +132,6 @@ class RandBoxCutout(Randomizable, Transform):
         noise = (low + (high - low) * noise).to(img.dtype)
         self.mask = mask
         return torch.where(mask, noise, img)
-
-
-class RandBoxCutoutd(Randomizable, MapTransform):
-    """Dictionary form of :class:`RandBoxCutout`: the un-masked crop is kept under ``{key}{target_suffix}``.
-
-    With ``mask_key`` set, the boolean mask (1, D, H, W) is stored too.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        fraction: Sequence[float] = (0.1, 0.3),
-        max_box_size: float = 0.25,
-        fill_range: Sequence[float] = (0.0, 1.0),
-        target_suffix: str = "_target",
-        mask_key: str | None = None,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        self.cutout = RandBoxCutout(fraction, max_box_size, fill_range)
-        self.target_suffix = target_suffix
-        self.mask_key = mask_key
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.cutout.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data: Any = None) -> None:
-        self.cutout.randomize(data)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = torch.as_tensor(d[key])
-            d[f"{key}{self.target_suffix}"] = img
-            d[key] = self.cutout(img)
-            if self.mask_key:
-                d[self.mask_key] = self.cutout.mask[None]
-        return d
 
 
 def _check_fraction(fraction: Sequence[float]) -> tuple[float, float]:
@@ -388,37 +313,3 @@ class ProxyTaskViews(Randomizable):
             "rotations": torch.tensor(rotations, dtype=torch.long, device=images.device),
             "masked_fraction": torch.tensor(float(np.mean(fractions))),
         }
-
-
-class RandProxyTaskViewsd(Randomizable, MapTransform):
-    """Dictionary form of :class:`ProxyTaskViews` for one crop: adds ``{key}_inputs``, ``{key}_targets``,
-    ``{key}_rotations`` (2 views each, stacked on a new first axis) to the data."""
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        cutout_fraction: Sequence[float] | None = None,
-        max_box_size: float = 0.25,
-        spatial_axes: Sequence[int] = (1, 2),
-        fill_range: Sequence[float] = (0.0, 1.0),
-        cutout_mode: str = "bundle",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        self.views = ProxyTaskViews(cutout_fraction, max_box_size, spatial_axes, fill_range, cutout_mode)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.views.set_random_state(state=self.R)
-        return self
-
-    def randomize(self, data: Any = None) -> None:
-        pass
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            out = self.views(torch.as_tensor(d[key])[None])
-            for name in ("inputs", "targets", "rotations"):
-                d[f"{key}_{name}"] = out[name]
-        return d
