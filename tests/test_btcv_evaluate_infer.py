@@ -350,6 +350,9 @@ def test_reuse_cpu_memory_stops_page_faulting_tensors_in_again():
         torch.ones(64 * 1024 * 1024).sum()  # 256 MiB, freed at once
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+    # Two fills to reach the steady state: an aligned 256 MiB request does not fit the freed block of
+    # the first fill when a small allocation landed right after it, so the second may extend the heap.
     faults_of_one_fill()
-    # 256 MiB in 4 KiB pages would be 65536 faults if the block were mapped afresh
-    assert faults_of_one_fill() < 2000
+    faults_of_one_fill()
+    # 256 MiB in 4 KiB pages would be 65536 faults per fill if the block were mapped afresh
+    assert max(faults_of_one_fill() for _ in range(3)) < 2000
