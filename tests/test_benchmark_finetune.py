@@ -1,4 +1,4 @@
-"""tools.benchmark_finetune: the model zoo's settings as built, both modes side by side at a tiny size, and
+"""tools.benchmarks.benchmark_finetune: the model zoo's settings as built, both modes side by side at a tiny size, and
 the bundle's training convergence with and without its reduced precision (fixed-seed loss curves).
 
 No assertions on speed: the CPU is shared.
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from tools import benchmark_finetune as bf
+from tools.benchmarks import benchmark_finetune as bf
 from tools.common.machine import native_bf16
 
 TINY = {"feature_size": 12, "roi_size": [64, 64, 64]}

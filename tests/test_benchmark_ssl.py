@@ -1,4 +1,4 @@
-"""tools.benchmark_ssl at a tiny size: both modes run in their own processes, every field is sane.
+"""tools.benchmarks.benchmark_ssl at a tiny size: both modes run in their own processes, every field is sane.
 
 No assertions on speed. The research-way augmentation is checked on its own: rotation labels undo
 the rotation (in the bundle's plane and direction) and the cutout masks stay within 30 %.
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import forget_scripts_modules
-from tools import benchmark_ssl as bs
+from tools.benchmarks import benchmark_ssl as bs
 
 FEATURE_SIZE = 12
 ROI = [64, 32, 32]  # square in the rotation plane (spatial axes 1, 2); a 2 x 1 x 1 bottleneck = 2 tokens

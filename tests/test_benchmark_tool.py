@@ -1,4 +1,4 @@
-"""tools.benchmark_btcv at a tiny size: every field is there and sane (no assertions on speed)."""
+"""tools.benchmarks.benchmark_btcv at a tiny size: every field is there and sane (no assertions on speed)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import forget_scripts_modules
-from tools import benchmark_btcv as bb
-from tools.make_phantoms import make_phantom
+from tools.benchmarks import benchmark_btcv as bb
+from tools.data.make_phantoms import make_phantom
 
 FEATURE_SIZE = 12
 ROI = 64

@@ -1,4 +1,4 @@
-"""tools.gpu_check: the dry run takes every part's code path on the CPU and writes the JSON and markdown.
+"""tools.benchmarks.gpu_check: the dry run takes every part's code path on the CPU and writes the JSON and markdown.
 
 No assertions on speed: the figures of a dry run are of tiny sizes on a shared CPU. The dry run of
 all parts takes about 150 s of CPU time (15 fresh processes); it runs once per module and is part
@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, forget_scripts_modules
-from tools import gpu_check as gc
+from tools.benchmarks import gpu_check as gc
 
 
 def _positive(x):

@@ -1,4 +1,4 @@
-"""tools/profile_ops.py: per-operator profiles of the bundle's network, inference and training."""
+"""tools/benchmarks/profile_ops.py: per-operator profiles of the bundle's network, inference and training."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tools import profile_ops
+from tools.benchmarks import profile_ops
 
 NATIVE_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
