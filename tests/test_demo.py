@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools.demo.demo import metrics_markdown, organ_names, pretraining_markdown, ssl_val_interval
+from tools.demo.metrics import metrics_markdown, organ_names, pretraining_markdown
+from tools.demo.plan import ssl_val_interval
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@
 --help`` gives the command's own flags. Each command is a module of a sub-package by job (``data``,
 ``leaderboard``, ``release``, ``benchmarks``, ``demo``); ``tools/common`` is their shared library.
 The command runs as ``python -m tools.<package>.<command>`` would: its module's ``fire`` command line
-(as ``monai.bundle``'s commands do), with ``sys.argv`` naming it ``tools <command>``.
+(as ``monai.bundle``'s commands do), with ``sys.argv`` naming it by the command.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from __future__ import annotations
 import ast
 import runpy
 import sys
-from pathlib import Path
 
-TOOLS_DIR = Path(__file__).resolve().parent
-PACKAGES = ("data", "leaderboard", "release", "benchmarks", "demo")
+from tools import PACKAGES, TOOLS_DIR
 
 
 def commands() -> dict[str, str]:
@@ -55,7 +53,7 @@ def main(argv: list[str]) -> int:
     if argv[0] not in table:
         print(f"unknown command {argv[0]!r}\n\n{listing()}", file=sys.stderr)
         return 2
-    sys.argv = [f"tools {argv[0]}", *argv[1:]]
+    sys.argv = [argv[0], *argv[1:]]  # the command line names itself by the command
     runpy.run_module(table[argv[0]], run_name="__main__", alter_sys=False)
     return 0
 

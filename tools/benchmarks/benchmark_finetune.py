@@ -19,9 +19,15 @@ a fresh Python process so that its peak memory is its own:
   postprocessing (softmax, argmax + one-hot 14) and ignite ``Accuracy`` computed every iteration,
   StatsHandler and TensorBoardStatsHandler; ``set_determinism(123)``; cudnn.benchmark on CUDA.
   Its ValidationHandler is left out, as the bundle's.
-* optional bundle variants (``BUNDLE_VARIANTS``): ``bundle_float32`` (``amp`` false), ``bundle_bf16``
-  (``amp_cpu_training`` true: bf16 training forward on CPUs with native bf16) and
-  ``bundle_reuse_cpu_memory`` (``reuse_cpu_memory`` true): what each of those settings costs or gains.
+* optional bundle variants (``BUNDLE_VARIANTS``): ``bundle_float32`` (``amp`` false: no bf16 forward on
+  a native-bf16 CPU, no float16 on CUDA) and ``bundle_reuse_cpu_memory`` (``reuse_cpu_memory`` true): what
+  each of those settings costs or gains. (The bundle's own mode already trains in bf16 where the CPU
+  has native bf16: ``amp_cpu_training`` defaults to true.)
+
+This is the one tool that measures the BTCV bundle's training speed (``benchmark_btcv`` measures
+inference); ``gpu_check`` runs its ``bundle`` mode for the GPU figure. Each run also counts the
+FLOPs of one iteration (forward + backward of the network) and their fraction of the device's peak
+in the precision the run trained in (``harness.training_precision``).
 
 Both modes take the SAME number of crops per iteration (``crops``; the model zoo's own is
 2 volumes x 2 crops = 4): the model zoo keeps 2 crops per volume and ``crops / 2`` volumes per batch,
@@ -46,7 +52,6 @@ Command lines (demo size, then full size; on a small CPU run full size once per 
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import tempfile
@@ -57,49 +62,35 @@ from typing import Any
 
 import torch
 
+from tools.benchmarks.finetune_model_zoo import MODEL_ZOO_TRAIN, model_zoo_trainer, split_crops
+from tools.benchmarks.harness import (
+    command,
+    envelope,
+    machine_line,
+    peak_memory,
+    run_modes,
+    trainer_precision,
+    write_result,
+)
 from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_parser, cube, device_expr, trains_fused
 from tools.common.engines import loss_of
-from tools.common.machine import load_average, machine_info
-from tools.common.memory import MIB, memory_snapshot, status_mib
-from tools.common.processes import run_child
+from tools.common.machine import load_average
+from tools.common.memory import memory_snapshot, status_mib
+from tools.common.peak import device_peak, format_limit, limit, network_flops
 from tools.common.stats import mean, num, ratio
 from tools.common.timing import resolve_device, say, sync
+
+__all__ = ["MODES", "make_cases", "measure_mode", "model_zoo_trainer", "run_benchmark", "split_crops", "time_run"]
 
 # The bundle's variants beside its defaults: train.json knobs set, to show what each setting costs or gains.
 BUNDLE_VARIANTS = {
     "bundle": {},
     "bundle_float32": {"amp": False},  # no reduced precision anywhere (CPU: no bf16; CUDA: no float16)
-    "bundle_bf16": {"amp_cpu_training": True},  # bf16 training forward on CPUs with native bf16 (the default)
     "bundle_reuse_cpu_memory": {"reuse_cpu_memory": True},  # glibc kept from unmapping freed tensors
 }
-MODES = ("bundle", "model_zoo", "bundle_float32", "bundle_bf16", "bundle_reuse_cpu_memory")
-NUM_CLASSES = 14
-# The model zoo's swin_unetr_btcv_segmentation 0.5.x configs/train.json, its constants stated once.
-MODEL_ZOO_TRAIN = {
-    "name": "swin_unetr_btcv_segmentation",
-    "version": "0.5.x",
-    "config": "configs/train.json",
-    "feature_size": 48,
-    "roi_size": 96,
-    "use_checkpoint": True,
-    "axcodes": "RAS",
-    "spacing": (1.5, 1.5, 2.0),
-    "hu_window": (-175.0, 250.0),
-    "num_samples": 2,
-    "batch_size": 2,
-    "flip_prob": 0.1,
-    "rot90_prob": 0.1,
-    "shift_offsets": 0.1,
-    "shift_prob": 0.5,
-    "cache_rate": 1.0,
-    "num_workers": 4,
-    "loss": {"to_onehot_y": True, "softmax": True, "squared_pred": True, "batch": True},
-    "optimizer": "Adam",
-    "learning_rate": 2e-4,
-    "amp": True,  # SupervisedTrainer autocasts with torch.autocast("cuda"): float32 on CPU
-    "seed": 123,
-    "cudnn_benchmark": True,
-}
+MODES = ("bundle", "model_zoo", "bundle_float32", "bundle_reuse_cpu_memory")
+# What a run measures (the harness calls it, in a fresh process per run).
+MEASURE = "tools.benchmarks.benchmark_finetune:measure_mode"
 # The bundle's handlers that only act every val_interval epochs (validation, final validation).
 BUNDLE_SKIPPED_HANDLERS = ("ValidationHandler", "scripts.checkpoints.FinalValidationHandler")
 # Phantom cases: spacing as the bundles resample to, big enough for 1.5 x roi in-plane and 1 x roi in depth.
@@ -119,16 +110,6 @@ def make_cases(work_dir: Path, num_cases: int, roi_size: Sequence[int], seed: in
         work_dir, num_cases=num_cases, seed=seed, shape=phantom_shape(roi_size), spacing=PHANTOM_SPACING
     )
     return [{"image": image, "label": label} for image, label in written]
-
-
-def split_crops(crops: int, num_samples: int) -> tuple[int, int]:
-    """(volumes per batch, crops per volume) for ``crops``: ``num_samples`` per volume where it divides."""
-    crops = int(crops)
-    if crops < 1:
-        raise ValueError(f"crops must be at least 1, got {crops}")
-    if num_samples >= 1 and crops % int(num_samples) == 0:
-        return crops // int(num_samples), int(num_samples)
-    return 1, crops
 
 
 # ------------------------------------------------------------------------------------------ the two modes
@@ -180,7 +161,7 @@ def bundle_trainer(
         "amp": bool(parser["amp"]),
         "trainer_amp": bool(trainer.amp),
         "training_inferer": type(inferer).__name__,
-        "training_autocast": _inferer_dtype(inferer, dev),
+        "training_autocast": trainer_precision(trainer, dev),
         "optimizer": type(trainer.optimizer).__name__,
         "optim_set_to_none": bool(getattr(trainer, "optim_set_to_none", False)),
         "loss": repr(trainer.loss_function.__class__.__name__),
@@ -190,135 +171,6 @@ def bundle_trainer(
         "handlers": [h["_target_"] for h in handlers],
         "handlers_left_out": list(BUNDLE_SKIPPED_HANDLERS) + ["checkpoint saver (every ckpt_interval epochs)"],
         "overrides": overrides or {},
-        "setup_s": time.perf_counter() - t0,
-    }
-    return trainer, settings
-
-
-def _inferer_dtype(inferer: Any, dev: torch.device) -> str:
-    """The precision the bundle's training forward runs in on ``dev``."""
-    if dev.type == "cuda":
-        return "float16 (trainer amp)" if getattr(inferer, "autocast", False) else "float32"
-    if not getattr(inferer, "autocast", False):
-        return "float32"
-    import scripts.inferers  # the bundle's package, made importable by bundle_parser
-
-    dtype = scripts.inferers.autocast_dtype("cpu")
-    return "float32 (no native bf16 here)" if dtype is None else str(dtype).replace("torch.", "")
-
-
-def model_zoo_transforms(roi: list[int], num_samples: int) -> Any:
-    """The model zoo's training transforms (deterministic part cached by CacheDataset)."""
-    from monai.transforms import (
-        Compose,
-        EnsureChannelFirstd,
-        EnsureTyped,
-        LoadImaged,
-        Orientationd,
-        RandCropByPosNegLabeld,
-        RandFlipd,
-        RandRotate90d,
-        RandShiftIntensityd,
-        ScaleIntensityRanged,
-        Spacingd,
-    )
-
-    z, keys = MODEL_ZOO_TRAIN, ["image", "label"]
-    a_min, a_max = z["hu_window"]
-    return Compose(
-        [
-            LoadImaged(keys=keys),
-            EnsureChannelFirstd(keys=keys),
-            Orientationd(keys=keys, axcodes=z["axcodes"]),
-            Spacingd(keys=keys, pixdim=z["spacing"], mode=("bilinear", "nearest")),
-            ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True),
-            EnsureTyped(keys=keys),
-            RandCropByPosNegLabeld(
-                keys=keys,
-                label_key="label",
-                spatial_size=roi,
-                pos=1,
-                neg=1,
-                num_samples=int(num_samples),
-                image_key="image",
-                image_threshold=0,
-            ),
-            *[RandFlipd(keys=keys, spatial_axis=[axis], prob=z["flip_prob"]) for axis in range(3)],
-            RandRotate90d(keys=keys, max_k=3, prob=z["rot90_prob"]),
-            RandShiftIntensityd(keys="image", offsets=z["shift_offsets"], prob=z["shift_prob"]),
-        ]
-    )
-
-
-def model_zoo_trainer(
-    dev: torch.device,
-    data: list[dict],
-    feature_size: int,
-    roi: list[int],
-    crops: int,
-    num_workers: int | None,
-    out_dir: Path,
-) -> tuple[Any, dict[str, Any]]:
-    """The model zoo's SupervisedTrainer settings built from MONAI classes on ``data``; (trainer, settings)."""
-    import ignite.metrics
-    from monai.data import CacheDataset, DataLoader
-    from monai.engines import SupervisedTrainer
-    from monai.handlers import StatsHandler, TensorBoardStatsHandler, from_engine
-    from monai.inferers import SimpleInferer
-    from monai.losses import DiceCELoss
-    from monai.networks.nets import SwinUNETR
-    from monai.transforms import Activationsd, AsDiscreted, Compose
-    from monai.utils import set_determinism
-
-    z = MODEL_ZOO_TRAIN
-    workers = z["num_workers"] if num_workers is None else int(num_workers)
-    batch_size, num_samples = split_crops(crops, z["num_samples"])
-    set_determinism(seed=z["seed"])
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = z["cudnn_benchmark"]
-    t0 = time.perf_counter()
-    network = SwinUNETR(
-        in_channels=1, out_channels=NUM_CLASSES, feature_size=int(feature_size), use_checkpoint=z["use_checkpoint"]
-    ).to(dev)
-    dataset = CacheDataset(
-        data=data, transform=model_zoo_transforms(roi, num_samples), cache_rate=z["cache_rate"], num_workers=workers
-    )
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
-    postprocessing = Compose(
-        [
-            Activationsd(keys="pred", softmax=True),
-            AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=NUM_CLASSES),
-        ]
-    )
-    loss_out = from_engine(["loss"], first=True)
-    trainer = SupervisedTrainer(
-        device=dev,
-        max_epochs=10**6,
-        train_data_loader=loader,
-        network=network,
-        optimizer=torch.optim.Adam(network.parameters(), lr=z["learning_rate"]),
-        loss_function=DiceCELoss(**z["loss"]),
-        inferer=SimpleInferer(),
-        postprocessing=postprocessing,
-        key_train_metric={"train_accuracy": ignite.metrics.Accuracy(output_transform=from_engine(["pred", "label"]))},
-        train_handlers=[
-            StatsHandler(tag_name="train_loss", output_transform=loss_out),
-            TensorBoardStatsHandler(log_dir=str(out_dir / "eval"), tag_name="train_loss", output_transform=loss_out),
-        ],
-        amp=z["amp"],
-    )
-    settings = {
-        "config": f"model zoo {z['name']} {z['version']} {z['config']} (rebuilt from MONAI classes)",
-        "batch_size": batch_size,
-        "num_samples": num_samples,
-        "num_workers": workers,
-        "amp": z["amp"],
-        "training_autocast": "float16 (trainer amp)" if dev.type == "cuda" else "float32",
-        "optimizer": "Adam",
-        "loss": f"DiceCELoss({z['loss']})",
-        "use_checkpoint": z["use_checkpoint"],
-        "use_flash_attention": False,
-        "per_iteration_extras": "postprocessing (softmax, argmax, one-hot) + ignite Accuracy",
         "setup_s": time.perf_counter() - t0,
     }
     return trainer, settings
@@ -393,6 +245,7 @@ def measure_mode(
                 dev, data, feature_size, roi, crops, num_workers, seed, Path(tmp), overrides
             )
         setup_s = time.perf_counter() - t0
+        flops = network_flops(trainer.network, (int(crops), 1, *roi), backward=True)
         before = memory_snapshot()
         rss_before = status_mib("VmRSS")
         if dev.type == "cuda":
@@ -400,8 +253,9 @@ def measure_mode(
         record = time_run(trainer, dev, int(warmup) + int(steps))
         after = memory_snapshot()
     timed = record["wall_s"][int(warmup) :]
-    cuda_peak = torch.cuda.max_memory_allocated(dev) / MIB if dev.type == "cuda" else None
+    peak = peak_memory(dev, after["ru_maxrss_mib"], "iterations", "run")
     seconds = mean(timed)
+    hwm = after["vm_hwm_mib"]
     return {
         "mode": mode,
         "device": str(dev),
@@ -420,23 +274,19 @@ def measure_mode(
         "cpu_seconds_per_iteration": mean(record["cpu_s"][int(warmup) :]),
         "cpu_times_s": record["cpu_s"][int(warmup) :],
         "losses": record["loss"],
-        "peak_memory_mib": cuda_peak if cuda_peak is not None else after["ru_maxrss_mib"],
-        "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda_peak is not None else "process peak RSS",
-        "cuda_max_memory_allocated_mib": cuda_peak,
+        **peak,
         "peak_rss_mib": after["ru_maxrss_mib"],
         "peak_rss_before_training_mib": before["ru_maxrss_mib"],
+        "peak_rss_delta_training_mib": after["ru_maxrss_mib"] - before["ru_maxrss_mib"],
         "rss_before_training_mib": rss_before,
-        "vm_hwm_mib": after["vm_hwm_mib"],
+        "vm_hwm_mib": hwm,
+        # a fresh process: its peak RSS is its own where ru_maxrss agrees with the address space's VmHWM
+        "peak_rss_attributable": hwm is None or abs(after["ru_maxrss_mib"] - hwm) <= max(64.0, 0.05 * hwm),
+        "flops_per_crop": flops // max(int(crops), 1),
+        "flops_per_iteration": flops,
+        "flops_counted": "forward + backward of the network (PyTorch flop counter), no optimiser step",
+        "limit": limit(flops, seconds, device_peak(dev), settings["training_autocast"]),
     }
-
-
-def mode_child(args_json: str, result_path: str) -> None:
-    """Entry point of a mode's subprocess: measure and write the result JSON to ``result_path``."""
-    import logging
-
-    logging.basicConfig(level=logging.WARNING)
-    result = measure_mode(**json.loads(args_json))
-    Path(result_path).write_text(json.dumps(result, indent=2))
 
 
 # ------------------------------------------------------------------------------------------ side by side
@@ -465,6 +315,9 @@ def summarise(runs: list[dict]) -> dict[str, Any]:
         "peak_memory_mib_median": median_of(ok, "peak_memory_mib"),
         "peak_memory_mib_per_repeat": [r.get("peak_memory_mib") for r in ok],
         "training_autocast": ok[0]["settings"]["training_autocast"] if ok else None,
+        "flops_per_iteration": ok[0]["flops_per_iteration"] if ok else None,
+        "fraction_of_peak_median": median_of([r["limit"] for r in ok], "fraction_of_peak"),
+        "limit": ok[0]["limit"] if len(ok) == 1 else None,
     }
 
 
@@ -544,22 +397,12 @@ def run_benchmark(
             "seed": int(seed),
             "bundle_overrides": bundle_overrides or {},
         }
-        runs: dict[str, list[dict]] = {m: [] for m in modes}
-        for repeat in range(int(repeats)):
-            for mode in modes:
-                say(f"repeat {repeat + 1}/{repeats}, {mode}: {warmup} warm-up + {steps} timed iteration(s)")
-                run = (
-                    run_child(
-                        "tools.benchmarks.benchmark_finetune", "mode_child", {**args, "mode": mode}, mode, timeout_s
-                    )
-                    if isolate
-                    else measure_mode(mode, **args)
-                )
-                runs[mode].append(run)
+        what = f"{warmup} warm-up + {steps} timed iteration(s)"
+        runs = run_modes(MEASURE, modes, args, repeats=repeats, isolate=isolate, timeout_s=timeout_s, what=what)
     summary = {m: summarise(r) for m, r in runs.items()}
-    result = {
-        "machine": {**machine_info(dev), "load_average_after": load_average()},
-        "settings": {k: v for k, v in args.items() if k != "data"}
+    result = envelope(
+        dev,
+        {k: v for k, v in args.items() if k != "data"}
         | {
             "modes": modes,
             "repeats": int(repeats),
@@ -574,23 +417,17 @@ def run_benchmark(
                 else "process peak RSS (getrusage ru_maxrss of a fresh process; includes the cached volumes)"
             ),
         },
-        "summary": summary,
-        "comparison": comparison(summary),
-        "runs": runs,
-    }
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(result, indent=4) + "\n")
-    result["output"] = str(output)
-    say(f"wrote {output}")
-    return result
+        load_average_after=load_average(),
+    )
+    result |= {"summary": summary, "comparison": comparison(summary), "runs": runs}
+    return write_result(result, output)
 
 
 def format_report(result: dict[str, Any]) -> str:
     """A short text table of a benchmark result."""
     m, s, c = result["machine"], result["settings"], result["comparison"]
     lines = [
-        f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable cores, native bf16 {m['native_bf16']}, "
-        f"GPU {m['gpu'] or 'none'}; torch {m['torch']}, monai {m['monai']}; load after {m['load_average_after']}",
+        f"{machine_line(m)}; load after {m['load_average_after']}",
         f"Fine-tuning on {s['device']}: feature_size {s['feature_size']}, roi {s['roi_size']}, {s['crops']} crops per "
         f"iteration, {s['warmup']} warm-up + {s['steps']} timed iterations, {s['repeats']} interleaved repeat(s)",
         "",
@@ -619,17 +456,19 @@ def format_report(result: dict[str, Any]) -> str:
                 f"peak memory {fmt(c[f'peak_memory_ratio_{name}_over_model_zoo'])}"
             )
     lines.append(f"peak memory: {s['memory_measure']}")
+    peak = result.get("peak")
+    lines.append(f"Limit (peak: {peak['assumption'] if peak else 'unknown device, no peak'})")
+    for name, r in result["summary"].items():
+        if r.get("flops_per_iteration"):
+            fraction = r["fraction_of_peak_median"]
+            lines.append(
+                f"{name:<15} {r['flops_per_iteration'] / 1e9:.1f} GFLOP per iteration (forward + backward), "
+                + (format_limit(r["limit"]) if r["limit"] else f"median {num(fraction, '.2%')} of the peak")
+            )
     return "\n".join(lines)
-
-
-def report(result: dict[str, Any]) -> str:
-    """The command line's printout: a blank line and the text table."""
-    return "\n" + format_report(result)
 
 
 if __name__ == "__main__":
     import logging
 
-    from tools.common.cli import fire_command
-
-    fire_command(run_benchmark, report=report, log_level=logging.WARNING)
+    command(run_benchmark, format_report, log_level=logging.WARNING)

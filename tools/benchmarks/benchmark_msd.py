@@ -48,10 +48,8 @@ tries the tool out quickly.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -60,20 +58,30 @@ from typing import Any
 
 import torch
 
+from tools.benchmarks.harness import (
+    command,
+    envelope,
+    machine_line,
+    peak_memory,
+    precision_label,
+    run_modes,
+    trainer_precision,
+    write_result,
+)
 from tools.common.bundles import MSD_DIR as BUNDLE_DIR
 from tools.common.bundles import REPO_ROOT, cube, device_expr, trains_fused
 from tools.common.bundles import bundle_parser as parse_bundle_config
 from tools.common.engines import loss_of, time_iterations
-from tools.common.machine import load_average, machine_info
-from tools.common.memory import MIB, memory_snapshot, reset_peak_rss
+from tools.common.machine import load_average
+from tools.common.memory import memory_snapshot, reset_peak_rss
 from tools.common.peak import device_peak, format_limit, limit, network_flops
-from tools.common.processes import run_child
 from tools.common.stats import mean, num
 from tools.common.timing import resolve_device, say
 
 CONFIG_DIR = BUNDLE_DIR / "configs"
 DEFAULT_TASKS = ("Task09_Spleen", "Task01_BrainTumour")
 DEFAULT_SHAPE = (128, 128, 96)
+MEASURE = "tools.benchmarks.benchmark_msd:measure_task"  # one task's iterations (the harness runs it)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -262,22 +270,14 @@ def measure_task(
         trainer.run()
         run_s = time.perf_counter() - t0
         after = memory_snapshot()
-        cuda_peak = torch.cuda.max_memory_allocated(dev) / MIB if dev.type == "cuda" else None
-        cuda_reserved = torch.cuda.max_memory_reserved(dev) / MIB if dev.type == "cuda" else None
+        peak = peak_memory(dev, after["ru_maxrss_mib"], "iterations", "task")
 
     input_shapes = log["input_shapes"]
     crops = input_shapes[-1][0] if input_shapes and input_shapes[-1] else int(batch_size) * int(num_samples)
     shape_in = input_shapes[-1] if input_shapes and input_shapes[-1] else None
     flops = network_flops(network, shape_in, backward=True) if shape_in else None
-    precision = _precision(trainer, dev)
-    memory = {
-        "before": before,
-        "after": after,
-        "cuda_peak": cuda_peak,
-        "cuda_reserved": cuda_reserved,
-        "peak_reset": peak_reset,
-        "load_start": load_start,
-    }
+    precision = trainer_precision(trainer, dev)
+    memory = {"before": before, "after": after, "peak": peak, "peak_reset": peak_reset, "load_start": load_start}
     return {
         "task": task,
         "pid": os.getpid(),
@@ -296,7 +296,7 @@ def measure_task(
         "use_checkpoint": bool(settings["use_checkpoint"]),
         "use_flash_attention": bool(settings["use_flash_attention"]),
         "amp": bool(trainer.amp),
-        "precision": precision if precision == "float32" else f"{precision} autocast",
+        "precision": precision_label(precision),
         "fast_window_attention": trains_fused(network),
         "parameters": int(sum(p.numel() for p in network.parameters())),
         "synthetic_shape": [int(s) for s in shape],
@@ -312,26 +312,18 @@ def measure_task(
     }
 
 
-def _precision(trainer: Any, dev: torch.device) -> str:
-    """The dtype of the bundle trainer's forward: float16 (CUDA AMP), its training inferer's CPU autocast, float32."""
-    if trainer.amp:
-        return "float16"
-    inferer = trainer.inferer
-    if dev.type == "cpu" and getattr(inferer, "autocast", False):
-        dtype = sys.modules[type(inferer).__module__].autocast_dtype("cpu")
-        if dtype is not None:
-            return str(dtype).removeprefix("torch.")
-    return "float32"
-
-
 def _speed_and_memory(log: dict, warmup: int, crops: int, memory: dict) -> dict[str, Any]:
     """The timing, loss and memory fields of a task's record, from ``log_iterations``' log and the snapshots."""
     times, data_times, losses = log["times"], log["data_times"], log["losses"]
     timed, timed_data = times[warmup:], data_times[warmup : len(times)]
     mean_s = mean(timed)
     ips = len(timed) / sum(timed) if timed and sum(timed) > 0 else None
-    before, after, cuda_peak = memory["before"], memory["after"], memory["cuda_peak"]
-    cuda_reserved, peak_reset, load_start = memory["cuda_reserved"], memory["peak_reset"], memory["load_start"]
+    before, after, peak_reset, load_start = (
+        memory["before"],
+        memory["after"],
+        memory["peak_reset"],
+        memory["load_start"],
+    )
     hwm = after["vm_hwm_mib"]
     return {
         "warmup_iterations": len(times[:warmup]),
@@ -347,14 +339,7 @@ def _speed_and_memory(log: dict, warmup: int, crops: int, memory: dict) -> dict[
         "warmup_losses": losses[:warmup],
         "final_loss": losses[-1] if losses else None,
         "final_loss_finite": bool(losses) and math.isfinite(losses[-1]),
-        "peak_memory_mib": cuda_peak if cuda_peak is not None else after["ru_maxrss_mib"],
-        "peak_memory_kind": (
-            "torch.cuda.max_memory_allocated over the iterations"
-            if cuda_peak is not None
-            else "peak RSS of this task's process (resource.getrusage ru_maxrss)"
-        ),
-        "cuda_max_memory_allocated_mib": cuda_peak,
-        "cuda_max_memory_reserved_mib": cuda_reserved,
+        **memory["peak"],
         "peak_rss_mib": after["ru_maxrss_mib"],
         "peak_rss_before_training_mib": before["ru_maxrss_mib"],
         "vm_hwm_mib": hwm,
@@ -363,21 +348,6 @@ def _speed_and_memory(log: dict, warmup: int, crops: int, memory: dict) -> dict[
         "load_average_start": load_start,
         "load_average_end": load_average(),
     }
-
-
-def task_child(args_json: str, result_path: str) -> None:
-    """Entry point of a task's subprocess: measure and write the result JSON to ``result_path``."""
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = measure_task(**json.loads(args_json))
-    Path(result_path).write_text(json.dumps(result, indent=2))
-
-
-def run_task_subprocess(args: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
-    """Run ``measure_task(**args)`` in a fresh Python process (forked through /bin/sh: its own peak RSS)."""
-    result = run_child("tools.benchmarks.benchmark_msd", "task_child", args, args["task"], timeout_s)
-    return {"task": args["task"], **result} if "error" in result else result
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -396,8 +366,7 @@ def format_report(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     la = result["load_average"]
     lines = [
-        f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable cores ({m['torch_threads']} torch threads), "
-        f"CPU capability {m['cpu_capability']}, GPU {m['gpu'] or 'none'}; torch {m['torch']}, monai {m['monai']}",
+        machine_line(m),
         f"swin_unetr_msd training (configs/train.json, train#trainer) on {s['device']}: feature_size "
         f"{s['feature_size']}, {s['batch_size']} volume(s) x {s['num_samples']} crop(s) per iteration, "
         f"use_checkpoint {_knob(s['use_checkpoint'], result['tasks'], 'use_checkpoint')}, "
@@ -509,45 +478,42 @@ def run_benchmark(
     shape = [int(s) for s in shape]
     output = output or str(REPO_ROOT / "bench_output" / f"msd_{dev.type}.json")
     load_start = load_average()
-    result: dict[str, Any] = {
-        "machine": machine_info(dev),
-        "peak": device_peak(dev),
-        "settings": {
-            "bundle": "swin_unetr_msd",
-            "config": "configs/train.json (train#trainer, after setup)",
-            "tasks": tasks,
-            "device": str(dev),
-            "feature_size": int(feature_size),
-            "roi_size": roi if roi is not None else "task default (configs/tasks/<task>.json)",
-            "num_samples": int(num_samples),
-            "batch_size": int(batch_size),
-            "crops_per_iteration": int(batch_size) * int(num_samples),
-            "use_checkpoint": None if use_checkpoint is None else bool(use_checkpoint),
-            "amp": bool(amp) and dev.type == "cuda",
-            "amp_requested": bool(amp),
-            "num_workers": 0,
-            "cache_rate": 1.0,
-            "iterations": int(iterations),
-            "warmup": int(warmup),
-            "shape": shape,
-            "cases": int(cases),
-            "seed": int(seed),
-            "data": "synthetic Decathlon task folders (tools.data.make_msd_tasks.write_msd_task)",
-            "timing": "ignite Events.ITERATION_STARTED..ITERATION_COMPLETED per iteration"
-            + (", torch.cuda.synchronize at both ends" if dev.type == "cuda" else "")
-            + "; the first `warmup` iterations discarded; batch fetch timed apart",
-            "isolation": (
-                "each task in a fresh Python process (forked through /bin/sh)"
-                if isolate
-                else "all tasks in this process: peak RSS is not per task"
-            ),
-            "memory_measure": (
-                "torch.cuda.max_memory_allocated over the iterations"
-                if dev.type == "cuda"
-                else "peak RSS of the task's process (getrusage ru_maxrss)"
-            ),
-        },
+    settings = {
+        "bundle": "swin_unetr_msd",
+        "config": "configs/train.json (train#trainer, after setup)",
+        "tasks": tasks,
+        "device": str(dev),
+        "feature_size": int(feature_size),
+        "roi_size": roi if roi is not None else "task default (configs/tasks/<task>.json)",
+        "num_samples": int(num_samples),
+        "batch_size": int(batch_size),
+        "crops_per_iteration": int(batch_size) * int(num_samples),
+        "use_checkpoint": None if use_checkpoint is None else bool(use_checkpoint),
+        "amp": bool(amp) and dev.type == "cuda",
+        "amp_requested": bool(amp),
+        "num_workers": 0,
+        "cache_rate": 1.0,
+        "iterations": int(iterations),
+        "warmup": int(warmup),
+        "shape": shape,
+        "cases": int(cases),
+        "seed": int(seed),
+        "data": "synthetic Decathlon task folders (tools.data.make_msd_tasks.write_msd_task)",
+        "timing": "ignite Events.ITERATION_STARTED..ITERATION_COMPLETED per iteration"
+        + (", torch.cuda.synchronize at both ends" if dev.type == "cuda" else "")
+        + "; the first `warmup` iterations discarded; batch fetch timed apart",
+        "isolation": (
+            "each task in a fresh Python process (forked through /bin/sh)"
+            if isolate
+            else "all tasks in this process: peak RSS is not per task"
+        ),
+        "memory_measure": (
+            "torch.cuda.max_memory_allocated over the iterations"
+            if dev.type == "cuda"
+            else "peak RSS of the task's process (getrusage ru_maxrss)"
+        ),
     }
+    result = envelope(dev, settings)
     args = {
         "device": str(dev),
         "feature_size": int(feature_size),
@@ -562,36 +528,19 @@ def run_benchmark(
         "cases": int(cases),
         "seed": int(seed),
     }
-    results: dict[str, dict] = {}
-    for task in tasks:
-        say(
-            f"{task}: {'fresh subprocess' if isolate else 'in process'}, {warmup} warm-up + {iterations} timed "
-            f"iteration(s); load average {load_average()}"
-        )
-        results[task] = (
-            run_task_subprocess({**args, "task": task}, timeout_s) if isolate else measure_task(task, **args)
-        )
+    what = f"{warmup} warm-up + {iterations} timed iteration(s); load average {load_average()}"
+    runs = run_modes(MEASURE, tasks, args, key="task", isolate=isolate, timeout_s=timeout_s, what=what)
+    results = {task: run for task, (run,) in runs.items()}
     result["tasks"] = results
     result["load_average"] = {
         "start": load_start,
         "end": load_average(),
         "meaning": "os.getloadavg() 1, 5, 15 min, before the first and after the last task",
     }
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(result, indent=4) + "\n")
-    result["output"] = str(output)
-    say(f"wrote {output}")
-    return result
-
-
-def report(result: dict[str, Any]) -> str:
-    """The command line's printout: a blank line and the text table."""
-    return "\n" + format_report(result)
+    return write_result(result, output)
 
 
 if __name__ == "__main__":
     import logging
 
-    from tools.common.cli import fire_command
-
-    fire_command(run_benchmark, report=report, log_level=logging.WARNING)
+    command(run_benchmark, format_report, log_level=logging.WARNING)

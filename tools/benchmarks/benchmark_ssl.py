@@ -60,38 +60,35 @@ axes 1 and 2, must be square; each side a multiple of 32 with at least 2 bottlen
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 
+from tools.benchmarks.harness import (
+    command,
+    envelope,
+    machine_line,
+    peak_memory,
+    precision_label,
+    run_modes,
+    training_precision,
+    write_result,
+)
+from tools.benchmarks.ssl_research import RESEARCH_FORWARDS, setup_research
 from tools.common.bundles import REPO_ROOT, cube, device_expr, trains_fused
 from tools.common.bundles import SSL_DIR as BUNDLE_DIR
 from tools.common.bundles import bundle_parser as parse_bundle_config
-from tools.common.machine import machine_info
-from tools.common.memory import MIB, memory_snapshot, reset_peak_rss, status_mib
+from tools.common.memory import memory_snapshot, reset_peak_rss, status_mib
 from tools.common.peak import device_peak, format_limit, limit, network_flops
-from tools.common.processes import run_child
 from tools.common.stats import mean, num, ratio
 from tools.common.timing import resolve_device, say, sync
 
 MODES = ("bundle", "research")
-RESEARCH_FORWARDS = ("separate", "concat")
-
-# The research augmentation (own implementation of what utils/ops.py does; see the module docstring).
-NUM_ROTATIONS = 4
-ROTATION_AXES = (2, 3)  # array axes of a channel-first crop (C, D, H, W): spatial axes 1 and 2
-MAX_CUTOUT_FRACTION = 0.3
-MAX_BOX_SIZE = 0.25
-MIN_BOX_SIZE = 0.05
-MAX_BOXES = 1000
+MEASURE = "tools.benchmarks.benchmark_ssl:measure_mode"  # one mode's step (the harness runs it)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -148,106 +145,6 @@ def _attributable(ru_maxrss: float, hwm_before: float | None, hwm_after: float |
     if not hwms:
         return True
     return abs(ru_maxrss - max(hwms)) <= max(64.0, 0.05 * max(hwms))
-
-
-# ------------------------------------------------------------------------------------------ research augmentation
-
-
-def rotate_view(sample: np.ndarray, k: int) -> np.ndarray:
-    """Rotate a channel-first crop (C, D, H, W) by ``k`` x 90 degrees in the plane of spatial axes 1, 2.
-
-    Same direction as ``torch.rot90(crop, k, dims=(2, 3))`` (the bundle's ``rotate90``), so
-    ``rotate_view(rotate_view(x, k), -k)`` is ``x`` and the label ``k`` means the same in both modes.
-    """
-    return np.ascontiguousarray(np.rot90(sample, int(k), axes=ROTATION_AXES))
-
-
-def draw_cutout_mask(
-    spatial_shape: Sequence[int],
-    rng: np.random.Generator,
-    max_fraction: float = MAX_CUTOUT_FRACTION,
-    max_box_size: float = MAX_BOX_SIZE,
-    min_box_size: float = MIN_BOX_SIZE,
-    max_boxes: int = MAX_BOXES,
-) -> np.ndarray:
-    """Boolean mask of random boxes covering a share drawn uniformly in [0, ``max_fraction``) of the voxels.
-
-    Box sides are drawn between ``min_box_size`` and ``max_box_size`` of each side; boxes are added
-    until the union reaches the drawn share, a box that would take the union past
-    ``max_fraction`` being halved along its longest side until it fits.
-    """
-    shape = np.asarray(spatial_shape, dtype=int)
-    total = int(shape.prod())
-    target = rng.uniform(0.0, max_fraction) * total
-    budget = int(np.floor(max_fraction * total))
-    min_sides = np.maximum(1, np.floor(min_box_size * shape)).astype(int)
-    max_sides = np.maximum(min_sides, np.floor(max_box_size * shape)).astype(int)
-    mask = np.zeros(tuple(shape), dtype=bool)
-    masked = 0
-    for _ in range(int(max_boxes)):
-        if masked >= target:
-            break
-        sides = rng.integers(min_sides, max_sides + 1)
-        starts = rng.integers(0, shape - sides + 1)
-
-        def box_of(s: np.ndarray) -> tuple[slice, ...]:
-            return tuple(slice(int(a), int(a + b)) for a, b in zip(starts, s))
-
-        new = int(np.count_nonzero(~mask[box_of(sides)]))
-        while masked + new > budget and sides.max() > 1:
-            i = int(np.argmax(sides))
-            sides[i] = max(1, sides[i] // 2)
-            new = int(np.count_nonzero(~mask[box_of(sides)]))
-        if masked + new > budget:
-            break
-        mask[box_of(sides)] = True
-        masked += new
-    return mask
-
-
-def noise_cutout(sample: np.ndarray, rng: np.random.Generator, **mask_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A copy of the crop (C, D, H, W) with random boxes replaced by noise in [0, 1]; returns (copy, mask)."""
-    mask = draw_cutout_mask(sample.shape[1:], rng, **mask_kwargs)
-    out = sample.copy()
-    count = int(np.count_nonzero(mask))
-    if count:
-        noise = rng.standard_normal((sample.shape[0], count), dtype=np.float32)
-        lo, hi = float(noise.min()), float(noise.max())
-        noise = (noise - lo) / (hi - lo) if hi > lo else np.zeros_like(noise)
-        out[:, mask] = noise.astype(sample.dtype, copy=False)
-    return out, mask
-
-
-def research_views(images: torch.Tensor, rng: np.random.Generator) -> dict[str, Any]:
-    """The research code's two views of a CPU batch (N, C, D, H, W), made per sample with numpy on the CPU.
-
-    Returns CPU tensors ``x1``, ``x2`` (rotated, un-masked: reconstruction targets), ``x1_augment``,
-    ``x2_augment`` (rotated and cut out: the network inputs), ``rot1``, ``rot2`` (labels, long),
-    ``masks`` (2N, D, H, W; view 1 of every sample, then view 2) and ``masked_fraction`` (mean share).
-    """
-    array = images.detach().cpu().numpy()
-    if array.ndim != 5 or array.shape[1 + ROTATION_AXES[0]] != array.shape[1 + ROTATION_AXES[1]]:
-        raise ValueError(
-            f"crops of shape {tuple(array.shape[2:])} are not square in the rotation plane (spatial axes 1, 2)"
-        )
-    out: dict[str, Any] = {}
-    masks = []
-    for view in (1, 2):
-        rotated, augmented, labels = [], [], []
-        for sample in array:
-            k = int(rng.integers(NUM_ROTATIONS))
-            r = rotate_view(sample, k)
-            a, m = noise_cutout(r, rng)
-            rotated.append(r)
-            augmented.append(a)
-            labels.append(k)
-            masks.append(m)
-        out[f"x{view}"] = torch.from_numpy(np.stack(rotated))
-        out[f"x{view}_augment"] = torch.from_numpy(np.stack(augmented))
-        out[f"rot{view}"] = torch.tensor(labels, dtype=torch.long)
-    out["masks"] = np.stack(masks)
-    out["masked_fraction"] = float(out["masks"].mean())
-    return out
 
 
 # ------------------------------------------------------------------------------------------ the two steps
@@ -311,9 +208,8 @@ def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tens
             "optimizer": type(optimizer).__name__,
             "lr_scheduler": type(iteration.lr_scheduler).__name__,
             "amp": bool(iteration.amp),
-            "cpu_bf16": bool(getattr(iteration, "cpu_autocast", False))
-            and device.type == "cpu"
-            and sys.modules[type(iteration).__module__].autocast_dtype("cpu") is not None,
+            "cpu_bf16": device.type == "cpu"
+            and training_precision(device, bool(getattr(iteration, "cpu_autocast", False))) == "bfloat16",
             "scaler_enabled": bool(iteration.scaler.is_enabled()),
             "accumulation_steps": iteration.accumulation_steps,
             "max_grad_norm": iteration.max_grad_norm,
@@ -321,104 +217,6 @@ def setup_bundle(device: torch.device, parser: Any, seed: int, crops: torch.Tens
             "fast_window_attention": trains_fused(network),
             "reuse_cpu_memory": bool(parser["reuse_cpu_memory"]),
             "allocator_applied": allocator_applied,
-        },
-    }
-
-
-def setup_research(
-    device: torch.device, parser: Any, seed: int, crops: torch.Tensor, amp: bool, forward: str
-) -> dict[str, Any]:
-    """The research code's step: CPU augmentation per sample, views to the device, forward, loss, update."""
-    from monai.losses import ContrastiveLoss
-
-    if forward not in RESEARCH_FORWARDS:
-        raise ValueError(f"research_forward must be one of {RESEARCH_FORWARDS}, got {forward!r}")
-    torch.manual_seed(int(seed))  # the same initial weights as the bundle mode (set_determinism seeds torch alike)
-    parser["fast_window_attention"] = False  # the research code runs MONAI's own window attention
-    network = parser.get_parsed_content("network")  # the same SwinSSLNet with the bundle's other knobs
-    if trains_fused(network):
-        raise RuntimeError("the research mode's network must use MONAI's own window attention")
-    optimizer = torch.optim.AdamW(
-        network.parameters(), lr=float(parser["learning_rate"]), weight_decay=float(parser["weight_decay"])
-    )
-    use_amp = bool(amp) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    contrast = ContrastiveLoss(temperature=float(parser["temperature"]))
-    rotation_ce = torch.nn.CrossEntropyLoss()
-    reconstruction_l1 = torch.nn.L1Loss()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as main.py
-    rng = np.random.default_rng(int(seed))
-    batch_cpu = crops.cpu()
-
-    def step(index: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        views = research_views(batch_cpu, rng)
-        t1 = time.perf_counter()
-        x1, x2, x1_aug, x2_aug, rot1, rot2 = (
-            views[k].to(device) for k in ("x1", "x2", "x1_augment", "x2_augment", "rot1", "rot2")
-        )
-        sync(device)
-        t2 = time.perf_counter()
-        network.train()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-            if forward == "separate":  # main.py: model(x1_augment), model(x2_augment)
-                o1, o2 = network(x1_aug), network(x2_aug)
-                rot_p = torch.cat([o1.rotation, o2.rotation])
-                c1, c2 = o1.contrastive, o2.contrastive
-                reconstruction = torch.cat([o1.reconstruction, o2.reconstruction])
-            else:
-                o = network(torch.cat([x1_aug, x2_aug]))
-                half = x1_aug.shape[0]
-                rot_p, c1, c2, reconstruction = o.rotation, o.contrastive[:half], o.contrastive[half:], o.reconstruction
-            terms = {
-                "rotation_loss": rotation_ce(rot_p, torch.cat([rot1, rot2])),
-                "contrast_loss": contrast(c1, c2),
-                "inpaint_loss": reconstruction_l1(reconstruction, torch.cat([x1, x2])),
-            }
-            loss = terms["rotation_loss"] + terms["contrast_loss"] + terms["inpaint_loss"]
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
-        loss_value = float(loss.detach())
-        sync(device)
-        t3 = time.perf_counter()
-        return {
-            "loss": loss_value,
-            "loss_terms": {k: float(v.detach()) for k, v in terms.items()},
-            "masked_fraction": views["masked_fraction"],
-            "augment_s": t1 - t0,
-            "transfer_s": t2 - t1,
-            "compute_s": t3 - t2,
-        }
-
-    return {
-        "network": network,
-        "step": step,
-        "settings": {
-            "how": "research-contributions SwinUNETR/Pretrain main.py way: rot_rand + aug_rand per sample with numpy "
-            "on the CPU (own implementation), views moved to the device, "
-            + (
-                "model(x1_augment), model(x2_augment)"
-                if forward == "separate"
-                else "model(torch.cat([x1_augment, x2_augment]))"
-            )
-            + ", rotation CE + contrastive + L1, scaler.step, zero_grad",
-            "optimizer": "AdamW",
-            "lr_scheduler": None,
-            "reuse_cpu_memory": False,
-            "allocator_applied": False,
-            "amp": use_amp,
-            "scaler_enabled": use_amp,
-            "forward": forward,
-            "augmentation": {
-                "rotation_axes_spatial": [a - 1 for a in ROTATION_AXES],
-                "max_cutout_fraction": MAX_CUTOUT_FRACTION,
-                "box_size_range": [MIN_BOX_SIZE, MAX_BOX_SIZE],
-                "fill": "normal noise min-max scaled to [0, 1]",
-                "second_cutout_from_other_sample": False,
-            },
         },
     }
 
@@ -475,17 +273,16 @@ def measure_mode(
     after = memory_snapshot()
     timed, warm = records[int(warmup) :], records[: int(warmup)]
     times = [r["seconds"] for r in timed]
-    cuda_peak = torch.cuda.max_memory_allocated(dev) / MIB if dev.type == "cuda" else None
+    peak = peak_memory(dev, after["ru_maxrss_mib"], "steps", "mode")
     hwm = after["vm_hwm_mib"]
     breakdown_keys = ("augment_s", "transfer_s", "compute_s") if mode == "research" else ("proxy_tasks_s",)
     flops = network_flops(network, (2 * crops.shape[0], *crops.shape[1:]), backward=True)
-    cpu_bf16 = bool(setup["settings"].get("cpu_bf16"))
-    precision = "float16" if setup["settings"]["amp"] else "bfloat16" if cpu_bf16 else "float32"
+    precision = training_precision(dev, bool(setup["settings"]["amp"]) or bool(setup["settings"].get("cpu_bf16")))
     result = {
         "mode": mode,
         "pid": os.getpid(),
         "device": str(dev),
-        "precision": "float32" if precision == "float32" else f"{precision} autocast",
+        "precision": precision_label(precision),
         "settings": setup["settings"],
         "flops_per_step": flops,
         "flops_per_view": flops // (2 * crops.shape[0]),
@@ -511,14 +308,7 @@ def measure_mode(
         "masked_fraction": [float(r["masked_fraction"]) for r in timed],
         "breakdown_s": {k: [float(r[k]) for r in timed] for k in breakdown_keys},
         "breakdown_mean_s": {k: mean([float(r[k]) for r in timed]) for k in breakdown_keys},
-        "peak_memory_mib": cuda_peak if cuda_peak is not None else after["ru_maxrss_mib"],
-        "peak_memory_kind": (
-            "torch.cuda.max_memory_allocated over the steps"
-            if cuda_peak is not None
-            else "peak RSS of this mode's process (resource.getrusage ru_maxrss)"
-        ),
-        "cuda_max_memory_allocated_mib": cuda_peak,
-        "cuda_max_memory_reserved_mib": torch.cuda.max_memory_reserved(dev) / MIB if dev.type == "cuda" else None,
+        **peak,
         "peak_rss_mib": after["ru_maxrss_mib"],
         "peak_rss_before_steps_mib": before["ru_maxrss_mib"],
         "rss_before_steps_mib": rss_before,
@@ -532,18 +322,6 @@ def measure_mode(
 
 
 # ------------------------------------------------------------------------------------------ isolation, report
-
-
-def mode_child(args_json: str, result_path: str) -> None:
-    """Entry point of a mode's subprocess: measure and write the result JSON to ``result_path``."""
-    result = measure_mode(**json.loads(args_json))
-    Path(result_path).write_text(json.dumps(result, indent=2))
-
-
-def run_mode_subprocess(args: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
-    """Run ``measure_mode(**args)`` in a fresh Python process (its own peak RSS); return its result."""
-    result = run_child("tools.benchmarks.benchmark_ssl", "mode_child", args, args["mode"], timeout_s)
-    return {"mode": args["mode"], **result} if "error" in result else result
 
 
 def comparison(modes: dict[str, dict]) -> dict[str, Any]:
@@ -563,8 +341,7 @@ def format_report(result: dict[str, Any]) -> str:
     """A short text table of a benchmark result."""
     m, s = result["machine"], result["settings"]
     lines = [
-        f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable cores ({m['torch_threads']} torch threads), "
-        f"GPU {m['gpu'] or 'none'}; torch {m['torch']}, monai {m['monai']}",
+        machine_line(m),
         f"SSL pre-training step on {s['device']}: feature_size {s['feature_size']}, roi {s['roi_size']}, "
         f"{s['batch_size']} volumes x {s['num_samples']} crops = {s['crops']} crops -> {s['views']} views; "
         f"{s['warmup']} warm-up + {s['steps']} timed steps",
@@ -663,41 +440,38 @@ def run_benchmark(
         raise ValueError(f"roi_size {roi} is not square in the rotation plane (spatial axes 1, 2)")
     output = output or str(REPO_ROOT / "bench_output" / f"ssl_{dev.type}.json")
     crops = int(batch_size) * int(num_samples)
-    result: dict[str, Any] = {
-        "machine": {**machine_info(dev), "psutil": _has_psutil()},
-        "peak": device_peak(dev),
-        "settings": {
-            "bundle": "swin_unetr_ssl_pretrain",
-            "config": "configs/train.json",
-            "device": str(dev),
-            "feature_size": int(feature_size),
-            "roi_size": roi,
-            "batch_size": int(batch_size),
-            "num_samples": int(num_samples),
-            "crops": crops,
-            "views": 2 * crops,
-            "warmup": int(warmup),
-            "steps": int(steps),
-            "seed": int(seed),
-            "amp": bool(amp),
-            "precision": "float16 autocast" if bool(amp) and dev.type == "cuda" else "float32",
-            "research_forward": research_forward,
-            "view_chunk_size": int(view_chunk_size),
-            "reuse_cpu_memory": "train.json's value" if reuse_cpu_memory is None else bool(reuse_cpu_memory),
-            "data": "phantom CT crops (tools.data.make_phantoms), windowed to 0..1",
-            "isolation": (
-                "each mode in a fresh Python process (forked through /bin/sh)"
-                if isolate
-                else "all modes in this process: peak RSS is not per mode"
-            ),
-            "memory_measure": (
-                "torch.cuda.max_memory_allocated over the steps (reset after setup)"
-                if dev.type == "cuda"
-                else "process peak RSS (getrusage ru_maxrss; VmHWM cross-check; steps-only peak after "
-                "/proc/self/clear_refs reset)"
-            ),
-        },
+    settings = {
+        "bundle": "swin_unetr_ssl_pretrain",
+        "config": "configs/train.json",
+        "device": str(dev),
+        "feature_size": int(feature_size),
+        "roi_size": roi,
+        "batch_size": int(batch_size),
+        "num_samples": int(num_samples),
+        "crops": crops,
+        "views": 2 * crops,
+        "warmup": int(warmup),
+        "steps": int(steps),
+        "seed": int(seed),
+        "amp": bool(amp),
+        "precision": precision_label(training_precision(dev, bool(amp) and dev.type == "cuda")),
+        "research_forward": research_forward,
+        "view_chunk_size": int(view_chunk_size),
+        "reuse_cpu_memory": "train.json's value" if reuse_cpu_memory is None else bool(reuse_cpu_memory),
+        "data": "phantom CT crops (tools.data.make_phantoms), windowed to 0..1",
+        "isolation": (
+            "each mode in a fresh Python process (forked through /bin/sh)"
+            if isolate
+            else "all modes in this process: peak RSS is not per mode"
+        ),
+        "memory_measure": (
+            "torch.cuda.max_memory_allocated over the steps (reset after setup)"
+            if dev.type == "cuda"
+            else "process peak RSS (getrusage ru_maxrss; VmHWM cross-check; steps-only peak after "
+            "/proc/self/clear_refs reset)"
+        ),
     }
+    result = envelope(dev, settings, psutil=_has_psutil())
     args = {
         "device": str(dev),
         "feature_size": int(feature_size),
@@ -712,19 +486,12 @@ def run_benchmark(
         "view_chunk_size": int(view_chunk_size),
         "reuse_cpu_memory": None if reuse_cpu_memory is None else bool(reuse_cpu_memory),
     }
-    results: dict[str, dict] = {}
-    for name in modes:
-        say(f"{name}: {'fresh subprocess' if isolate else 'in process'}, {warmup} warm-up + {steps} timed step(s)")
-        results[name] = (
-            run_mode_subprocess({**args, "mode": name}, timeout_s) if isolate else measure_mode(name, **args)
-        )
+    what = f"{warmup} warm-up + {steps} timed step(s)"
+    runs = run_modes(MEASURE, modes, args, isolate=isolate, timeout_s=timeout_s, what=what)
+    results = {name: run for name, (run,) in runs.items()}
     result["modes"] = results
     result["comparison"] = comparison(results)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(result, indent=4) + "\n")
-    result["output"] = str(output)
-    say(f"wrote {output}")
-    return result
+    return write_result(result, output)
 
 
 def _has_psutil() -> bool:
@@ -736,14 +503,7 @@ def _has_psutil() -> bool:
         return False
 
 
-def report(result: dict[str, Any]) -> str:
-    """The command line's printout: a blank line and the text table."""
-    return "\n" + format_report(result)
-
-
 if __name__ == "__main__":
     import logging
 
-    from tools.common.cli import fire_command
-
-    fire_command(run_benchmark, report=report, log_level=logging.WARNING)
+    command(run_benchmark, format_report, log_level=logging.WARNING)

@@ -3,18 +3,19 @@
 Parts, each in a fresh process of its own with its own time cap (a part that fails or runs out of
 time is recorded as such and the next one runs):
 
-* ``btcv_training``  - full-size BTCV training steps of the bundle's ``train.json`` trainer with its
-  AMP rule (``tools.benchmarks.benchmark_btcv.benchmark_training``): iterations/s, CUDA peak memory, the limit;
+* ``btcv_training``  - full-size BTCV training iterations of the bundle's ``train.json`` trainer with its
+  precision rule (``benchmark_finetune``, its ``bundle`` mode): iterations/s, CUDA peak memory, the limit;
 * ``btcv_inference`` - end-to-end inference of the sample CT, the bundle against the model zoo's
-  settings (``tools.benchmarks.benchmark_btcv.run_benchmark``, no training): seconds per volume, label agreement;
-* ``ssl``            - the pre-training step against the research code's way (``tools.benchmarks.benchmark_ssl``);
-* ``msd``            - one 4-channel MSD task, Task01_BrainTumour (``tools.benchmarks.benchmark_msd``);
+  settings (``benchmark_btcv``): seconds per volume, label agreement;
+* ``ssl``            - the pre-training step against the research code's way (``benchmark_ssl``);
+* ``msd``            - one 4-channel MSD task, Task01_BrainTumour (``benchmark_msd``);
 * ``ddp``            - a one-GPU ``torchrun`` run of the BTCV bundle's ``train.json`` +
   ``multi_gpu_train.json`` on phantoms (one epoch): it finishes and rank 0 writes its checkpoint.
 
 Writes ``<output_dir>/gpu_check.json`` (machine, peak, settings, per part: status, seconds, cap,
 a summary and the path of the part's own full JSON) and ``<output_dir>/gpu_check.md`` (a markdown
-table for the model cards), plus each benchmark's own JSON next to them.
+table for the model cards), plus each benchmark's own JSON next to them. The benchmarks run through
+their entry points (``harness.benchmark``) and each part through the harness's fresh process.
 
 ``--dry_run`` runs the same code paths at a tiny size on the CPU (feature size 12, 64^3 windows, a
 phantom instead of the sample CT, one step each): the test suite runs it.
@@ -34,8 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tools.benchmarks.harness import benchmark, envelope, machine_line, run_one
 from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_command, cube
-from tools.common.processes import run_child, run_with_timeout
+from tools.common.processes import run_with_timeout
 from tools.common.stats import num
 from tools.common.timing import say
 
@@ -44,6 +46,7 @@ PARTS = ("btcv_training", "btcv_inference", "ssl", "msd", "ddp")
 CAPS_S = {"btcv_training": 80, "btcv_inference": 140, "ssl": 90, "msd": 70, "ddp": 60}
 DEFAULT_IMAGE = REPO_ROOT / "gpu_inputs" / "sample_ct" / "example_ct.nii.gz"
 MSD_TASK = "Task01_BrainTumour"
+MEASURE = "tools.benchmarks.gpu_check:measure_part"  # one part (the harness runs it in a fresh process)
 
 # Full size (the bundles' defaults) and the dry run's tiny size on the CPU.
 SIZES = {
@@ -53,6 +56,7 @@ SIZES = {
         "roi_size": 96,
         "train_steps": 5,
         "train_warmup": 2,
+        "train": {"crops": 4, "num_cases": 2, "num_workers": None},  # train.json's 4 crops per volume on CUDA
         "repeats": 3,
         "inference": {"warmup": True, "forward_batch": None},
         "isolate": True,
@@ -66,6 +70,7 @@ SIZES = {
         "roi_size": [64, 64, 32],  # a 2 x 2 x 1 bottleneck: the smallest that trains
         "train_steps": 1,
         "train_warmup": 0,
+        "train": {"crops": 1, "num_cases": 1, "num_workers": 0},
         "repeats": 1,
         # one window per timed call and no warm-up forward (the bundle's sw_batch_size is 4)
         "inference": {"warmup": False, "forward_batch": 1},
@@ -91,43 +96,48 @@ SIZES = {
 
 
 def part_btcv_training(size: dict, out: Path, work: Path, image: str) -> dict[str, Any]:
-    """BTCV training steps with the bundle's trainer and AMP rule; summary of speed, memory and the limit."""
-    from tools.benchmarks.benchmark_btcv import benchmark_training
-
-    roi = cube(size["roi_size"])
-    r = benchmark_training(
-        size["device"], size["feature_size"], roi, size["train_steps"], warmup_steps=size["train_warmup"]
+    """BTCV training iterations of the bundle's trainer and precision rule; summary of speed, memory and the limit."""
+    r = benchmark(
+        "benchmark_finetune",
+        device=size["device"],
+        feature_size=size["feature_size"],
+        roi_size=cube(size["roi_size"]),
+        warmup=size["train_warmup"],
+        steps=size["train_steps"],
+        modes=["bundle"],
+        output=str(out / "btcv_training.json"),
+        work_dir=str(work / "btcv_training_cases"),
+        isolate=size["isolate"],
+        **size["train"],
     )
-    (out / "btcv_training.json").write_text(json.dumps(r, indent=4) + "\n")
-    if "error" in r:
-        raise RuntimeError(r["error"])
+    (run,) = r["runs"]["bundle"]
+    if "error" in run:
+        raise RuntimeError(run["error"])
     return {
         "json": "btcv_training.json",
-        "iterations_per_second": r["iterations_per_second"],
-        "seconds_per_iteration": r["seconds_per_iteration"],
-        "crops_per_iteration": r["batch_crops"],
-        "amp": r["amp"],
-        "peak_memory_mib": r["cuda_max_memory_allocated_mib"] or r["peak_rss_mib"],
-        "fraction_of_peak": r["limit"]["fraction_of_peak"],
-        "losses": r["losses"],
+        "iterations_per_second": run["iterations_per_second"],
+        "seconds_per_iteration": run["seconds_per_iteration"],
+        "crops_per_iteration": run["crops_per_iteration"],
+        "precision": run["settings"]["training_autocast"],
+        "peak_memory_mib": run["peak_memory_mib"],
+        "fraction_of_peak": run["limit"]["fraction_of_peak"],
+        "losses": run["losses"],
     }
 
 
 def part_btcv_inference(size: dict, out: Path, work: Path, image: str) -> dict[str, Any]:
     """The sample CT end to end, the bundle against the model zoo's settings (random weights: speed only)."""
-    from tools.benchmarks.benchmark_btcv import run_benchmark
-
     if not os.path.isfile(image):
         raise FileNotFoundError(
             f"image not found: {image} (the sample CT: python -m tools fetch_sample_ct --dest_dir gpu_inputs/sample_ct)"
         )
-    r = run_benchmark(
-        image,
+    r = benchmark(
+        "benchmark_btcv",
+        image=image,
         feature_size=size["feature_size"],
         roi_size=size["roi_size"],
         device=size["device"],
         output_json=str(out / "btcv_inference.json"),
-        skip_training=True,
         repeats=size["repeats"],
         **size["inference"],
         work_dir=str(work / "btcv_inference"),
@@ -142,7 +152,7 @@ def part_btcv_inference(size: dict, out: Path, work: Path, image: str) -> dict[s
         "precision": {k: v["precision"] for k, v in e2e.items()},
         "fraction_of_peak": {k: v["limit"]["fraction_of_peak"] for k, v in e2e.items()},
         "speed_ratio_model_zoo_over_bundle": r["comparison"]["speed_ratio_model_zoo_over_bundle"],
-        "agreement_bundle_vs_bundle_fp32": r["comparison"]["agreement_bundle_vs_bundle_fp32"],
+        "agreement_bundle_vs_bundle_float32_ncdhw": r["comparison"]["agreement_bundle_vs_bundle_float32_ncdhw"],
     }
 
 
@@ -152,12 +162,12 @@ def part_ssl(size: dict, out: Path, work: Path, image: str) -> dict[str, Any]:
     The second bundle run sets ``view_chunk_size`` to one view batch (``batch_size`` x ``num_samples``
     views), the research code's network calls, with the proxy tasks on the device.
     """
-    from tools.benchmarks.benchmark_ssl import run_benchmark
-
     common = {"device": size["device"], "feature_size": size["feature_size"], "isolate": size["isolate"], **size["ssl"]}
-    r = run_benchmark(output=str(out / "ssl.json"), **common)
+    r = benchmark("benchmark_ssl", output=str(out / "ssl.json"), **common)
     chunk = int(size["ssl"]["batch_size"]) * int(size["ssl"]["num_samples"])
-    chunked = run_benchmark(output=str(out / "ssl_chunked.json"), mode="bundle", view_chunk_size=chunk, **common)
+    chunked = benchmark(
+        "benchmark_ssl", output=str(out / "ssl_chunked.json"), mode="bundle", view_chunk_size=chunk, **common
+    )
     modes = {**r["modes"], f"bundle_view_chunk_{chunk}": chunked["modes"]["bundle"]}
     failed = {k: v["error"] for k, v in modes.items() if "error" in v}
     if failed:
@@ -178,9 +188,8 @@ def part_ssl(size: dict, out: Path, work: Path, image: str) -> dict[str, Any]:
 
 def part_msd(size: dict, out: Path, work: Path, image: str) -> dict[str, Any]:
     """One 4-channel MSD task's training iterations (synthetic Task01_BrainTumour)."""
-    from tools.benchmarks.benchmark_msd import run_benchmark
-
-    r = run_benchmark(
+    r = benchmark(
+        "benchmark_msd",
         tasks=[MSD_TASK],
         device=size["device"],
         feature_size=size["feature_size"],
@@ -247,21 +256,17 @@ PART_FUNCTIONS = {
 }
 
 
-def part_child(args_json: str, result_path: str) -> None:
-    """Entry point of a part's process: run it and write its summary, or ``{"error": why}``, to ``result_path``."""
-    import logging
+def measure_part(part: str, size: str, output_dir: str, work_dir: str, image: str) -> dict[str, Any]:
+    """One part, run in its own process by the harness: its summary, or ``{"error": why}`` if it failed."""
     import traceback
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    a = json.loads(args_json)
-    out, work = Path(a["output_dir"]), Path(a["work_dir"])
+    out, work = Path(output_dir), Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        summary = PART_FUNCTIONS[a["part"]](SIZES[a["size"]], out, work, a["image"])
+        return PART_FUNCTIONS[part](SIZES[size], out, work, image)
     except Exception as e:  # noqa: BLE001 (any failure is recorded in the report; the next part still runs)
         traceback.print_exc()
-        summary = {"error": f"{type(e).__name__}: {e}"}
-    Path(result_path).write_text(json.dumps(summary, indent=2))
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -276,7 +281,7 @@ def _rows(name: str, s: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if name == "btcv_training":
         return [
             (
-                f"BTCV training step ({s['crops_per_iteration']} crops, amp {s['amp']})",
+                f"BTCV training step ({s['crops_per_iteration']} crops, {s['precision']})",
                 f"{num(s['iterations_per_second'], '.3f')} it/s ({num(s['seconds_per_iteration'], '.3f')} s/it)",
                 f"{num(s['peak_memory_mib'], '.0f')} MiB",
                 _pct(s["fraction_of_peak"]),
@@ -320,8 +325,7 @@ def markdown(result: dict[str, Any]) -> str:
     """The markdown table of a gpu_check result, for the model cards."""
     m, peak = result["machine"], result["peak"]
     lines = [
-        f"Machine: {m['gpu'] or m['cpu_model']} ({m['device']}); CPU {m['cpu_model']}, {m['cpus_usable']} cores; "
-        f"torch {m['torch']}, CUDA {m['cuda_version']}, monai {m['monai']}"
+        f"{machine_line(m)}; device {m['device']}, CUDA {m['cuda_version']}"
         + (" - DRY RUN: tiny sizes on the CPU, not figures for a model card" if result["settings"]["dry_run"] else ""),
         f"Peak: {peak['assumption'] if peak else 'unknown device'}",
         "",
@@ -345,7 +349,7 @@ def run_part(name: str, size: str, out: Path, work: Path, image: str, cap_s: flo
     say(f"{name}: cap {cap_s:.0f} s")
     args = {"part": name, "size": size, "output_dir": str(out), "work_dir": str(work / name), "image": image}
     t0 = time.perf_counter()
-    r = run_child("tools.benchmarks.gpu_check", "part_child", args, name, timeout_s=cap_s)
+    r = run_one(MEASURE, args, name, timeout_s=cap_s)
     seconds = time.perf_counter() - t0
     if "error" in r:
         status = "timeout" if r.get("timed_out") else "failed"
@@ -377,9 +381,6 @@ def run_check(
         cap_scale: multiply every part's cap (e.g. on a slower GPU).
         caps: seconds per part instead of the default caps (and their scale), e.g. "{'ssl': 120}".
     """
-    from tools.common.machine import machine_info
-    from tools.common.peak import device_peak
-
     parts = [parts] if isinstance(parts, str) else list(parts)
     unknown = [p for p in [*parts, *(caps or {})] if p not in PARTS]
     if unknown:
@@ -397,12 +398,8 @@ def run_check(
         image = str(write_phantom_dataset(work / "phantom", num_cases=1, seed=5, shape=(48, 48, 32))[0][0])
     image = str(image or DEFAULT_IMAGE)
     device = SIZES[size]["device"]
-    result: dict[str, Any] = {
-        "machine": machine_info(device),
-        "peak": device_peak(device),
-        "settings": {"dry_run": bool(dry_run), "size": SIZES[size], "image": image, "budget_s": float(budget_s)},
-        "parts": {},
-    }
+    settings = {"dry_run": bool(dry_run), "size": SIZES[size], "image": image, "budget_s": float(budget_s)}
+    result = envelope(device, settings) | {"parts": {}}
     start = time.perf_counter()
     for name in parts:
         left = budget_s - (time.perf_counter() - start)

@@ -24,31 +24,28 @@ Command line::
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tools.benchmarks.harness import envelope, machine_line, run_one, training_precision, write_result
 from tools.common.bundles import BTCV_DIR, bundle_parser, cube, device_expr, use_bundle_scripts
-from tools.common.machine import machine_info
-from tools.common.processes import run_child
 from tools.common.timing import resolve_device, say, sync
 
 MODES = ("inference", "training")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEASURE = "tools.benchmarks.profile_ops:profile_run"  # one (mode, precision) profile (the harness runs it)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> the bundle's rule for ``device``; a reduced precision the device lacks -> ValueError."""
-    rule = use_bundle_scripts(BTCV_DIR).inferers.autocast_dtype
+    """``auto`` -> the one precision rule (``harness.training_precision``); a reduced one the device lacks -> error."""
     if precision == "auto":
-        dtype = rule(device.type)
-        return "float32" if dtype is None else str(dtype).replace("torch.", "")
+        return training_precision(device)
     if precision not in DTYPES:
         raise ValueError(f"precision {precision!r}: choose auto, {', '.join(DTYPES)}")
-    if DTYPES[precision] is not None and rule(device.type) != DTYPES[precision]:
+    if DTYPES[precision] is not None and training_precision(device) != precision:
         raise ValueError(f"{precision} has no native kernels on this {device.type} (the bundle would not use it)")
     return precision
 
@@ -73,11 +70,10 @@ def build_network(mode: str, device: torch.device, feature_size: int, roi: list[
     return network, parser, {"use_checkpoint": bool(parser["use_checkpoint"]), "crops_per_step": 1}
 
 
-def profile_child(args_json: str, result_path: str) -> None:
-    """Subprocess entry: profile one (mode, precision) run and write its JSON."""
+def profile_run(**a: Any) -> dict[str, Any]:
+    """Profile one (mode, precision) run in this process (the harness runs it in a fresh one)."""
     from torch.profiler import ProfilerActivity, profile
 
-    a = json.loads(args_json)
     dev = resolve_device(a["device"])
     roi = list(a["roi_size"])
     torch.manual_seed(0)
@@ -105,7 +101,7 @@ def profile_child(args_json: str, result_path: str) -> None:
         sync(dev)
     result = {"mode": a["mode"], "precision": a["precision"], "seconds_per_call": wall, **settings}
     result["ops"] = top_ops(prof, int(a["top"]), cuda=dev.type == "cuda")
-    Path(result_path).write_text(json.dumps(result))
+    return result
 
 
 def _inference_step(network: Any, x: torch.Tensor, dev: torch.device, dtype: torch.dtype | None):
@@ -158,11 +154,7 @@ def top_ops(prof: Any, top: int, cuda: bool = False) -> list[dict[str, Any]]:
 def markdown(result: dict[str, Any]) -> str:
     """Per-run tables: operator, self time, share of all operators' self time, calls."""
     m, s = result["machine"], result["settings"]
-    lines = [
-        f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable cores, native bf16 {m['native_bf16']}, "
-        f"GPU {m['gpu'] or 'none'}; torch {m['torch']}, monai {m['monai']}",
-        f"feature_size {s['feature_size']}, roi {s['roi_size']}, device {s['device']}",
-    ]
+    lines = [machine_line(m), f"feature_size {s['feature_size']}, roi {s['roi_size']}, device {s['device']}"]
     for run in result["runs"]:
         settings = {k: v for k, v in run.items() if k not in ("ops", "mode", "precision", "seconds_per_call")}
         lines += [
@@ -206,11 +198,8 @@ def run_profile(
     roi = cube(roi_size)
     names = [precisions] if isinstance(precisions, str) else list(precisions)
     resolved = [resolve_precision(str(p), dev) for p in names]
-    result: dict[str, Any] = {
-        "machine": machine_info(dev),
-        "settings": {"mode": mode, "feature_size": int(feature_size), "roi_size": roi, "device": str(dev)},
-        "runs": [],
-    }
+    result = envelope(dev, {"mode": mode, "feature_size": int(feature_size), "roi_size": roi, "device": str(dev)})
+    result["runs"] = []
     for precision in resolved:
         say(f"{mode} {precision}: profiling in a fresh process")
         args = {
@@ -223,15 +212,14 @@ def run_profile(
             "calls": int(calls),
             "top": int(top),
         }
-        child = run_child("tools.benchmarks.profile_ops", "profile_child", args, f"{mode}_{precision}")
+        child = run_one(MEASURE, args, f"{mode}_{precision}")
         if "error" in child:
             raise RuntimeError(f"profile {mode} {precision}: {child['error']}")
         result["runs"].append(child)
     out = Path(output_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=4) + "\n")
+    write_result(result, out)
     out.with_suffix(".md").write_text(markdown(result))
-    say(f"wrote {out} and {out.with_suffix('.md')}")
+    say(f"wrote {out.with_suffix('.md')}")
     return result
 
 

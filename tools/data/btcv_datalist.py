@@ -202,7 +202,6 @@ def main(data_dir: str, output: str, num_folds: int = 0, fold: int = 0, seed: in
 
 
 if __name__ == "__main__":
-    import fire
+    from tools.common.cli import fire_command
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fire.Fire(main)
+    fire_command(main)

@@ -65,11 +65,8 @@ def default_cache_dir() -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def download_sdist(cache_dir: str | Path | None = None) -> Path:
@@ -293,7 +290,6 @@ def main(dest_dir: str, sdist: str | None = None, cache_dir: str | None = None) 
 
 
 if __name__ == "__main__":
-    import fire
+    from tools.common.cli import fire_command
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fire.Fire(main)
+    fire_command(main)

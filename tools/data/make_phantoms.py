@@ -364,7 +364,6 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
+    from tools.common.cli import fire_command
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fire.Fire(main)
+    fire_command(main)

@@ -11,19 +11,5 @@ name="${1:?usage: tools/env/client_env.sh monailabel|deploy}"
 reqs="tests/clients/requirements-${name}.txt"
 [ -f "$reqs" ] || { echo "no requirements file for client '$name': $reqs" >&2; exit 2; }
 env_dir="${CLIENT_ENV_DIR:-.venv-clients}/${name}"
-stamp="$env_dir/.requirements.sha256"
-want="$(sha256sum "$reqs" | cut -d' ' -f1)"
-mkdir -p "$(dirname "$env_dir")"
-# one creator at a time: a second caller waits, then finds the venv up to date
-exec 9>"$env_dir.lock"
-flock 9
-if [ -x "$env_dir/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    echo "client env '$name' is up to date: $env_dir" >&2
-else
-    echo "creating client env '$name' in $env_dir from $reqs" >&2
-    rm -rf "$env_dir"
-    python3 -m venv "$env_dir"
-    "$env_dir/bin/pip" install --disable-pip-version-check -q -r "$reqs"
-    echo "$want" > "$stamp"
-fi
-echo "$(cd "$env_dir" && pwd)/bin/python"
+source tools/env/pinned_venv.sh
+pinned_venv "client env '$name'" "$env_dir" "$reqs"

@@ -55,11 +55,8 @@ def name_and_version(bundle_dir: Path) -> tuple[str, str]:
 
 def md5_of(path: Path) -> str:
     """The md5 hex digest of a file (the hash type the model zoo's large_files.yml use)."""
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def check_weights(path: Path) -> str:
