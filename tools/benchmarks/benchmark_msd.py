@@ -215,7 +215,7 @@ def measure_task(
 ) -> dict[str, Any]:
     """Write a synthetic task, run the bundle's trainer for warm-up + timed iterations; return speed and memory.
 
-    Meant to run in a fresh process (``run_task_subprocess``) so that the peak RSS belongs to this task.
+    Meant to run in a fresh process (``harness.run_modes``) so that the peak RSS belongs to this task.
     """
     from tools.data.make_msd_tasks import write_msd_task
 

@@ -39,9 +39,9 @@ research_time / bundle_time (> 1: the bundle is faster) and the peak-memory rati
 The limit: the FLOPs of one step's network forward and backward over all views (PyTorch's flop
 counter, ``tools.common.peak``), the achieved FLOP/s and its fraction of the device's peak.
 
-Peak memory: each mode runs in a fresh Python process (started through a forking ``/bin/sh``, as
-tools.benchmarks.benchmark_btcv does, so the child's ``ru_maxrss`` is not inherited from the launcher), so
-its numbers belong to that mode alone. On CUDA the headline is ``torch.cuda.max_memory_allocated``
+Peak memory: each mode runs in a fresh Python process (``harness.run_modes``, started through a forking
+``/bin/sh`` so the child's ``ru_maxrss`` is not inherited from the launcher), so its numbers belong to
+that mode alone. On CUDA the headline is ``torch.cuda.max_memory_allocated``
 over the steps (reset after setup). On CPU it is the process peak RSS (``resource.getrusage``
 ``ru_maxrss``: interpreter, libraries, model, optimiser state and activations); ``vm_hwm_mib``
 (/proc/self/status VmHWM) cross-checks it, and where Linux allows resetting the peak
