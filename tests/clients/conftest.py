@@ -13,7 +13,7 @@ from tools.common.bundles import REPO_ROOT
 def client_python(name: str) -> Path:
     """The python of client ``name``'s venv, created from tests/clients/requirements-<name>.txt if missing or stale."""
     done = subprocess.run(
-        ["bash", str(REPO_ROOT / "tools" / "client_env.sh"), name], capture_output=True, text=True, check=False
+        ["bash", str(REPO_ROOT / "tools" / "env" / "client_env.sh"), name], capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
         raise RuntimeError(f"tools/env/client_env.sh {name} failed:\n{done.stdout}\n{done.stderr}")
