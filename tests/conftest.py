@@ -155,7 +155,7 @@ def error_text(exc: BaseException) -> str:
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """Four small synthetic abdomen cases (oblique, flipped affines) and a datalist: 2 train, 2 validation."""
-    from tools.make_phantoms import write_phantom_dataset
+    from tools.data.make_phantoms import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("phantoms")
     pairs = write_phantom_dataset(root, num_cases=4, seed=7, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
@@ -171,7 +171,7 @@ def phantom_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sample_ct(tmp_path_factory) -> dict:
     """The real sample CT (TotalSegmentator's test volume) with its labels mapped to BTCV ids."""
-    from tools.fetch_sample_ct import fetch_sample_ct
+    from tools.data.fetch_sample_ct import fetch_sample_ct
 
     return fetch_sample_ct(tmp_path_factory.mktemp("sample_ct"))
 
@@ -206,7 +206,7 @@ def trained(tmp_path_factory, phantom_dir) -> dict:
 @pytest.fixture(scope="session")
 def ssl_corpus(tmp_path_factory) -> Path:
     """Three unlabelled CT-like volumes and a pre-training datalist: 2 for training, 1 for validation."""
-    from tools.make_phantoms import write_phantom_dataset
+    from tools.data.make_phantoms import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("ssl_corpus")
     pairs = write_phantom_dataset(root, num_cases=3, seed=11, shape=SSL_PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
@@ -235,7 +235,7 @@ def ssl_trained(tmp_path_factory, ssl_corpus) -> dict:
 @pytest.fixture(scope="session")
 def msd_root(tmp_path_factory) -> Path:
     """All ten Decathlon tasks as synthetic mini-datasets: 3 training and 1 test case each."""
-    from tools.make_msd_tasks import MSD_TASKS, write_msd_task
+    from tools.data.make_msd_tasks import MSD_TASKS, write_msd_task
 
     root = tmp_path_factory.mktemp("msd")
     for i, task in enumerate(MSD_TASKS):

@@ -1,6 +1,6 @@
 """Bad-input catalogue: every damaged input stops the run before any compute, names its file, and loses nothing.
 
-Each case builds its data (DICOM series with ``tools/make_dicom_series.py``, then damaged; NIfTI
+Each case builds its data (DICOM series with ``tools/data/make_dicom_series.py``, then damaged; NIfTI
 phantoms; checkpoints; datalists), runs the bundle as a user would, and checks the error text
 (file and problem named), that the network never ran (``SwinUNETR.forward`` is watched) and that
 files already in the output folder are unchanged. The good cases next to them (non-image objects
@@ -36,8 +36,8 @@ from tests.conftest import (
     recorded,
     run_workflow,
 )
-from tools.make_dicom_series import write_dicom_series
-from tools.make_phantoms import make_phantom
+from tools.data.make_dicom_series import write_dicom_series
+from tools.data.make_phantoms import make_phantom
 
 INFER_SMALL = {k: SMALL[k] for k in ("feature_size", "roi_size", "sw_batch_size", "num_workers")}
 SHAPE, SPACING = (40, 40, 20), (1.5, 1.5, 3.0)
@@ -293,8 +293,8 @@ def test_an_input_listed_twice_is_an_error_naming_it(tmp_path, ckpt, out_dir, fo
 
 
 def test_msd_predictions_keep_the_decathlon_names_with_a_manifest_and_no_overwrite(tmp_path, forward_calls):
-    from tools.make_msd_tasks import write_msd_task
-    from tools.msd_submission import make_submission
+    from tools.data.make_msd_tasks import write_msd_task
+    from tools.leaderboard.msd_submission import make_submission
 
     task = "Task09_Spleen"
     task_dir = write_msd_task(tmp_path / "msd", task, num_training=1, num_test=2, seed=0, shape=(40, 40, 24))
@@ -429,11 +429,11 @@ def test_datalist_with_a_json_syntax_error_is_named_with_its_line(
     assert_nothing_lost(out_dir)
 
 
-# ------------------------------------------------------------------------------------- tools.ssl_datalist
+# ------------------------------------------------------------------------------------- tools.data.ssl_datalist
 
 
 def test_ssl_datalist_reports_every_damaged_series_at_once_and_keeps_the_good_ones(series, tmp_path, caplog):
-    from tools.ssl_datalist import CorpusError, find_volumes, write_datalist
+    from tools.data.ssl_datalist import CorpusError, find_volumes, write_datalist
 
     a, b = tmp_path / "set_a", tmp_path / "set_b"
     with_objects = copy_series(series, a / "patient1" / "ct")
@@ -447,7 +447,7 @@ def test_ssl_datalist_reports_every_damaged_series_at_once_and_keeps_the_good_on
     rtstruct_only = a / "patient2" / "rtstruct"
     rtstruct_only.mkdir()
     shutil.copy(with_objects / "rtstruct.dcm", rtstruct_only / "rtstruct.dcm")
-    with caplog.at_level(logging.INFO, logger="tools.ssl_datalist"):
+    with caplog.at_level(logging.INFO, logger="tools.data.ssl_datalist"):
         assert find_volumes(a) == [str(with_objects), str(anonymised)]
     assert "RTSTRUCT rtstruct.dcm" in caplog.text and str(rtstruct_only) in caplog.text
 

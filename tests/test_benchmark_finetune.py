@@ -1,4 +1,4 @@
-"""tools.benchmark_finetune: the model zoo's settings as built, both modes side by side at a tiny size, and
+"""tools.benchmarks.benchmark_finetune: the model zoo's settings as built, both modes side by side at a tiny size, and
 the bundle's training convergence with and without its reduced precision (fixed-seed loss curves).
 
 No assertions on speed: the CPU is shared.
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from tools import benchmark_finetune as bf
+from tools.benchmarks import benchmark_finetune as bf
 from tools.common.machine import native_bf16
 
 TINY = {"feature_size": 12, "roi_size": [64, 64, 64]}
@@ -83,7 +83,7 @@ def test_side_by_side_tiny(tmp_path):
         work_dir=str(tmp_path / "cases"),
     )
     on_disk = json.loads(out.read_text())
-    assert set(on_disk) == {"machine", "settings", "summary", "comparison", "runs"}
+    assert set(on_disk) == {"machine", "peak", "settings", "summary", "comparison", "runs"}
     for mode in ("bundle", "model_zoo"):
         (run,) = on_disk["runs"][mode]
         assert "error" not in run, run
@@ -97,7 +97,7 @@ def test_side_by_side_tiny(tmp_path):
     zoo, bundle = on_disk["runs"]["model_zoo"][0]["settings"], on_disk["runs"]["bundle"][0]["settings"]
     assert zoo["optimizer"] == "Adam" and zoo["training_autocast"] == "float32"  # trainer amp: CUDA only
     assert bundle["optimizer"] == "AdamW" and bundle["training_inferer"] == "AutocastSimpleInferer"
-    assert bundle["training_autocast"] == ("bfloat16" if native_bf16() else "float32 (no native bf16 here)")
+    assert bundle["training_autocast"] == ("bfloat16" if native_bf16() else "float32")
     assert bundle["optim_set_to_none"] and bundle["use_flash_attention"] and bundle["fast_window_attention"]
     assert "fast_window_attention" not in zoo  # MONAI's SwinUNETR as the zoo builds it
     assert "ValidationHandler" not in bundle["handlers"] and "StatsHandler" in bundle["handlers"]
@@ -107,9 +107,37 @@ def test_side_by_side_tiny(tmp_path):
         / on_disk["summary"]["bundle"]["seconds_per_iteration_median"]
     )
     assert _positive(c["peak_memory_ratio_bundle_over_model_zoo"])
-    assert c["speedup_bundle_bf16_over_model_zoo"] is None  # not run
+    assert c["speedup_bundle_float32_over_model_zoo"] is None  # not run
     report = bf.format_report(result)
-    assert "bundle against model_zoo: speed" in report
+    assert "bundle against model_zoo: speed" in report and "GFLOP per iteration" in report
+    _training_run_ok(on_disk["runs"]["bundle"][0], on_disk["peak"], crops=2)
+
+
+def _training_run_ok(t, peak, crops):
+    """A training run's speed, memory and limit fields (the BTCV training figure is measured here only)."""
+    from monai.networks.nets import SwinUNETR
+
+    from tools.common.peak import network_flops
+
+    assert t["steps"] == 1 and len(t["iteration_times_s"]) == 1
+    assert _positive(t["iterations_per_second"]) and _positive(t["seconds_per_iteration"])
+    assert t["settings"]["use_checkpoint"] is True and t["crops_per_iteration"] == crops
+    assert all(math.isfinite(x) for x in t["losses"])
+    assert _positive(t["peak_rss_mib"]) and t["peak_rss_delta_training_mib"] >= 0
+    assert t["cuda_max_memory_allocated_mib"] is None
+    # a fresh process: its peak RSS is its own (ru_maxrss agrees with the address space's VmHWM)
+    assert t["peak_rss_attributable"] is True
+    # forward + backward of one crop is about 3 forwards of a window
+    network = SwinUNETR(in_channels=1, out_channels=14, feature_size=TINY["feature_size"], spatial_dims=3)
+    forward = network_flops(network, (1, 1, *TINY["roi_size"]))
+    assert 2.5 < t["flops_per_crop"] / forward < 3.5
+    lim = t["limit"]
+    assert lim["flops"] == t["flops_per_iteration"] and lim["seconds"] == pytest.approx(t["seconds_per_iteration"])
+    assert lim["peak_precision"] == t["settings"]["training_autocast"] and peak["kind"] == "cpu"
+    assert t["flops_per_iteration"] > 1e8
+    assert math.isclose(lim["achieved_flops_per_s"], lim["flops"] / lim["seconds"], rel_tol=1e-9)
+    assert math.isclose(lim["fraction_of_peak"], lim["achieved_flops_per_s"] / lim["peak_flops_per_s"], rel_tol=1e-9)
+    assert 0.0 < lim["fraction_of_peak"] < 1.0
 
 
 @pytest.mark.slow
@@ -121,7 +149,7 @@ def test_bundle_convergence_unchanged_by_reduced_precision(cases):
     run float32, so the curves agree to rounding.
     """
     curves = {}
-    for mode in ("bundle_bf16", "bundle_float32"):
+    for mode in ("bundle", "bundle_float32"):  # the bundle's own mode: bf16 forward on a native-bf16 CPU
         run = bf.measure_mode(
             mode,
             cases,
@@ -135,10 +163,10 @@ def test_bundle_convergence_unchanged_by_reduced_precision(cases):
             bundle_overrides={"warmup_epochs": 0, "learning_rate": 1e-3, "use_checkpoint": False},
         )
         assert run["settings"]["training_autocast"] == (
-            ("bfloat16" if native_bf16() else "float32 (no native bf16 here)") if mode == "bundle_bf16" else "float32"
+            ("bfloat16" if native_bf16() else "float32") if mode == "bundle" else "float32"
         )
         curves[mode] = run["losses"]
-    low, full = curves["bundle_bf16"], curves["bundle_float32"]
+    low, full = curves["bundle"], curves["bundle_float32"]
     assert len(low) == len(full) == 10
     assert abs(low[0] - full[0]) < 0.01  # same weights and crop: only the forward's precision differs
     diffs = [abs(a - b) for a, b in zip(low, full)]

@@ -1,4 +1,4 @@
-"""tools.benchmark_msd at a tiny size: a CT and a 4-channel MRI task, each in its own process, every field sane.
+"""benchmark_msd at a tiny size: a CT and a 4-channel MRI task, each in its own process, every field sane.
 
 No assertions on speed.
 """
@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import forget_scripts_modules
-from tools import benchmark_msd as bm
+from tools.benchmarks import benchmark_msd as bm
 from tools.common.machine import native_bf16
 
 TASKS = ["Task09_Spleen", "Task01_BrainTumour"]

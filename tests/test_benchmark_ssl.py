@@ -1,4 +1,4 @@
-"""tools.benchmark_ssl at a tiny size: both modes run in their own processes, every field is sane.
+"""tools.benchmarks.benchmark_ssl at a tiny size: both modes run in their own processes, every field is sane.
 
 No assertions on speed. The research-way augmentation is checked on its own: rotation labels undo
 the rotation (in the bundle's plane and direction) and the cutout masks stay within 30 %.
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from tests.conftest import forget_scripts_modules
-from tools import benchmark_ssl as bs
+from tools.benchmarks import benchmark_ssl as bs
+from tools.benchmarks import ssl_research as sr
 
 FEATURE_SIZE = 12
 ROI = [64, 32, 32]  # square in the rotation plane (spatial axes 1, 2); a 2 x 1 x 1 bottleneck = 2 tokens
@@ -109,7 +110,7 @@ def test_mode(bench, mode):
     for terms in m["loss_terms"]:
         assert set(terms) == {"inpaint_loss", "contrast_loss", "rotation_loss"}
         assert all(math.isfinite(v) for v in terms.values())
-    assert all(0.0 < f <= bs.MAX_CUTOUT_FRACTION + 1e-9 for f in m["masked_fraction"])
+    assert all(0.0 < f <= sr.MAX_CUTOUT_FRACTION + 1e-9 for f in m["masked_fraction"])
     # the config's knobs: gradient checkpointing and flash attention on, same network in both modes
     assert m["use_checkpoint"] is True and m["use_flash_attention"] is True
     assert m["parameters"] == r["modes"]["bundle"]["parameters"]
@@ -185,7 +186,7 @@ def test_non_square_rotation_plane_is_refused_before_any_run(tmp_path):
         bs.run_benchmark(device="cpu", roi_size=[32, 64, 32], output=str(tmp_path / "x.json"))
     assert not (tmp_path / "x.json").exists()
     with pytest.raises(ValueError, match="square"):
-        bs.research_views(torch.zeros(1, 1, 8, 8, 12), np.random.default_rng(0))
+        sr.research_views(torch.zeros(1, 1, 8, 8, 12), np.random.default_rng(0))
 
 
 # ------------------------------------------------------------------------------------------ research augmentation
@@ -196,7 +197,7 @@ def test_research_rotation_labels_undo_the_rotation():
     images = torch.rand(3, 1, 8, 12, 12, generator=torch.Generator().manual_seed(0))
     seen = set()
     for _ in range(6):
-        v = bs.research_views(images, rng)
+        v = sr.research_views(images, rng)
         for view in (1, 2):
             labels = v[f"rot{view}"]
             assert labels.dtype == torch.long and labels.shape == (3,)
@@ -204,7 +205,7 @@ def test_research_rotation_labels_undo_the_rotation():
                 seen.add(k)
                 rotated = v[f"x{view}"][i].numpy()
                 # the label undoes the rotation ...
-                assert np.array_equal(np.rot90(rotated, -k, axes=bs.ROTATION_AXES), images[i].numpy())
+                assert np.array_equal(np.rot90(rotated, -k, axes=sr.ROTATION_AXES), images[i].numpy())
                 # ... and means what the bundle's class means: torch.rot90 over dims (2, 3) of (C, D, H, W)
                 assert torch.equal(v[f"x{view}"][i], torch.rot90(images[i], k, dims=(2, 3)))
     assert seen == {0, 1, 2, 3}
@@ -215,7 +216,7 @@ def test_research_cutout_masks_within_30_percent_and_only_masked_voxels_change()
     images = torch.rand(2, 1, 16, 24, 24, generator=torch.Generator().manual_seed(1))
     fractions = []
     for _ in range(5):
-        v = bs.research_views(images, rng)
+        v = sr.research_views(images, rng)
         masks = v["masks"]
         assert masks.shape == (4, 16, 24, 24) and masks.dtype == bool
         targets = torch.cat([v["x1"], v["x2"]]).numpy()
@@ -223,7 +224,7 @@ def test_research_cutout_masks_within_30_percent_and_only_masked_voxels_change()
         for target, augmented, mask in zip(targets, inputs, masks):
             fraction = float(mask.mean())
             fractions.append(fraction)
-            assert 0.0 < fraction <= bs.MAX_CUTOUT_FRACTION
+            assert 0.0 < fraction <= sr.MAX_CUTOUT_FRACTION
             assert np.array_equal(augmented[:, ~mask], target[:, ~mask])
             assert augmented[:, mask].min() >= 0.0 and augmented[:, mask].max() <= 1.0
         assert math.isclose(v["masked_fraction"], float(masks.mean()))
@@ -233,9 +234,9 @@ def test_research_cutout_masks_within_30_percent_and_only_masked_voxels_change()
 
 def test_cutout_mask_bounds_over_many_draws():
     rng = np.random.default_rng(3)
-    fractions = [float(bs.draw_cutout_mask((64, 32, 32), rng).mean()) for _ in range(60)]
-    assert max(fractions) <= bs.MAX_CUTOUT_FRACTION
+    fractions = [float(sr.draw_cutout_mask((64, 32, 32), rng).mean()) for _ in range(60)]
+    assert max(fractions) <= sr.MAX_CUTOUT_FRACTION
     assert 0.08 < float(np.mean(fractions)) < 0.22  # about the mean of U(0, 0.3), plus the last box's overshoot
     # the budget holds even for a tiny crop and a wide box range
-    tiny = [bs.draw_cutout_mask((4, 4, 4), rng, max_box_size=1.0).mean() for _ in range(50)]
-    assert max(tiny) <= bs.MAX_CUTOUT_FRACTION
+    tiny = [sr.draw_cutout_mask((4, 4, 4), rng, max_box_size=1.0).mean() for _ in range(50)]
+    assert max(tiny) <= sr.MAX_CUTOUT_FRACTION

@@ -165,8 +165,8 @@ def test_truncated_nifti_at_inference_names_the_file(trained, phantom_dir, tmp_p
 
 
 def test_inference_on_a_dicom_series_folder(trained, tmp_path):
-    from tools.make_dicom_series import write_dicom_series
-    from tools.make_phantoms import make_phantom
+    from tools.data.make_dicom_series import write_dicom_series
+    from tools.data.make_phantoms import make_phantom
 
     image, _, affine = make_phantom(11, shape=(64, 64, 40), spacing=(1.5, 1.5, 2.0))
     if np.linalg.det(affine[:3, :3]) < 0:  # a DICOM series stacks slices along the right-handed normal

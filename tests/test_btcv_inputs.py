@@ -88,7 +88,7 @@ def test_a_bad_validation_case_stops_training_before_the_training_set_is_read(bu
     from monai.data import CacheDataset
 
     from tests.conftest import BTCV_DIR, MSD_DIR, MSD_SMALL
-    from tools.make_msd_tasks import write_msd_task
+    from tools.data.make_msd_tasks import write_msd_task
 
     cached = []
     monkeypatch.setattr(CacheDataset, "set_data", lambda self, data: cached.append(len(data)))

@@ -1,4 +1,4 @@
-"""tools/btcv_submission.py: every defect of a BTCV test-set prediction folder is reported together, and only a
+"""btcv_submission: every defect of a BTCV test-set prediction folder is reported together, and only a
 clean folder is zipped (atomically), with the submission names and the predictions' bytes unchanged.
 
 Small fake test images img0061..img0080 (a few voxels, each with its own oblique or flipped affine) and
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from tests.conftest import BTCV_DIR, PHANTOM_SHAPE, PHANTOM_SPACING, REPO, SMALL, bundle_on_path, run_workflow
-from tools.btcv_datalist import TESTING_IDS
-from tools.btcv_submission import SubmissionError, make_submission, submission_name
+from tools.data.btcv_datalist import TESTING_IDS
+from tools.leaderboard.btcv_submission import SubmissionError, make_submission, submission_name
 
 SHAPE = (6, 5, 4)
 
@@ -211,7 +211,7 @@ def test_an_unknown_naming_is_refused_before_any_check(case):
 
 
 def test_command_line_zips_a_clean_folder_and_exits_non_zero_listing_problems(case):
-    cmd = [sys.executable, "-m", "tools.btcv_submission", "--prediction_dir", str(case["predictions"])]
+    cmd = [sys.executable, "-m", "tools", "btcv_submission", "--prediction_dir", str(case["predictions"])]
     cmd += ["--test_images", str(case["images"]), "--zip_path", str(case["zip"])]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -226,7 +226,7 @@ def test_command_line_zips_a_clean_folder_and_exits_non_zero_listing_problems(ca
 
 def test_the_bundles_own_inference_output_goes_through(case, tmp_path):
     """img0061 is a phantom CT run through the BTCV bundle's inference (SMALL; random weights, the bundle's format)."""
-    from tools.make_phantoms import make_phantom
+    from tools.data.make_phantoms import make_phantom
 
     image, _, affine = make_phantom(61, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
     phantom = _save(image, affine, case["images"] / "img0061.nii.gz")

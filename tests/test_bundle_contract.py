@@ -30,7 +30,7 @@ from tests.conftest import (
     bundle_on_path,
     monai_swin_unetr,
 )
-from tools.make_msd_tasks import write_msd_task
+from tools.data.make_msd_tasks import write_msd_task
 
 BUNDLES = {"btcv": BTCV_DIR, "msd": MSD_DIR, "ssl": SSL_DIR}
 SEGMENTATION = ["btcv", "msd"]  # segment, evaluate and serve MONAI Label/Deploy; the pre-training bundle reconstructs
@@ -210,7 +210,7 @@ def test_btcv_inference_shares_the_training_settings():
 
 
 def test_msd_readme_names_every_task():
-    from tools.make_msd_tasks import MSD_TASKS
+    from tools.data.make_msd_tasks import MSD_TASKS
 
     readme = _readme("msd")
     for task in MSD_TASKS:
@@ -490,7 +490,7 @@ def test_released_bundle_has_weights_or_names_hosted_ones(bundle, tmp_path):
     is missing); the packaging tool's zip has them, or a large_files.yml with url and md5 for hosted ones."""
     import zipfile
 
-    from tools.package_bundle import package_bundle
+    from tools.release.package_bundle import package_bundle
 
     assert _zoo_directory_problems(BUNDLES[bundle]) == ["no models/model.pt and no large_files.yml naming it"]
     weights = _bundle_weights(bundle, tmp_path / "model.pt")

@@ -37,7 +37,7 @@ from tests.conftest import (
     order_record,
     recorded,
 )
-from tools.convert_checkpoint import convert_checkpoint
+from tools.release.convert_checkpoint import convert_checkpoint
 
 FS = 12
 BTCV_INFER = {"feature_size": FS, "roi_size": [64, 64, 64], "sw_batch_size": 1, "num_workers": 0, "amp": False}
@@ -177,7 +177,7 @@ def test_hash_listed_file_uses_legacy_and_predicts_like_explicit_legacy(
 def test_converted_file_works_under_auto(weights, native_probs, phantom_dir, tmp_path, log):
     path = _foreign(tmp_path / "research.pt", weights["legacy"], "module.")
     out = tmp_path / "models" / "model.pt"
-    cmd = [sys.executable, "-m", "tools.convert_checkpoint", "--input", str(path), "--output"]
+    cmd = [sys.executable, "-m", "tools", "convert_checkpoint", "--input", str(path), "--output"]
     result = subprocess.run(cmd + [str(out), "--patch_merging", "legacy"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert f"read {path} ({{'state_dict': state dict}} with epoch, 'module.' prefixes removed (DDP))" in result.stdout

@@ -14,7 +14,7 @@ from monai.networks.nets import SwinUNETR
 from torch import nn
 
 from tests.conftest import BTCV_DIR, MSD_DIR, SSL_DIR, bundle_on_path, error_text
-from tools.make_msd_tasks import write_msd_task
+from tools.data.make_msd_tasks import write_msd_task
 
 MSD_TASK = "Task09_Spleen"
 

@@ -14,10 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tools import fetch_sample_ct as fsc
-from tools.btcv_datalist import kfold_split, standard_split
-from tools.fetch_sample_ct import TOTALSEG_TO_BTCV, fetch_sample_ct, totalseg_to_btcv
-from tools.make_phantoms import make_phantom, write_phantom_dataset
+from tools.data import fetch_sample_ct as fsc
+from tools.data.btcv_datalist import kfold_split, standard_split
+from tools.data.fetch_sample_ct import TOTALSEG_TO_BTCV, fetch_sample_ct, totalseg_to_btcv
+from tools.data.make_phantoms import make_phantom, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_IDS = list(range(0, 14))
@@ -204,7 +204,7 @@ def test_extra_cases_are_ignored_loudly_and_test_images_listed(tmp_path, caplog)
     root = placeholder_btcv(tmp_path, list(range(1, 11)) + list(range(21, 41)) + [50], test_ids=[61, 62, 80, 99])
     (root / "RawData/Training/img/notes.txt").write_text("scanner settings")
     (root / "RawData/Training/img/.DS_Store").write_bytes(b"hidden")  # hidden files are not reported
-    with caplog.at_level("WARNING", logger="tools.btcv_datalist"):
+    with caplog.at_level("WARNING", logger="tools.data.btcv_datalist"):
         datalist = standard_split(root)
     assert len(datalist["training"]) == 24 and len(datalist["validation"]) == 6
     assert 50 not in [case_id(d["image"]) for d in datalist["training"] + datalist["validation"]]
@@ -245,7 +245,8 @@ def test_datalist_command_line_writes_json(phantom_btcv, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "tools.btcv_datalist",
+        "tools",
+        "btcv_datalist",
         "--data_dir",
         str(phantom_btcv),
         "--output",

@@ -1,6 +1,6 @@
-"""End-to-end test of tools/demo.py in its --quick form (slow: a few minutes on a 2-core CPU).
+"""End-to-end test of tools/demo/demo.py in its --quick form (slow: a few minutes on a 2-core CPU).
 
-Runs ``python -m tools.demo --quick`` as a user would and checks what it leaves behind: the
+Runs ``python -m tools demo --quick`` as a user would and checks what it leaves behind: the
 pre-training stage (loss-curve and inpainting PNGs, an exported encoder of 126 tensors that the
 fine-tuning log reports loading), label maps in the geometry of their inputs, PNG overlays, a
 metrics table naming the organs, a summary of the evaluation. Also checks that a failing bundle
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools.demo import metrics_markdown, organ_names, pretraining_markdown, ssl_val_interval
+from tools.demo.metrics import metrics_markdown, organ_names, pretraining_markdown
+from tools.demo.plan import ssl_val_interval
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -25,7 +26,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _run_demo(out: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tools.demo", "--output_dir", str(out), *args],
+        [sys.executable, "-m", "tools", "demo", "--output_dir", str(out), *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""tools.gpu_check: the dry run takes every part's code path on the CPU and writes the JSON and markdown.
+"""tools.benchmarks.gpu_check: the dry run takes every part's code path on the CPU and writes the JSON and markdown.
 
 No assertions on speed: the figures of a dry run are of tiny sizes on a shared CPU. The dry run of
 all parts takes about 150 s of CPU time (15 fresh processes); it runs once per module and is part
@@ -16,7 +16,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO, forget_scripts_modules
-from tools import gpu_check as gc
+from tools.benchmarks import gpu_check as gc
+from tools.common.machine import native_bf16
 
 
 def _positive(x):
@@ -61,12 +62,14 @@ def test_every_part_ran_and_the_json_is_the_result(dry):
 def test_part_summaries(dry):
     parts = dry[0]["parts"]
     t = parts["btcv_training"]["summary"]
-    assert _positive(t["iterations_per_second"]) and t["amp"] is False and t["crops_per_iteration"] == 1
+    # the one precision rule: bf16 on a CPU with native bf16, else float32 (no CUDA AMP on a CPU)
+    assert t["precision"] == ("bfloat16" if native_bf16() else "float32")
+    assert _positive(t["iterations_per_second"]) and t["crops_per_iteration"] == 1
     assert _positive(t["peak_memory_mib"]) and _fraction(t["fraction_of_peak"])
     assert all(math.isfinite(x) for x in t["losses"])
     i = parts["btcv_inference"]["summary"]
-    assert {"bundle", "bundle_fp32", "model_zoo"} <= set(i["seconds_per_volume"])
-    assert set(i["seconds_per_volume"]) <= {"bundle", "bundle_float32", "bundle_fp32", "model_zoo"}
+    assert {"bundle", "bundle_float32_ncdhw", "model_zoo"} <= set(i["seconds_per_volume"])
+    assert set(i["seconds_per_volume"]) <= {"bundle", "bundle_float32", "bundle_float32_ncdhw", "model_zoo"}
     assert all(_positive(v) for v in i["seconds_per_volume"].values())
     assert all(_fraction(v) for v in i["fraction_of_peak"].values())
     assert i["windows"]["bundle"] == i["windows"]["model_zoo"] >= 1 and _positive(

@@ -1,4 +1,4 @@
-"""Tests of tools/label_efficiency.py: subsets, budget, outputs, and real bundle runs on tiny phantoms.
+"""Tests of tools/leaderboard/label_efficiency.py: subsets, budget, outputs, and real bundle runs on tiny phantoms.
 
 One real training step of the small network takes about 20 s on a 2-core CPU, so the default suite
 does a single real 1-iteration run (the Dice and budget read back from its TensorBoard events) and
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PHANTOM_SHAPE, PHANTOM_SPACING, REPO, SMALL, bundle_on_path
-from tools import label_efficiency as le
+from tools.leaderboard import label_efficiency as le
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -27,7 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
     """Five tiny phantoms: 4 training cases, 1 validation case, datalist paths relative to the folder."""
-    from tools.make_phantoms import write_phantom_dataset
+    from tools.data.make_phantoms import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("le_phantoms")
     pairs = write_phantom_dataset(root, num_cases=5, seed=11, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
@@ -272,7 +272,8 @@ def test_cli_end_to_end(phantoms, encoder_file, tmp_path):
         [
             sys.executable,
             "-m",
-            "tools.label_efficiency",
+            "tools",
+            "label_efficiency",
             "--datalist",
             str(phantoms / "datalist.json"),
             "--pretrained_path",

@@ -31,7 +31,7 @@ TEST_IMAGE_SHAPE = (40, 40, 24)  # one 64^3 window each after resampling and pad
 
 def _dataset(root: Path) -> Path:
     """Four labelled phantoms with a datalist (2 training, 2 validation) and the 20 test images."""
-    from tools.make_phantoms import make_phantom, write_phantom_dataset
+    from tools.data.make_phantoms import make_phantom, write_phantom_dataset
 
     pairs = write_phantom_dataset(root, num_cases=4, seed=11, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
     items = [{"image": str(Path(i).relative_to(root)), "label": str(Path(lab).relative_to(root))} for i, lab in pairs]

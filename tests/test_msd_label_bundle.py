@@ -1,4 +1,4 @@
-"""tools/msd_label_bundle.py: a single-task copy of the MSD bundle set up for MONAI Label, and its refusals."""
+"""tools/release/msd_label_bundle.py: a single-task copy of the MSD bundle set up for MONAI Label, and its refusals."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from tests.conftest import MSD_DIR
 from tools.common.bundles import bundle_parser, forget_scripts_modules
-from tools.make_msd_tasks import write_msd_task
-from tools.msd_label_bundle import LabelBundleError, msd_label_bundle
+from tools.data.make_msd_tasks import write_msd_task
+from tools.release.msd_label_bundle import LabelBundleError, msd_label_bundle
 
 TASK = "Task01_BrainTumour"  # not the bundle's default task, so every edit shows
 

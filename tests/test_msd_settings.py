@@ -28,7 +28,7 @@ from tests.conftest import (
     train_until_failure,
     verify_metadata,
 )
-from tools.make_msd_tasks import MSD_TASKS, write_msd_task
+from tools.data.make_msd_tasks import MSD_TASKS, write_msd_task
 
 CONFIGS = MSD_DIR / "configs"
 N_ENCODER = 126
@@ -82,7 +82,7 @@ def test_task_settings_come_from_the_task_file_and_dataset_json(task, tasks_root
 
 @pytest.mark.parametrize("task", list(MSD_TASKS))
 def test_task_files_name_the_channels_and_labels_of_the_decathlons_dataset_json(task):
-    """The bundle's own copy of what each task's dataset.json says (mimicked by tools/make_msd_tasks.py)."""
+    """The bundle's own copy of what each task's dataset.json says (mimicked by tools/data/make_msd_tasks.py)."""
     _, modality, labels, _ = MSD_TASKS[task]
     task_file = json.loads((CONFIGS / "tasks" / f"{task}.json").read_text())
     assert (task_file["channel_names"], task_file["label_names"]) == (modality, labels)

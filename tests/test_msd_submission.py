@@ -1,4 +1,4 @@
-"""tools.msd_submission: checking MSD prediction folders against their test images and zipping them."""
+"""tools.leaderboard.msd_submission: checking MSD prediction folders against their test images and zipping them."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tools.make_msd_tasks import write_msd_task
-from tools.msd_submission import SubmissionError, make_submission
+from tools.data.make_msd_tasks import write_msd_task
+from tools.leaderboard.msd_submission import SubmissionError, make_submission
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (24, 24, 16)
@@ -209,7 +209,7 @@ def test_checks_without_data_root_are_format_only(submission):
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "tools.msd_submission", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "tools", "msd_submission", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
 
 

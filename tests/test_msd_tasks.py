@@ -31,7 +31,7 @@ from tests.conftest import (
     run_workflow,
     train_msd_fold,
 )
-from tools.make_msd_tasks import MSD_TASKS
+from tools.data.make_msd_tasks import MSD_TASKS
 
 CHANNELS = {"Task01_BrainTumour": 4, "Task05_Prostate": 2}
 

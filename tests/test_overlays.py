@@ -1,11 +1,11 @@
-"""Tests for tools.overlays on a small synthetic CT + label pair with an oblique, flipped, permuted affine."""
+"""Tests for tools.demo.overlays on a small synthetic CT + label pair with an oblique, flipped, permuted affine."""
 
 import nibabel as nib
 import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from tools.overlays import (
+from tools.demo.overlays import (
     DEFAULT_META_FILE,
     axial_view,
     coronal_view,

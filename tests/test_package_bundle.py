@@ -1,4 +1,4 @@
-"""tools/package_bundle.py: the zip that ``monai.bundle download`` unpacks, unpacked by MONAI and run from there."""
+"""package_bundle: the zip that ``monai.bundle download`` unpacks, unpacked by MONAI and run from there."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from monai.bundle import download, load
 from monai.networks.nets import SwinUNETR
 
 from tests.conftest import BTCV_DIR, MSD_DIR, SMALL, SSL_DIR, btcv_workflow, bundle_on_path, recorded
-from tools.package_bundle import large_files_yaml, md5_of, package_bundle
+from tools.release.package_bundle import large_files_yaml, md5_of, package_bundle
 
 BUNDLES = [BTCV_DIR, MSD_DIR, SSL_DIR]
 
@@ -118,7 +118,7 @@ def test_weights_url_without_the_file_and_unloadable_weights_are_refused(tmp_pat
     assert f"{wrapped}: expected a plain state dict" in str(info.value) and "state dict under 'model'" in str(
         info.value
     )
-    assert f"python -m tools.convert_checkpoint --input {wrapped}" in str(info.value)
+    assert f"python -m tools convert_checkpoint --input {wrapped}" in str(info.value)
     with pytest.raises(FileNotFoundError, match="missing"):
         package_bundle(str(tmp_path), out_dir=str(tmp_path / "dist"))
     assert not (tmp_path / "dist").exists() or list((tmp_path / "dist").iterdir()) == []

@@ -177,7 +177,7 @@ def test_training_one_iteration_with_a_string_or_torch_device_from_another_folde
 
 def test_network_def_builds_without_any_weights_file(tmp_path, phantom_dir):
     """As the model zoo's CI and MONAI Deploy build it: from the configs alone, no models/ folder."""
-    from tools.make_msd_tasks import write_msd_task
+    from tools.data.make_msd_tasks import write_msd_task
 
     write_msd_task(tmp_path / "msd", MSD_TASK, num_training=3, num_test=1, seed=0, shape=(24, 24, 16))
     cases = [

@@ -108,7 +108,7 @@ def test_the_bundle_refuses_a_bad_corpus_before_training(corpus, tmp_path):
 
 
 def test_a_dicom_series_folder_is_a_usable_volume_through_the_bundle_preprocessing(tmp_path, corpus_checks):
-    from tools.make_dicom_series import write_dicom_series
+    from tools.data.make_dicom_series import write_dicom_series
 
     volume = _ct(shape=(40, 80, 80)).astype(np.int16)
     series = tmp_path / "series"

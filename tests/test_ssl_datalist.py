@@ -1,4 +1,4 @@
-"""tools.ssl_datalist: volume discovery (files, DICOM series), presets, seeded split, CLI."""
+"""tools.data.ssl_datalist: volume discovery (files, DICOM series), presets, seeded split, CLI."""
 
 import json
 import logging
@@ -13,9 +13,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from tools.make_dicom_series import write_dicom_series
-from tools.make_phantoms import make_phantom
-from tools.ssl_datalist import (
+from tools.data.make_dicom_series import write_dicom_series
+from tools.data.make_phantoms import make_phantom
+from tools.data.ssl_datalist import (
     PRESETS,
     CorpusError,
     build_datalist,
@@ -121,7 +121,7 @@ def test_extensionless_dicom_files_are_found_by_magic_and_other_files_named_in_t
     (tmp_path / "set" / "LICENSE").write_text("not dicom\n" * 20)
     (folder / "annotation.xml").write_text("<xml/>")
     (folder / ".DS_Store").write_bytes(b"hidden")  # hidden files are not reported
-    with caplog.at_level("WARNING", logger="tools.ssl_datalist"):
+    with caplog.at_level("WARNING", logger="tools.data.ssl_datalist"):
         assert find_volumes(tmp_path / "set") == [str(folder)]
     why = WHY_NOT_A_VOLUME
     assert sorted(r.getMessage() for r in caplog.records) == [
@@ -262,7 +262,7 @@ def test_nbia_layout_keeps_ct_series_and_warns_about_the_others(tmp_path, series
     rtstruct = write_series(study / "1.000000-RTSTRUCT-11111", seed=1, modality="RTSTRUCT")
     seg = write_series(root / "HNSCC-01-0002" / "study" / "300.000000-Segmentation-9", seed=2, modality="SEG")
     (root / "LICENSE").write_text("licence text\n" * 20)
-    with caplog.at_level(logging.WARNING, logger="tools.ssl_datalist"):
+    with caplog.at_level(logging.WARNING, logger="tools.data.ssl_datalist"):
         found = find_volumes(tmp_path / "manifest-1", "hnscc")
     assert found == [str(ct)]
     warned = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -296,7 +296,7 @@ def test_luna16_preset_finds_subset_mhd_files_only(tmp_path, caplog):
     found = find_volumes(root, "luna16")
     assert found == sorted(wanted)
     assert all(os.path.isfile(p[:-4] + ".raw") or os.path.isfile(p[:-4] + ".zraw") for p in found)
-    with caplog.at_level("WARNING", logger="tools.ssl_datalist"):
+    with caplog.at_level("WARNING", logger="tools.data.ssl_datalist"):
         assert len(find_volumes(root)) == 4  # without the preset the lung masks come too
     # the voxel files of the .mhd headers are read through them; the CSV is named
     assert [r.getMessage() for r in caplog.records] == [f"{root}: skipping annotations.csv ({WHY_NOT_A_VOLUME})"]
@@ -314,7 +314,7 @@ def test_covid19_preset_skips_label_files_and_says_so(tmp_path, caplog):
     ]
     for n in names:
         touch(root / "data" / n)
-    with caplog.at_level("WARNING", logger="tools.ssl_datalist"):
+    with caplog.at_level("WARNING", logger="tools.data.ssl_datalist"):
         found = [os.path.basename(p) for p in find_volumes(root, "tcia_covid19")]
     assert [r.getMessage() for r in caplog.records] == [
         f"{root}: skipping data/volume-covid19-A-0011_seg.nii.gz (excluded by preset tcia_covid19: *_seg.nii.gz)"
@@ -355,7 +355,8 @@ def test_cli_module_writes_json_relative_to(tmp_path):
         [
             sys.executable,
             "-m",
-            "tools.ssl_datalist",
+            "tools",
+            "ssl_datalist",
             f"luna:luna16={tmp_path / 'LUNA16'}",
             "--output",
             str(out),

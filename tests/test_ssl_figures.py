@@ -1,4 +1,4 @@
-"""tools.ssl_figures: loss curves and loss drops from TensorBoard events, the inpainting example."""
+"""tools.demo.ssl_figures: loss curves and loss drops from TensorBoard events, the inpainting example."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from tests.conftest import SSL_DIR, bundle_on_path
-from tools import ssl_figures
-from tools.make_phantoms import make_phantom
+from tools.data.make_phantoms import make_phantom
+from tools.demo import ssl_figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TERMS = ("loss", "inpaint_loss", "contrast_loss", "rotation_loss")

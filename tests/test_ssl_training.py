@@ -325,7 +325,7 @@ def test_inference_writes_each_volume_s_reconstruction_in_hu_in_its_own_geometry
     from monai.bundle import ConfigParser
     from monai.inferers import sliding_window_inference
 
-    from tools.make_phantoms import write_phantom_dataset
+    from tools.data.make_phantoms import write_phantom_dataset
 
     data = tmp_path / "data"
     ((image, _),) = write_phantom_dataset(data, num_cases=1, seed=3, shape=(30, 60, 60), spacing=PHANTOM_SPACING)

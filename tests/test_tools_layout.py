@@ -44,3 +44,20 @@ def test_no_module_imports_a_private_name_of_a_tool():
                 if base.startswith("tools."):
                     offenders.append(f"{path.name}: {base}.{node.attr}")
     assert offenders == []
+
+
+def test_python_m_tools_lists_every_command_with_one_line():
+    """``python -m tools`` names every module with a command line, one line each, and runs one by name."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tools"], cwd=REPO, capture_output=True, text=True, check=True)
+    runnable = sorted(
+        p.stem for p in TOOLS.glob("*/*.py") if p.parent.name != "common" and '__name__ == "__main__"' in p.read_text()
+    )
+    listed = sorted(line.split()[0] for line in done.stdout.splitlines() if line.startswith("  "))
+    assert listed == runnable and len(runnable) >= 25
+    helped = subprocess.run(
+        [sys.executable, "-m", "tools", "sync_bundle_code", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert helped.returncode == 0 and "--check" in helped.stdout

@@ -1,6 +1,6 @@
 """A MONAI or torch the bundles cannot run on is refused at start-up, naming what is installed and what to do.
 
-The tested versions themselves run in tests/compat (one venv per MONAI, tools/monai_env.sh).
+The tested versions themselves run in tests/compat (one venv per MONAI, tools/env/monai_env.sh).
 """
 
 from __future__ import annotations

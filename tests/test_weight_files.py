@@ -153,7 +153,7 @@ def files(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def msd_task(tmp_path_factory) -> Path:
     """One small Decathlon task (3 training cases) for the MSD trainer."""
-    from tools.make_msd_tasks import write_msd_task
+    from tools.data.make_msd_tasks import write_msd_task
 
     return write_msd_task(
         tmp_path_factory.mktemp("msd"), TASK, num_training=3, num_test=1, seed=0, shape=MSD_PHANTOM_SHAPE

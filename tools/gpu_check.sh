@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run (tools/gpu_check.py): BTCV training steps with AMP, the sample CT end to end
+# The prepared GPU run (tools/benchmarks/gpu_check.py): BTCV training steps with AMP, the sample CT end to end
 # against the model zoo's settings, the SSL step against the research code's way, one 4-channel MSD
 # step and a one-GPU torchrun DDP run; each part under its own time cap, 8 minutes in all on one
 # H100/H200. Writes <output_dir>/gpu_check.json and <output_dir>/gpu_check.md (default: $OUT if set,
@@ -7,7 +7,7 @@
 #
 # Set-up on a machine WITH network (here), once, in the repository root:
 #   1. the sample CT (TotalSegmentator's example, 1 MB; the GPU box cannot download it):
-#        .venv/bin/python -m tools.fetch_sample_ct --dest_dir gpu_inputs/sample_ct
+#        .venv/bin/python -m tools fetch_sample_ct --dest_dir gpu_inputs/sample_ct
 #   2. wheels of the project's requirements the GPU box lacks (it has its own CUDA torch, numpy,
 #      scipy, einops, pyyaml, tqdm, tensorboard, matplotlib; no network), for its Python 3.12
 #      (7.5 MB; versions as in requirements.txt; termcolor is fire's one dependency):
@@ -50,4 +50,4 @@ fi
 OUTPUT_DIR=${OUT:-gpu_check_out}
 "$PYTHON" -c "import torch, monai, ignite, nibabel; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)"
 export PYTHONUNBUFFERED=1
-exec "$PYTHON" -m tools.gpu_check --output_dir "$OUTPUT_DIR" "${ARGS[@]}"
+exec "$PYTHON" -m tools gpu_check --output_dir "$OUTPUT_DIR" "${ARGS[@]}"

@@ -4,7 +4,7 @@
 
 Written for the Swin UNETR BTCV bundle (13 organs); it runs any of this project's CT segmentation bundles whose
 ``configs/inference.json`` the Deploy operator can run, e.g. the MSD bundle's single-task copy of Task09_Spleen
-(``tools/msd_label_bundle.py``). ``-m`` is either the bundle folder itself (with ``models/model.pt``; the Deploy
+(``tools/release/msd_label_bundle.py``). ``-m`` is either the bundle folder itself (with ``models/model.pt``; the Deploy
 operator puts the folder on ``sys.path`` and runs ``configs/inference.json`` with the bundle's own inferer) or a
 TorchScript ``model.ts`` exported with the BTCV bundle's ``inference_deploy.json`` overlay (MONAI's own classes only;
 see README.md). The segments are the foreground labels of the bundle's ``channel_def`` (configs/metadata.json, or

@@ -1,4 +1,4 @@
-"""Fixtures for the integration tests with the real clients, each in its own pinned venv (tools/client_env.sh)."""
+"""Fixtures for the integration tests with the real clients, each in its own pinned venv (tools/env/client_env.sh)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from tools.common.bundles import REPO_ROOT
 def client_python(name: str) -> Path:
     """The python of client ``name``'s venv, created from tests/clients/requirements-<name>.txt if missing or stale."""
     done = subprocess.run(
-        ["bash", str(REPO_ROOT / "tools" / "client_env.sh"), name], capture_output=True, text=True, check=False
+        ["bash", str(REPO_ROOT / "tools" / "env" / "client_env.sh"), name], capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
-        raise RuntimeError(f"tools/client_env.sh {name} failed:\n{done.stdout}\n{done.stderr}")
+        raise RuntimeError(f"tools/env/client_env.sh {name} failed:\n{done.stdout}\n{done.stderr}")
     return Path(done.stdout.strip().splitlines()[-1])
 
 

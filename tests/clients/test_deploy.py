@@ -3,13 +3,13 @@
 A small copy of the bundle (feature size 12, 64^3 windows, written into its configs, since a model.ts archive
 carries the configs as they are on disk) gets weights saved the bundle's way: the state dict as it is, with the
 legacy (monai <= 1.4) patch-merging order recorded inside it, which only the record tells apart.
-A phantom CT becomes a DICOM series (tools/make_dicom_series.py). The Deploy app runs in the deploy venv, from
+A phantom CT becomes a DICOM series (tools/data/make_dicom_series.py). The Deploy app runs in the deploy venv, from
 a folder that is not the bundle's, on (a) the bundle folder and (b) a traced model.ts exported with the
 ``inference_deploy.json`` overlay. Each DICOM SEG must reference the input series, put its frames on the input
 slices, describe the 13 organs, and hold the labels that the same bundle predicts in memory (project venv) on the
 same series: ``inference.json`` for the folder, ``inference.json`` + ``inference_deploy.json`` for model.ts.
 
-The MSD bundle runs as the single-task copy of Task09_Spleen that ``tools/msd_label_bundle.py`` writes with no
+The MSD bundle runs as the single-task copy of Task09_Spleen that ``tools/release/msd_label_bundle.py`` writes with no
 dataset folder (the task file gives labels, spacing, ROI and intensity), small sizes written into its
 ``inference.json`` and random weights saved the bundle's way, through the operator's ``bundle_path``: the SEG has one
 segment, "spleen", from the copy's ``channel_def``, and equals the copy's in-memory prediction.
@@ -30,7 +30,7 @@ import torch
 
 from tests.conftest import PHANTOM_SHAPE, PHANTOM_SPACING, run_workflow
 from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_parser, forget_scripts_modules
-from tools.msd_label_bundle import msd_label_bundle
+from tools.release.msd_label_bundle import msd_label_bundle
 
 pytestmark = pytest.mark.clients
 
@@ -88,9 +88,9 @@ def small_copy_with_weights(bundle: Path) -> None:
 
 
 def phantom_series(root: Path) -> tuple[Path, np.ndarray]:
-    """A DICOM series of one phantom CT (tools/make_dicom_series.py) and its affine."""
-    from tools.make_dicom_series import write_dicom_series
-    from tools.make_phantoms import make_phantom
+    """A DICOM series of one phantom CT (tools/data/make_dicom_series.py) and its affine."""
+    from tools.data.make_dicom_series import write_dicom_series
+    from tools.data.make_phantoms import make_phantom
 
     image, _, affine = make_phantom(21, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
     if np.linalg.det(affine[:3, :3]) < 0:  # a DICOM series stacks slices along the right-handed normal
@@ -173,7 +173,7 @@ def seg_label_map(seg: pydicom.Dataset, slices: list[pydicom.Dataset]) -> np.nda
         # with one segment, highdicom puts its identification into the shared functional groups
         identification = group if "SegmentIdentificationSequence" in group else seg.SharedFunctionalGroupsSequence[0]
         segment = int(identification.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        mask = frame.T > 0  # rows follow j, columns follow i (tools/make_dicom_series.py)
+        mask = frame.T > 0  # rows follow j, columns follow i (tools/data/make_dicom_series.py)
         assert not labels[..., k][mask].any(), "segments overlap"
         labels[..., k][mask] = segment
     return labels

@@ -2,7 +2,7 @@
 
 The tests do what the "MONAI Label" guide (docs/monai_label.md, linked from the model cards) tells a user
 to do: download the sample app, put a copy of the bundle under ``<app>/model/`` (for MSD, the single-task copy that
-``tools/msd_label_bundle.py`` writes), start the server offline on 127.0.0.1, and use its REST
+``tools/release/msd_label_bundle.py`` writes), start the server offline on 127.0.0.1, and use its REST
 API: ``/info/`` (labels from ``channel_def``), ``/infer`` (a label map on the input's grid), ``/train``
 for one epoch, then ``/infer`` again, which must use the weights that training wrote to ``models/model.pt``.
 Small knobs (``SMALL``) are written into the copy's configs, as a user would edit them.
@@ -70,7 +70,7 @@ def _initial_model(bundle: Path, **overrides) -> None:
 
 def _datastore(studies: Path) -> list[str]:
     """Three phantom CTs in MONAI Label's layout (labels of the first two... all three in labels/final/)."""
-    from tools.make_phantoms import write_phantom_dataset
+    from tools.data.make_phantoms import write_phantom_dataset
 
     raw = studies.parent / "raw"
     pairs = write_phantom_dataset(raw, num_cases=4, seed=11, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
@@ -300,8 +300,8 @@ def _msd_datastore(task_dir: Path, studies: Path) -> list[str]:
 
 
 def _msd_label_bundle(task_dir: Path, output: Path) -> None:
-    """``python -m tools.msd_label_bundle`` (project venv), as the MSD card tells a user to run it."""
-    cmd = [sys.executable, "-m", "tools.msd_label_bundle", "--task", MSD_TASK, "--dataset_dir", str(task_dir)]
+    """``python -m tools msd_label_bundle`` (project venv), as the MSD card tells a user to run it."""
+    cmd = [sys.executable, "-m", "tools", "msd_label_bundle", "--task", MSD_TASK, "--dataset_dir", str(task_dir)]
     done = subprocess.run([*cmd, "--output", str(output)], cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -309,7 +309,7 @@ def _msd_label_bundle(task_dir: Path, output: Path) -> None:
 @pytest.fixture()
 def msd_label_app(tmp_path, monailabel_python) -> dict:
     """The sample app with the tool's Task09 copy of the MSD bundle (small knobs, initial model.pt) and a datastore."""
-    from tools.make_msd_tasks import write_msd_task
+    from tools.data.make_msd_tasks import write_msd_task
 
     task_dir = write_msd_task(tmp_path / "msd", MSD_TASK, num_training=3, num_test=1, seed=3, shape=(64, 64, 40))
     app, _ = _sample_app(monailabel_python, tmp_path, None, MSD_BUNDLE)
@@ -323,7 +323,7 @@ def msd_label_app(tmp_path, monailabel_python) -> dict:
 
 
 def test_monailabel_server_lists_msd_labels_infers_trains_and_infers_with_the_trained_model(msd_label_app, tmp_path):
-    """The MSD bundle's Task09 copy from tools/msd_label_bundle.py: /info/ labels from its channel_def,
+    """The MSD bundle's Task09 copy from tools/release/msd_label_bundle.py: /info/ labels from its channel_def,
     /infer, /train for one epoch (model.pt changes), and the next /infer uses the trained weights."""
     app, bundle, ids = msd_label_app["app"], msd_label_app["bundle"], msd_label_app["ids"]
     model_pt = bundle / "models" / "model.pt"
@@ -365,7 +365,7 @@ def _zoo_stand_in(path: Path) -> Path:
 
 def _card_studies(studies: Path) -> Path:
     """The card's datastore with one labelled image (``case0``) and the unlabelled ``case3`` it infers."""
-    from tools.make_phantoms import write_phantom_dataset
+    from tools.data.make_phantoms import write_phantom_dataset
 
     (image0, label0), (image3, _) = write_phantom_dataset(
         studies.parent / "raw", num_cases=2, seed=11, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING

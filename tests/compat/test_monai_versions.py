@@ -2,7 +2,7 @@
 
 Run with the python of each version's venv, beside the contract tests (``.ci/run`` does)::
 
-    py=$(bash tools/monai_env.sh 1.4)    # or 1.5
+    py=$(bash tools/env/monai_env.sh 1.4)    # or 1.5
     $py -m pytest -m "not slow" tests/compat tests/test_bundle_contract.py
     .venv/bin/python -m pytest -m compat tests/compat    # monai 1.6.1, the project's .venv
 
@@ -40,7 +40,7 @@ from tests.conftest import (
     monai_swin_unetr,
     run_workflow,
 )
-from tools.make_msd_tasks import write_msd_task
+from tools.data.make_msd_tasks import write_msd_task
 
 pytestmark = pytest.mark.compat
 

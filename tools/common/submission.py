@@ -1,6 +1,6 @@
 """Leaderboard submissions: checking one predicted label map against its test image, and writing the zip.
 
-Shared by ``tools.msd_submission`` and ``tools.btcv_submission``. Problems are collected as one line
+Shared by the leaderboard tools ``msd_submission`` and ``btcv_submission``. Problems are collected as one line
 each (naming the file) so that a tool reports them all together in one ``SubmissionError``; the
 zip is written to a temporary file in the target folder and renamed over ``zip_path``, so there is
 either a complete zip or none.

@@ -1,0 +1,1 @@
+"""Data tools: phantoms, DICOM series, the sample CT, MSD mini-tasks, BTCV and pre-training datalists."""

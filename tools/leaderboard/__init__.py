@@ -1,0 +1,1 @@
+"""Leaderboard tools: submissions, cross-validation metrics, post-processing choice, label efficiency."""
