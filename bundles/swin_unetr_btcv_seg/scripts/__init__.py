@@ -1,7 +1,7 @@
 """Python parts of the swin_unetr_btcv_seg bundle that its configs cannot express.
 
 Every module except ``bundle_logger`` and ``lcc`` is generated from ``bundles/common/scripts`` (see the header of
-each file): edit it there, then run ``python tools/sync_bundle_code.py``.
+each file): edit it there, then run ``python -m tools sync_bundle_code``.
 
 ``BUNDLE_ROOT`` is the folder that holds this package: the configs' default ``bundle_root``, so every
 default path (models/, eval/, ...) is under the bundle whatever the working directory.

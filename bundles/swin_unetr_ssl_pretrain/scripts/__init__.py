@@ -1,7 +1,7 @@
 """Python parts of the swin_unetr_ssl_pretrain bundle that its configs cannot express.
 
 Modules with a "Generated from bundles/common/scripts/..." header are copies: edit the source there,
-then run ``python tools/sync_bundle_code.py``; the others belong to this bundle.
+then run ``python -m tools sync_bundle_code``; the others belong to this bundle.
 
 ``BUNDLE_ROOT`` is the folder that holds this package: the configs' default ``bundle_root``, so every
 default path (models/, eval/, ...) is under the bundle whatever the working directory.
