@@ -1,4 +1,4 @@
-"""The bundles' shared modules and configs are generated copies of bundles/common (tools/release/sync_bundle_code.py)."""
+"""The bundles' shared modules and configs are generated copies of bundles/common (python -m tools sync_bundle_code)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
-from tools.release.sync_bundle_code import HEADER_START, check, expected_copies, load_config_manifest, load_manifest, main, sync
+from tools.release.sync_bundle_code import (
+    HEADER_START,
+    check,
+    expected_copies,
+    load_config_manifest,
+    load_manifest,
+    main,
+    sync,
+)
 
 BTCV, MSD, SSL = "swin_unetr_btcv_seg", "swin_unetr_msd", "swin_unetr_ssl_pretrain"
 # The modules that were kept identical by hand before the manifest: they must stay shared.

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 COMMON = Path("bundles") / "common"
 MANIFEST = COMMON / "manifest.json"
-HEADER = "# Generated from {source} by python -m tools sync_bundle_code: edit that file, then run it.\n"
+HEADER = "# Generated from {source}: edit that, then run python -m tools sync_bundle_code\n"
 HEADER_START = "# Generated from "
 
 __all__ = ["load_manifest", "load_config_manifest", "expected_copies", "check", "sync", "main"]

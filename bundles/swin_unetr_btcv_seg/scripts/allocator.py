@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/allocator.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/allocator.py: edit that, then run python -m tools sync_bundle_code
 """Keep freed CPU memory for reuse instead of handing it back to the kernel (glibc malloc)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/compat.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/compat.py: edit that, then run python -m tools sync_bundle_code
 """The MONAI and torch versions this bundle runs on, and the start-up check that refuses the others.
 
 Tested: monai 1.4.0, 1.5.2 and 1.6.1 with torch 2.13.0, and monai 1.6.1 with torch 2.14.1 (the project

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/dicom_series.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/dicom_series.py: edit that, then run python -m tools sync_bundle_code
 """DICOM series folders: which files are image slices, and whether they form one complete, evenly spaced series.
 
 A folder is one volume. Its non-image objects (RT structure sets, segmentations, structured reports,

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/ensemble.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/ensemble.py: edit that, then run python -m tools sync_bundle_code
 """Whole-network checkpoints for inference: one loader for checkpoints from anywhere, one model or an ensemble.
 
 :func:`load_checkpoint` reads every format a fine-tuned Swin UNETR is published in:

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/folds.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/folds.py: edit that, then run python -m tools sync_bundle_code
 """Cross-validation folds: a seeded split of a case list, and each fold's own output folder.
 
 A split is a seeded shuffle of the cases cut into ``num_folds`` nearly equal parts: fold k

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/inferers.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/inferers.py: edit that, then run python -m tools sync_bundle_code
 """Network calls (sliding window, training forward) with mixed precision and a memory layout chosen for the hardware."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/metrics.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/metrics.py: edit that, then run python -m tools sync_bundle_code
 """Evaluation metrics in physical units and a per-organ report."""
 
 from __future__ import annotations

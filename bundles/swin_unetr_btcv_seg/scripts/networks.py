@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/networks.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/networks.py: edit that, then run python -m tools sync_bundle_code
 """MONAI's ``SwinUNETR``, built with the arguments that the installed monai takes.
 
 The configs' ``network_def`` targets :func:`swin_unetr` so that one config runs on every tested monai:

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/outputs.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/outputs.py: edit that, then run python -m tools sync_bundle_code
 """Where inference writes each label map: one distinct, recognisable file per input, nothing overwritten unasked.
 
 Naming rule (``output_names``): an input's output name is its file name without the image suffix

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/patch_merging.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/patch_merging.py: edit that, then run python -m tools sync_bundle_code
 """Patch-merging orders of the Swin encoder, and the choice of ``SwinUNETR(downsample=...)``.
 
 A Swin "patch merging" layer gathers the 8 sub-voxels of every 2x2x2 neighbourhood, concatenates

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/precision.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/precision.py: edit that, then run python -m tools sync_bundle_code
 """Which reduced precision pays on a device: the one rule every bundle's autocast follows."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/skipped_files.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/skipped_files.py: edit that, then run python -m tools sync_bundle_code
 """Entries of an input folder that are not read: the log lines that name them, so none is skipped silently.
 
 One line per entry, or, when more than ``LISTED`` entries are left aside for the same reason, one

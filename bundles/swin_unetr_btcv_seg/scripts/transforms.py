@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/transforms.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/transforms.py: edit that, then run python -m tools sync_bundle_code
 """Transforms that config alone cannot express."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/bf16_conv_guard.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/bf16_conv_guard.py: edit that, then run python -m tools sync_bundle_code
 """Convolutions whose bf16 weight gradient oneDNN gets wrong on a CPU run in float32 instead.
 
 On CPUs with AVX-512 bf16 but no AMX (AMD EPYC of CPU families 25 and 26 among them), the oneDNN

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/datalists.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/datalists.py: edit that, then run python -m tools sync_bundle_code
 """Datalists: reading one with errors that name the file; inference inputs (a ``testing`` list, or a folder)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/known_checkpoints.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/known_checkpoints.py: edit that, then run python -m tools sync_bundle_code
 """Published Swin UNETR checkpoints identified by content, with the patch-merging order they were trained with.
 
 A whole-network checkpoint saved by MONAI or by research code records nothing about the order in

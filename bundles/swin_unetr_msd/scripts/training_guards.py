@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/training_guards.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/training_guards.py: edit that, then run python -m tools sync_bundle_code
 """Training stops at the first non-finite loss or gradient, before the optimiser step, and says where and how."""
 
 from __future__ import annotations

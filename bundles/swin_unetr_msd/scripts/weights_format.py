@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/weights_format.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/weights_format.py: edit that, then run python -m tools sync_bundle_code
 """What a Swin weights file is: its format, and the patch-merging order it was trained with.
 
 The lowest layer of the weight code: it imports no other module of this package except the

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/checkpoints.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/checkpoints.py: edit that, then run python -m tools sync_bundle_code
 """Checkpoints that survive a kill: atomic files, rotation that writes before it deletes, and resume from the latest."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/checks.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/checks.py: edit that, then run python -m tools sync_bundle_code
 """Up-front checks of input files, so bad data stops a run before any compute is spent.
 
 Every problem found is reported with the file it concerns; all problems of a datalist (of a

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/distributed.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/distributed.py: edit that, then run python -m tools sync_bundle_code
 """Multi-process (DDP) set-up used by the bundles' ``multi_gpu_train.json``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/encoder_weights.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/encoder_weights.py: edit that, then run python -m tools sync_bundle_code
 """Reading, checking and writing pre-trained Swin encoder weights (the ``swinViT`` of a SwinUNETR).
 
 Formats read (recognised by ``weights_format.detect_weights_format``, re-exported here):

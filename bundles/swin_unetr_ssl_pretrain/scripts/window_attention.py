@@ -1,4 +1,4 @@
-# Generated from bundles/common/scripts/window_attention.py by python -m tools sync_bundle_code: edit that file, then run it.
+# Generated from bundles/common/scripts/window_attention.py: edit that, then run python -m tools sync_bundle_code
 """Swin window attention without MONAI's full-size mask copies, for inference and for CPU training.
 
 MONAI's ``WindowAttention`` (monai 1.6, flash-attention path, used when no gradient is recorded)
