@@ -111,17 +111,17 @@ def test_metrics_markdown(tmp_path):
     names = organ_names()
     organs = [names[i] for i in sorted(names) if i]
     cases = ["img0035.nii.gz", "example_ct.nii.gz"]
-    dice = {o: 0.5 for o in organs}
+    dice = dict.fromkeys(organs, 0.5)
     dice["esophagus"] = None
     summary = {
         "cases": cases,
         "organs": organs,
         "metrics": {
-            "val_mean_dice": {"mean": 0.5, "per_organ": dice, "per_case_mean": {c: 0.5 for c in cases}},
+            "val_mean_dice": {"mean": 0.5, "per_organ": dice, "per_case_mean": dict.fromkeys(cases, 0.5)},
             "val_hd95": {
                 "mean": 12.0,
-                "per_organ": {o: 12.0 for o in organs},
-                "per_case_mean": {c: 12.0 for c in cases},
+                "per_organ": dict.fromkeys(organs, 12.0),
+                "per_case_mean": dict.fromkeys(cases, 12.0),
             },
         },
     }

@@ -78,7 +78,7 @@ def test_good_submission_zips_each_task_folder_byte_for_byte(submission):
     assert list(zip_path.parent.iterdir()) == [zip_path]  # no temporary file left
 
 
-def test_without_test_list_every_visible_image_in_imagesTs_is_expected(submission):
+def test_without_test_list_every_visible_image_in_images_ts_is_expected(submission):
     data_root, folders, zip_path = submission
     task_dir = data_root / "Task09_Spleen"
     dataset = json.loads((task_dir / "dataset.json").read_text())

@@ -102,7 +102,7 @@ class Server:
         cmd += ["--conf", "models", model, "--conf", "zoo_source", "github", "--conf", "sam2", "false"]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.command = cmd
-        self._log_file = open(log, "wb")  # noqa: SIM115 (closed in stop())
+        self._log_file = open(log, "wb")
         self.process = subprocess.Popen(cmd, cwd=app.parent, stdout=self._log_file, stderr=subprocess.STDOUT)
 
     def log_text(self) -> str:

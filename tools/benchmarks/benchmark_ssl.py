@@ -496,7 +496,7 @@ def run_benchmark(
 
 def _has_psutil() -> bool:
     try:
-        import psutil  # noqa: F401, PLC0415
+        import psutil  # noqa: F401
 
         return True
     except ImportError:

@@ -66,7 +66,7 @@ def draw_cutout_mask(
         sides = rng.integers(min_sides, max_sides + 1)
         starts = rng.integers(0, shape - sides + 1)
 
-        def box_of(s: np.ndarray) -> tuple[slice, ...]:
+        def box_of(s: np.ndarray, starts: np.ndarray = starts) -> tuple[slice, ...]:
             return tuple(slice(int(a), int(a + b)) for a, b in zip(starts, s))
 
         new = int(np.count_nonzero(~mask[box_of(sides)]))

@@ -62,7 +62,7 @@ def use_bundle_scripts(bundle_dir: str | os.PathLike = BTCV_DIR) -> Any:
         if bundle in sys.path:
             sys.path.remove(bundle)
         sys.path.insert(0, bundle)
-    import scripts  # noqa: PLC0415 (the bundle's package, found through sys.path)
+    import scripts
 
     return scripts
 
@@ -100,7 +100,7 @@ def bundle_parser(bundle_dir: str | os.PathLike, config: str, overrides: dict[st
 
 def trains_fused(network: Any) -> bool:
     """The bundle's ``scripts.window_attention.trains_fused`` for ``network`` (the bundle whose scripts are loaded)."""
-    from scripts.window_attention import trains_fused as bundle_trains_fused  # noqa: PLC0415
+    from scripts.window_attention import trains_fused as bundle_trains_fused
 
     return bundle_trains_fused(network)
 

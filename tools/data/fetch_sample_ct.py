@@ -119,7 +119,9 @@ def _read_member(tf: tarfile.TarFile, sdist: Path, suffix: str) -> bytes:
     except KeyError:
         found = [m for m in tf.getmembers() if m.name.split("/", 1)[-1] == suffix and m.isfile()]
         if len(found) != 1:
-            raise FileNotFoundError(f"{sdist} has no member <top folder>/{suffix}: not the {PACKAGE} {VERSION} sdist?")
+            raise FileNotFoundError(
+                f"{sdist} has no member <top folder>/{suffix}: not the {PACKAGE} {VERSION} sdist?"
+            ) from None
         member = found[0]
     if not member.isfile():
         raise FileNotFoundError(f"{sdist}: member {member.name} is not a regular file")

@@ -429,7 +429,7 @@ def demo(
     total = time.perf_counter() - t_start
     summarise(run, outputs, total)
     run.results.update(
-        step_seconds={name: dt for name, dt in run.steps.times},
+        step_seconds=dict(run.steps.times),
         total_seconds=total,
         metrics_md=str(run.out / "metrics.md"),
         overlays=[str(p) for p in outputs["overlays"]],

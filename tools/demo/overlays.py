@@ -160,7 +160,7 @@ def render_comparison(
                 f"label {path} has shape {tuple(lab_shape)}"
             )
         if not np.allclose(nib.load(str(path)).affine, ct_affine, atol=1e-3):
-            warnings.warn(f"affines of {image_path} and {path} differ; overlay may be misaligned")
+            warnings.warn(f"affines of {image_path} and {path} differ; overlay may be misaligned", stacklevel=2)
         labels[str(row)] = lab
 
     k, j = _best_slices(next(iter(labels.values())))

@@ -189,8 +189,16 @@ def _bundle_parser(roi_size, spacing, hu_window):
     parser.read_config(str(SSL_BUNDLE_DIR / "configs" / "train.json"))
     for key, value in (("roi_size", roi_size), ("spacing", spacing), ("hu_window", hu_window)):
         if value is not None:
-            parser[key] = [v for v in value]
+            parser[key] = list(value)
     return parser
+
+
+def _require_inputs(ckpt_path: str | os.PathLike, image_path: str | os.PathLike) -> None:
+    """FileNotFoundError naming the checkpoint or image that is missing."""
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    if not Path(image_path).exists():
+        raise FileNotFoundError(f"image not found: {image_path}")
 
 
 def plot_inpainting_example(
@@ -222,10 +230,7 @@ def plot_inpainting_example(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    if not Path(image_path).exists():
-        raise FileNotFoundError(f"image not found: {image_path}")
+    _require_inputs(ckpt_path, image_path)
     with bundle_on_path(SSL_BUNDLE_DIR):
         from scripts.export import build_from_checkpoint
         from scripts.proxy_tasks import rotate90

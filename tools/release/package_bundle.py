@@ -81,7 +81,7 @@ def check_weights(path: Path) -> str:
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (torch raises many kinds for a bad file)
+    except Exception as e:
         raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict of tensors, found a {type(obj).__name__}")

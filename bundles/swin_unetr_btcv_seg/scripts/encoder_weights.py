@@ -206,33 +206,17 @@ def save_encoder(network_or_swinvit: nn.Module, path: str, patch_merging: str | 
 # ------------------------------------------------------------------------------------------- read
 
 
-def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read the Swin encoder tensors of the file at ``path`` with MONAI ``swinViT``-relative keys.
-
-    Returns ``(state_dict, info)``; ``info`` holds ``path``, ``format``, ``format_label``,
-    ``patch_merging`` (None when the file records none), ``patch_merging_source`` ("record" |
-    "official" | "unrecorded"), ``dropped_head_tensors``, ``ignored_decoder_tensors``,
-    ``decoder_state`` (the SwinUNETR decoder tensors of a whole-network file, network-relative
-    keys), ``num_tensors``, ``feature_size``, ``in_channels`` and ``record`` (the export's record,
-    or the top-level ``network_record`` of older checkpoints, if any). Keys that are neither encoder
-    tensors nor known head/decoder tensors raise ValueError.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    obj = _torch_load(path)
-    fmt = detect_weights_format(obj, path)
-    order, where = _order_from_file(obj, fmt, path)
-    mapping = obj["state_dict"] if fmt == SSL_FORMAT else _tensor_mapping(obj)
+def _sort_tensors(mapping: Mapping[str, torch.Tensor], fmt: str) -> tuple[dict, dict, list, list, list]:
+    """Sort a file's tensors into ``(encoder, decoder, dropped heads, ignored decoder keys, unexpected keys)``;
+    encoder keys ``swinViT``-relative, decoder keys network-relative."""
     keys = list(mapping)
     prefix = "module." if all(k.startswith("module.") for k in keys) else ""
-
     state: dict[str, torch.Tensor] = {}
     decoder: dict[str, torch.Tensor] = {}
     dropped, ignored, unexpected = [], [], []
     has_swinvit_prefix = fmt == MONAI and any(_strip(k, prefix).startswith("swinViT.") for k in keys)
     for key in keys:
-        if _is_extra_state(key):  # a layer's patch-merging record: read into the order above
+        if _is_extra_state(key):  # a layer's patch-merging record: read into the order elsewhere
             continue
         name = _strip(key, prefix)
         if fmt in (OFFICIAL, SSL_FORMAT):
@@ -255,6 +239,44 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
             state[name] = mapping[key]
         else:
             unexpected.append(key)
+    return state, decoder, dropped, ignored, unexpected
+
+
+def _file_record(obj: Mapping[str, Any], fmt: str, path: str, embed: torch.Tensor) -> dict[str, Any] | None:
+    """The record a file carries beside its tensors (an SSL export's, checked against the patch embedding,
+    or the top-level ``network_record`` of older checkpoints); None if it has none."""
+    if fmt == SSL_FORMAT:
+        record = {k: obj.get(k) for k in ("format_version", "patch_merging", "feature_size", "in_channels")}
+        if (record["feature_size"], record["in_channels"]) != tuple(embed.shape[:2]):
+            raise ValueError(
+                f"{path}: the record says feature_size {record['feature_size']}, in_channels "
+                f"{record['in_channels']} but patch_embed.proj.weight has shape {tuple(embed.shape)}."
+            )
+        return record
+    if isinstance(obj.get(RECORD_KEY), Mapping):  # files written before the layers recorded their order
+        return dict(obj[RECORD_KEY])
+    return None
+
+
+def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read the Swin encoder tensors of the file at ``path`` with MONAI ``swinViT``-relative keys.
+
+    Returns ``(state_dict, info)``; ``info`` holds ``path``, ``format``, ``format_label``,
+    ``patch_merging`` (None when the file records none), ``patch_merging_source`` ("record" |
+    "official" | "unrecorded"), ``dropped_head_tensors``, ``ignored_decoder_tensors``,
+    ``decoder_state`` (the SwinUNETR decoder tensors of a whole-network file, network-relative
+    keys), ``num_tensors``, ``feature_size``, ``in_channels`` and ``record`` (the export's record,
+    or the top-level ``network_record`` of older checkpoints, if any). Keys that are neither encoder
+    tensors nor known head/decoder tensors raise ValueError.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    obj = _torch_load(path)
+    fmt = detect_weights_format(obj, path)
+    order, where = _order_from_file(obj, fmt, path)
+    mapping = obj["state_dict"] if fmt == SSL_FORMAT else _tensor_mapping(obj)
+    state, decoder, dropped, ignored, unexpected = _sort_tensors(mapping, fmt)
     if unexpected:
         raise ValueError(
             f"{path}: {len(unexpected)} unexpected tensor(s) in a {_FORMAT_LABELS[fmt]} file: {_few(unexpected)}. "
@@ -266,16 +288,7 @@ def encoder_state_dict_from_file(path: str) -> tuple[dict[str, torch.Tensor], di
     if dropped:
         logger.info("%s: dropped %d SSL head tensor(s): %s", path, len(dropped), _few(dropped, 8))
     embed = state["patch_embed.proj.weight"]
-    record = None
-    if fmt == SSL_FORMAT:
-        record = {k: obj.get(k) for k in ("format_version", "patch_merging", "feature_size", "in_channels")}
-        if (record["feature_size"], record["in_channels"]) != tuple(embed.shape[:2]):
-            raise ValueError(
-                f"{path}: the record says feature_size {record['feature_size']}, in_channels "
-                f"{record['in_channels']} but patch_embed.proj.weight has shape {tuple(embed.shape)}."
-            )
-    elif isinstance(obj.get(RECORD_KEY), Mapping):  # files written before the layers recorded their order
-        record = dict(obj[RECORD_KEY])
+    record = _file_record(obj, fmt, path, embed)
     info = {
         "path": path,
         "format": fmt,

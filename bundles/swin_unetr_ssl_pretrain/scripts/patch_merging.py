@@ -132,7 +132,7 @@ class RecordedPatchMerging(PatchMergingV2):
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # noqa: D401 (torch's hook)
+    ):
         key = prefix + EXTRA_STATE_SUFFIX
         try:
             super()._load_from_state_dict(
