@@ -28,7 +28,7 @@ import pydicom
 import pytest
 import torch
 
-from tests.conftest import PHANTOM_SHAPE, PHANTOM_SPACING, run_workflow
+from tests.helpers import PHANTOM_SHAPE, PHANTOM_SPACING, run_workflow
 from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_parser, forget_scripts_modules
 from tools.release.msd_label_bundle import msd_label_bundle
 

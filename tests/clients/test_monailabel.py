@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import PHANTOM_SHAPE, PHANTOM_SPACING, SMALL, card_block, run_workflow
+from tests.helpers import PHANTOM_SHAPE, PHANTOM_SPACING, SMALL, card_block, run_workflow
 from tools.common.bundles import BTCV_DIR, REPO_ROOT, bundle_parser, forget_scripts_modules
 
 pytestmark = pytest.mark.clients

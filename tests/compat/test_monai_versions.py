@@ -3,7 +3,7 @@
 Run with the python of each version's venv, beside the contract tests (``.ci/run`` does)::
 
     py=$(bash tools/env/monai_env.sh 1.4)    # or 1.5
-    $py -m pytest -m "not slow" tests/compat tests/test_bundle_contract.py
+    $py -m pytest -m "not slow" tests/compat tests/bundles/shared/test_bundle_contract.py
     .venv/bin/python -m pytest -m compat tests/compat    # monai 1.6.1, the project's .venv
 
 Each bundle runs one training iteration at test size, as ``monai.bundle run`` would: pre-training and its
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import (
+from tests.helpers import (
     BTCV_DIR,
     MSD_DIR,
     MSD_INFER_SMALL,

@@ -10,7 +10,7 @@ Each Python module and ``logging.conf`` copy starts with a one-line ``#`` header
 followed by the source unchanged. JSON has no comments, so a generated JSON config (the
 ``multi_gpu_train.json`` overlays) is a byte-for-byte copy without a header: its source is
 ``bundles/common/configs/<name>``, listed in the manifest, and ``--check`` (run by
-``tests/test_bundle_code_sync.py``) fails when a copy differs.
+``tests/bundles/shared/test_bundle_code_sync.py``) fails when a copy differs.
 
     python -m tools sync_bundle_code            # write every copy
     python -m tools sync_bundle_code --check    # exit 1 naming each copy that differs or is missing

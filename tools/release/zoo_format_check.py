@@ -8,7 +8,8 @@ flake8-executable and pep8-naming; its pre-commit hooks (pre-commit-hooks v4.6.0
 ``tools.common.bundles.bundle_files``) into a temporary git repository as ``models/<name>/``, puts the
 zoo's configuration from ``tools/release/zoo_format/`` at its root, and runs the same commands there with the
 tools pinned in ``tools/release/zoo_format/requirements.txt``. Problems are reported with the bundle's own paths.
-Not run: the zoo's pytype step, and its bundle checks (``ci/verify_bundle.py``; tests/test_bundle_contract.py).
+Not run: the zoo's pytype step, and its bundle checks (``ci/verify_bundle.py``;
+tests/bundles/shared/test_bundle_contract.py).
 
     bash tools/env/lint_env.sh      # once: the pinned tools in .venv-lint (prints its python)
     python -m tools zoo_format_check                      # the three bundles, with .venv-lint

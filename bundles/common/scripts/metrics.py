@@ -56,7 +56,7 @@ def label_map_dice(pred: Any, reference: Any, labels: Sequence[int]) -> np.ndarr
     ``MeanDice`` uses: ``2 |P & R| / (|P| + |R|)``, NaN where the reference lacks the label (so
     the means skip it as they do). Counted with one ``bincount`` per map instead of a mask per
     label, so a full-size CT label map takes one pass instead of one per label.
-    ``tests/test_btcv_cross_validation.py`` checks it against ``compute_dice``.
+    ``tests/bundles/btcv/test_btcv_cross_validation.py`` checks it against ``compute_dice``.
     """
     pred, reference = np.asarray(pred), np.asarray(reference)
     if pred.shape != reference.shape:
