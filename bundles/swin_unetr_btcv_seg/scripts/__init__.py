@@ -6,13 +6,18 @@ each file): edit it there, then run ``python -m tools sync_bundle_code``.
 ``BUNDLE_ROOT`` is the folder that holds this package: the configs' default ``bundle_root``, so every
 default path (models/, eval/, ...) is under the bundle whatever the working directory.
 
-The first thing it does is ``compat.require_supported_versions()``: a monai or torch this bundle cannot
+First it installs ``error_report``'s exception hook (a failed run's last lines name the cause), then
+``compat.require_supported_versions()``: a monai or torch this bundle cannot
 run on stops here, with the installed and the supported versions, before any other module needs them.
 """
 
 import os
 
-from . import compat
+from . import error_report
+
+error_report.install("swin_unetr_btcv_seg")  # an uncaught error ends the output with its cause
+
+from . import compat  # noqa: E402
 
 compat.require_supported_versions()
 
