@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -36,6 +39,7 @@ from tests.helpers import (
     recorded,
     run_workflow,
 )
+from tools.common.bundles import bundle_command
 from tools.data.make_dicom_series import write_dicom_series
 from tools.data.make_phantoms import make_phantom
 
@@ -481,3 +485,169 @@ def test_output_names_qualify_only_clashing_names_with_as_few_folders_as_needed(
             ]
         )
     assert names == ["a_x_ct", "b_x_ct", "d_c_ct", "1.2.3", UIDS[0], "scan"]
+
+
+# ------------------------------------------------------------------ the command line: the last lines name the cause
+
+TAIL_LINES = 5
+
+
+def cli_fails(bundle_dir: Path, run_id: str | None, config: str, overrides: dict) -> tuple[str, str]:
+    """Run ``python -m monai.bundle run`` in ``bundle_dir``, expecting a failure; (whole output, last lines).
+
+    The last lines are the last ``TAIL_LINES`` non-empty lines of stdout and stderr together, what a
+    person reads first in a terminal.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = bundle_command(run_id, [f"configs/{config}"], overrides)
+    proc = subprocess.run(
+        command, cwd=bundle_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
+    )
+    assert proc.returncode != 0, proc.stdout[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    tail = "\n".join(lines[-TAIL_LINES:])
+    above = "\n".join(lines[:-TAIL_LINES])
+    assert "Traceback (most recent call last)" in above, proc.stdout[-4000:]  # kept for debugging
+    assert f"\n{bundle_dir.name}: " in "\n" + tail, tail
+    return proc.stdout, tail
+
+
+def test_cli_truncated_dicom_slice_ends_with_the_slice_file(series, ckpt, tmp_path):
+    inputs = tmp_path / "inputs"
+    save_nifti(inputs / "good.nii.gz", seed=1)
+    folder = copy_series(series, inputs / "series_a")
+    victim = truncate(slices(folder)[4], slices(folder)[4].stat().st_size - 100)
+    overrides = dict(ckpt_path=str(ckpt), dataset_dir=str(inputs), output_dir=str(tmp_path / "out"), **INFER_SMALL)
+    output, tail = cli_fails(BTCV_DIR, "run", "inference.json", overrides)
+    assert str(victim) in tail and "truncated" in tail
+    wrapper = output.rindex("RuntimeError: Failed to evaluate")
+    assert wrapper < output.rindex("swin_unetr_btcv_seg: InputDataError")
+
+
+def test_cli_missing_image_of_a_datalist_ends_with_its_path(phantom_dir, ckpt, tmp_path):
+    missing = tmp_path / "data" / "gone.nii.gz"
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"testing": [{"image": str(missing)}]}))
+    overrides = dict(
+        ckpt_path=str(ckpt),
+        dataset_dir=str(tmp_path / "data"),
+        datalist=str(datalist),
+        output_dir=str(tmp_path / "out"),
+        **INFER_SMALL,
+    )
+    _, tail = cli_fails(BTCV_DIR, "run", "inference.json", overrides)
+    assert str(missing) in tail and "not found" in tail
+
+
+def test_cli_checkpoint_that_does_not_fit_ends_with_the_checkpoint(tmp_path):
+    from tools.data.make_msd_tasks import write_msd_task
+
+    task_dir = write_msd_task(tmp_path / "msd", "Task09_Spleen", num_training=1, num_test=1, seed=0, shape=(40, 40, 24))
+    wrong = random_checkpoint(tmp_path / "btcv_model.pt", out_channels=14)  # a BTCV checkpoint, 14 classes, not 2
+    overrides = dict(
+        task="Task09_Spleen",
+        dataset_dir=str(task_dir),
+        ckpt_path=str(wrong),
+        output_dir=str(tmp_path / "out"),
+        **MSD_INFER_SMALL,
+    )
+    _, tail = cli_fails(MSD_DIR, "run", "inference.json", overrides)
+    assert str(wrong) in tail, tail
+
+
+def test_cli_truncated_pretrained_weights_end_training_with_the_file(phantom_dir, ckpt, tmp_path):
+    broken = tmp_path / "model_swinvit.pt"
+    broken.write_bytes(ckpt.read_bytes()[:5000])
+    overrides = dict(
+        dataset_dir=str(phantom_dir),
+        datalist=str(phantom_dir / "datalist.json"),
+        bundle_root=str(tmp_path / "run"),
+        max_epochs=1,
+        pretrained_path=str(broken),
+        **SMALL,
+    )
+    _, tail = cli_fails(BTCV_DIR, "training", "train.json", overrides)
+    assert str(broken) in tail and "truncated" in tail
+
+
+def test_cli_bad_knob_value_ends_with_the_knob(ckpt, tmp_path):
+    inputs = tmp_path / "inputs"
+    save_nifti(inputs / "good.nii.gz", seed=1)
+    overrides = dict(
+        ckpt_path=str(ckpt),
+        dataset_dir=str(inputs),
+        output_dir=str(tmp_path / "out"),
+        patch_merging="sideways",
+        **INFER_SMALL,
+    )
+    _, tail = cli_fails(BTCV_DIR, "run", "inference.json", overrides)
+    assert "patch_merging must be one of" in tail and "sideways" in tail
+
+
+def test_cli_ssl_datalist_json_error_ends_with_the_datalist_and_line(phantom_dir, tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(BROKEN_JSON)
+    overrides = dict(
+        dataset_dir=str(phantom_dir), datalist=str(datalist), bundle_root=str(tmp_path / "run"), num_steps=1
+    )
+    _, tail = cli_fails(SSL_DIR, "training", "train.json", overrides)
+    assert f"{datalist}: datalist is not valid JSON" in tail and "line 4" in tail
+
+
+# ---------------------------------------------------------------------------------------- scripts.error_report
+
+
+def _wrapped(inner: BaseException) -> RuntimeError:
+    """``inner`` as MONAI's reference resolver re-raises it: a wrapper from a wrapper."""
+    try:
+        try:
+            raise inner
+        except BaseException as e:
+            raise RuntimeError("Failed to evaluate ConfigExpression: $scripts.x()") from e
+    except RuntimeError as e:
+        try:
+            raise RuntimeError("Failed to instantiate component 'y' with keywords: a") from e
+        except RuntimeError as outer:
+            return outer
+
+
+def test_error_report_names_the_first_error_under_monai_wrappers_not_the_innermost():
+    with bundle_on_path(BTCV_DIR):
+        from scripts import error_report
+
+    try:
+        try:
+            json.loads("{,}")
+        except json.JSONDecodeError as e:
+            raise ValueError("/d/list.json: datalist is not valid JSON at line 1") from e
+    except ValueError as e:
+        explained = e
+    assert error_report.root_cause(_wrapped(explained)) is explained
+    plain = KeyError("k")
+    assert error_report.root_cause(plain) is plain
+    assert error_report.summary(_wrapped(explained), "b") == [
+        "",
+        "b: ValueError: /d/list.json: datalist is not valid JSON at line 1",
+    ]
+    long = ValueError("\n".join(f"line {n}" for n in range(10)))
+    block = error_report.summary(long, "b")
+    assert len(block) == error_report.MAX_LINES
+    assert block[1:] == ["b: ValueError: line 0", "line 1", "line 2", "... (7 more line(s) in the full message above)"]
+
+
+def test_error_report_hook_chains_once_and_prints_the_block_last(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(sys, "excepthook", lambda *args: calls.append(args))
+    with bundle_on_path(BTCV_DIR):
+        from scripts import error_report
+
+        error_report.install("first")
+        hook = sys.excepthook
+        error_report.install("second")  # idempotent: the same hook, renamed
+    assert sys.excepthook is hook and hook.bundle == "second"
+    exc = _wrapped(FileNotFoundError("/d/a.nii.gz: file not found"))
+    sys.excepthook(type(exc), exc, exc.__traceback__)
+    assert len(calls) == 1 and calls[0][1] is exc  # the previous hook printed the traceback
+    assert capsys.readouterr().err.splitlines()[-1] == "second: FileNotFoundError: /d/a.nii.gz: file not found"
+    sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert len(calls) == 2 and capsys.readouterr().err == ""
